@@ -1,0 +1,197 @@
+"""The asyncio client: ViperClient's methods over grpc.aio, with async iterators for streams."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+from PIL import Image
+
+from viper_client import convert
+from viper_client._proto.viper.v1 import (
+    generation_pb2,
+    generation_pb2_grpc,
+    metric_pb2_grpc,
+    profile_pb2,
+    profile_pb2_grpc,
+)
+from viper_client.channel import (
+    DEFAULT_LONG_TIMEOUT,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_TARGET,
+    DEFAULT_TIMEOUT,
+    UNSET,
+    Timeout,
+    create_channel,
+    resolve_timeout,
+)
+from viper_client.errors import error_from_rpc
+from viper_client.images import ImageSource
+from viper_client.types import GeneratedImage, GenerateEvent, Profile, RatedImage, ScoreResult
+
+T = TypeVar("T")
+
+
+class AsyncViperClient:
+    """ViperClient for asyncio: create it inside the running event loop; `async with` it or await close().
+
+    Deadlines are as in ViperClient. Closing a stream's async iterator (aclose(), or
+    `async with contextlib.aclosing(...)`) cancels the RPC on the server.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        long_timeout: float | None = DEFAULT_LONG_TIMEOUT,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self._timeout = timeout
+        self._long_timeout = long_timeout
+        self._channel = create_channel(target, max_message_bytes=max_message_bytes, asynchronous=True)
+        self._profiles = profile_pb2_grpc.ProfileServiceStub(self._channel)
+        self._generation = generation_pb2_grpc.GenerationServiceStub(self._channel)
+        self._metric = metric_pb2_grpc.MetricServiceStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncViperClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def extract_profile(self, user_id: str, images: Iterable[RatedImage], *, timeout: Timeout = UNSET) -> Profile:
+        request = convert.extract_request(user_id, images)
+        response = await _unary(self._profiles.ExtractProfile, request, resolve_timeout(timeout, self._long_timeout))
+        return convert.profile_from_proto(response)
+
+    async def get_profile(self, user_id: str, *, timeout: Timeout = UNSET) -> Profile:
+        request = profile_pb2.GetProfileRequest(user_id=user_id)
+        response = await _unary(self._profiles.GetProfile, request, resolve_timeout(timeout, self._timeout))
+        return convert.profile_from_proto(response)
+
+    async def list_profiles(self, *, page_size: int = 100, timeout: Timeout = UNSET) -> AsyncIterator[Profile]:
+        request = profile_pb2.ListProfilesRequest(page_size=page_size)
+        while True:
+            page = await _unary(self._profiles.ListProfiles, request, resolve_timeout(timeout, self._timeout))
+            for profile in page.profiles:
+                yield convert.profile_from_proto(profile)
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    async def update_profile(
+        self,
+        user_id: str,
+        *,
+        liked_features: Sequence[str] | None = None,
+        disliked_features: Sequence[str] | None = None,
+        expected_version: int | None = None,
+        timeout: Timeout = UNSET,
+    ) -> Profile:
+        request = convert.update_request(user_id, liked_features, disliked_features, expected_version)
+        response = await _unary(self._profiles.UpdateProfile, request, resolve_timeout(timeout, self._timeout))
+        return convert.profile_from_proto(response)
+
+    async def delete_profile(
+        self, user_id: str, *, expected_version: int | None = None, timeout: Timeout = UNSET
+    ) -> None:
+        request = convert.delete_request(user_id, expected_version)
+        await _unary(self._profiles.DeleteProfile, request, resolve_timeout(timeout, self._timeout))
+
+    def generate(
+        self,
+        user_id: str,
+        prompt: str,
+        *,
+        negative_prompt: str = "",
+        num_images: int = 1,
+        width: int = 0,
+        height: int = 0,
+        steps: int = 0,
+        guidance_scale: float | None = None,
+        preference_strength: float | None = None,
+        refine: bool | None = None,
+        seed: int = 0,
+        preview_every: int = 0,
+        timeout: Timeout = UNSET,
+    ) -> AsyncIterator[GenerateEvent]:
+        request = generation_pb2.GenerateRequest(
+            user_id=user_id,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            num_images=num_images,
+            width=width,
+            height=height,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            preference_strength=preference_strength,
+            refine=refine,
+            seed=seed,
+            preview_every=preview_every,
+        )
+        deadline = resolve_timeout(timeout, self._long_timeout)
+        return _stream(self._generation.Generate, request, deadline, convert.event_from_proto)
+
+    async def generate_images(self, user_id: str, prompt: str, **options: Any) -> list[Image.Image]:
+        images = [
+            event async for event in self.generate(user_id, prompt, **options) if isinstance(event, GeneratedImage)
+        ]
+        return [event.image() for event in sorted(images, key=lambda event: event.image_index)]
+
+    async def score(
+        self,
+        user_id: str,
+        images: Iterable[ImageSource],
+        *,
+        liked: Iterable[ImageSource] | None = None,
+        disliked: Iterable[ImageSource] | None = None,
+        timeout: Timeout = UNSET,
+    ) -> list[float]:
+        request = convert.score_request(user_id, images, liked, disliked)
+        deadline = resolve_timeout(timeout, self._long_timeout)
+        results = [
+            result async for result in _stream(self._metric.Score, request, deadline, convert.score_result_from_proto)
+        ]
+        return convert.scores_in_query_order(results, len(request.queries))
+
+    def score_stream(
+        self,
+        user_id: str,
+        images: Iterable[ImageSource],
+        *,
+        liked: Iterable[ImageSource] | None = None,
+        disliked: Iterable[ImageSource] | None = None,
+        timeout: Timeout = UNSET,
+    ) -> AsyncIterator[ScoreResult]:
+        request = convert.score_request(user_id, images, liked, disliked)
+        deadline = resolve_timeout(timeout, self._long_timeout)
+        return _stream(self._metric.Score, request, deadline, convert.score_result_from_proto)
+
+
+async def _unary(rpc: Callable[..., Awaitable[T]], request: object, timeout: float | None) -> T:
+    try:
+        return await rpc(request, timeout=timeout)
+    except grpc.RpcError as error:
+        raise error_from_rpc(error) from error
+
+
+async def _stream(
+    rpc: Callable[..., Any], request: object, timeout: float | None, convert_message: Callable[[Any], T | None]
+) -> AsyncIterator[T]:
+    """The converted messages of a server stream; messages converting to None are skipped."""
+    call = rpc(request, timeout=timeout)
+    try:
+        async for message in call:
+            item = convert_message(message)
+            if item is not None:
+                yield item
+    except grpc.RpcError as error:
+        raise error_from_rpc(error) from error
+    finally:
+        # A no-op once the stream has ended; otherwise (the caller closed the iterator) frees the server.
+        call.cancel()

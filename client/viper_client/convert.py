@@ -1,0 +1,138 @@
+"""Conversions between the SDK's types and the protobuf messages, shared by the sync and async clients."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import timezone
+
+import grpc
+from google.protobuf import field_mask_pb2
+
+from viper_client._proto.viper.v1 import generation_pb2, metric_pb2, profile_pb2
+from viper_client.errors import ViperError
+from viper_client.images import ImageSource, encode_image
+from viper_client.types import (
+    GeneratedImage,
+    GenerateEvent,
+    Preview,
+    Profile,
+    ProfileImage,
+    Progress,
+    RatedImage,
+    Rating,
+    ScoreResult,
+)
+
+_RATING_TO_PROTO = {Rating.LIKED: profile_pb2.RATING_LIKED, Rating.DISLIKED: profile_pb2.RATING_DISLIKED}
+_RATING_FROM_PROTO = {value: rating for rating, value in _RATING_TO_PROTO.items()}
+
+
+def extract_request(user_id: str, images: Iterable[RatedImage]) -> profile_pb2.ExtractProfileRequest:
+    return profile_pb2.ExtractProfileRequest(
+        user_id=user_id,
+        images=[
+            profile_pb2.RatedImage(
+                data=encode_image(rated.image),
+                comment=rated.comment,
+                rating=_RATING_TO_PROTO[Rating(rated.rating)],
+            )
+            for rated in images
+        ],
+    )
+
+
+def update_request(
+    user_id: str,
+    liked_features: Sequence[str] | None,
+    disliked_features: Sequence[str] | None,
+    expected_version: int | None,
+) -> profile_pb2.UpdateProfileRequest:
+    """Replaces only the lists given: an empty update_mask would mean both, so it is never sent empty."""
+    lists = {"liked_features": liked_features, "disliked_features": disliked_features}
+    given = {name: values for name, values in lists.items() if values is not None}
+    if not given:
+        raise ValueError("update_profile needs liked_features or disliked_features")
+    return profile_pb2.UpdateProfileRequest(
+        user_id=user_id,
+        update_mask=field_mask_pb2.FieldMask(paths=list(given)),
+        expected_version=expected_version or 0,
+        **given,
+    )
+
+
+def delete_request(user_id: str, expected_version: int | None) -> profile_pb2.DeleteProfileRequest:
+    return profile_pb2.DeleteProfileRequest(user_id=user_id, expected_version=expected_version or 0)
+
+
+def score_request(
+    user_id: str,
+    images: Iterable[ImageSource],
+    liked: Iterable[ImageSource] | None,
+    disliked: Iterable[ImageSource] | None,
+) -> metric_pb2.ScoreRequest:
+    return metric_pb2.ScoreRequest(
+        user_id=user_id,
+        queries=[encode_image(image) for image in images],
+        liked=[encode_image(image) for image in liked or ()],
+        disliked=[encode_image(image) for image in disliked or ()],
+    )
+
+
+def profile_from_proto(message: profile_pb2.Profile) -> Profile:
+    return Profile(
+        user_id=message.user_id,
+        liked_features=list(message.liked_features),
+        disliked_features=list(message.disliked_features),
+        raw_text=message.raw_text,
+        version=message.version,
+        liked_image_count=message.liked_image_count,
+        disliked_image_count=message.disliked_image_count,
+        created_at=message.create_time.ToDatetime(tzinfo=timezone.utc),
+        updated_at=message.update_time.ToDatetime(tzinfo=timezone.utc),
+        extractor_model=message.extractor_model,
+        images=[
+            ProfileImage(
+                sha256=image.sha256,
+                comment=image.comment,
+                rating=_RATING_FROM_PROTO[image.rating],
+                position=image.position,
+            )
+            for image in message.images
+        ],
+    )
+
+
+def event_from_proto(message: generation_pb2.GenerateEvent) -> GenerateEvent | None:
+    """The typed event, or None for an event kind this SDK predates (a newer server's)."""
+    kind = message.WhichOneof("event")
+    if kind == "progress":
+        p = message.progress
+        return Progress(image_index=p.image_index, step=p.step, total_steps=p.total_steps)
+    if kind == "preview":
+        p = message.preview
+        return Preview(image_index=p.image_index, step=p.step, png=p.png)
+    if kind == "image":
+        i = message.image
+        return GeneratedImage(
+            image_index=i.image_index,
+            png=i.png,
+            seed=i.seed,
+            width=i.width,
+            height=i.height,
+            profile_version=i.profile_version,
+        )
+    return None
+
+
+def score_result_from_proto(message: metric_pb2.ScoreResult) -> ScoreResult:
+    return ScoreResult(index=message.index, score=message.score)
+
+
+def scores_in_query_order(results: Iterable[ScoreResult], query_count: int) -> list[float]:
+    score_by_index = {result.index: result.score for result in results}
+    if sorted(score_by_index) != list(range(query_count)):
+        raise ViperError(
+            grpc.StatusCode.DATA_LOSS,
+            f"expected scores for queries 0-{query_count - 1}, got {sorted(score_by_index)}",
+        )
+    return [score_by_index[index] for index in range(query_count)]

@@ -1,0 +1,42 @@
+"""Opening the SQLite file and running transactions on it."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+from sqlite_utils import Database
+
+# How long a write waits for another process holding the write lock before failing.
+BUSY_TIMEOUT_SECONDS = 5.0
+
+
+def open_database(path: Path) -> Database:
+    # check_same_thread=False: ProfileStore hands this one connection between
+    # asyncio.to_thread workers, serialised by its own lock.
+    connection = sqlite3.connect(path, timeout=BUSY_TIMEOUT_SECONDS, check_same_thread=False)
+    db = Database(connection)
+    db.enable_wal()
+    # Off by default in SQLite, and per connection.
+    db.execute("PRAGMA foreign_keys = ON")
+    return db
+
+
+@contextlib.contextmanager
+def transaction(db: Database, *, write: bool) -> Iterator[Database]:
+    """Runs the block as one transaction: committed if it returns, rolled back if it raises.
+
+    Writes use BEGIN IMMEDIATE, which takes the write lock before the first read, so a
+    check-then-write (version checks) cannot interleave with another process's write.
+    Reads use a deferred BEGIN so that multi-query reads see one snapshot.
+    """
+    db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+    try:
+        yield db
+        db.commit()
+    except BaseException:
+        # Also covers a failed COMMIT, which leaves the transaction open.
+        db.rollback()
+        raise

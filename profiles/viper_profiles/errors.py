@@ -1,0 +1,31 @@
+"""Exceptions raised by the profile store; the server maps each to a gRPC status."""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """Base class of every error the profile store raises on purpose."""
+
+
+class ProfileNotFound(StoreError):
+    def __init__(self, user_id: str) -> None:
+        super().__init__(f"no profile for user {user_id!r}")
+        self.user_id = user_id
+
+
+class VersionConflict(StoreError):
+    """The caller's expected_version is stale: someone else changed the profile first."""
+
+    def __init__(self, user_id: str, *, expected: int, actual: int) -> None:
+        super().__init__(
+            f"profile of user {user_id!r} is at version {actual}, expected {expected}"
+        )
+        self.user_id = user_id
+        self.expected = expected
+        self.actual = actual
+
+
+class InvalidUserId(StoreError, ValueError):
+    def __init__(self, user_id: object, reason: str) -> None:
+        super().__init__(f"invalid user_id {user_id!r}: {reason}")
+        self.user_id = user_id

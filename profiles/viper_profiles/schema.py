@@ -1,0 +1,84 @@
+"""The store's tables and the ordered migrations that build them.
+
+PRAGMA user_version holds how many of MIGRATIONS a database has had. Append new
+migrations at the end; never edit or reorder released ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from sqlite_utils import Database
+
+from .database import transaction
+from .errors import StoreError
+
+Migration = Callable[[Database], None]
+
+
+def _create_profile_tables(db: Database) -> None:
+    db["profiles"].create(
+        {
+            "user_id": str,
+            "liked_features": str,  # JSON list of strings
+            "disliked_features": str,  # JSON list of strings
+            "raw_text": str,
+            "version": int,
+            "extractor_model": str,
+            "created_at": str,  # ISO 8601 UTC with microseconds
+            "updated_at": str,
+        },
+        pk="user_id",
+        not_null=[
+            "liked_features",
+            "disliked_features",
+            "raw_text",
+            "version",
+            "extractor_model",
+            "created_at",
+            "updated_at",
+        ],
+        strict=True,
+    )
+    # Content-addressed: one row per distinct upload, shared by every profile using it.
+    db["images"].create(
+        {"sha256": str, "data": bytes}, pk="sha256", not_null=["data"], strict=True
+    )
+    db["profile_images"].create(
+        {"user_id": str, "position": int, "sha256": str, "comment": str, "rating": str},
+        pk=("user_id", "position"),
+        foreign_keys=[("user_id", "profiles", "user_id"), ("sha256", "images", "sha256")],
+        not_null=["sha256", "comment", "rating"],
+        strict=True,
+    )
+    # Every write that drops references looks up the remaining users of an image by sha256.
+    db["profile_images"].create_index(["sha256"])
+
+
+MIGRATIONS: tuple[Migration, ...] = (_create_profile_tables,)
+
+
+def schema_version(db: Database) -> int:
+    return db.execute("PRAGMA user_version").fetchone()[0]
+
+
+def migrate(db: Database, migrations: Sequence[Migration] = MIGRATIONS) -> None:
+    """Applies the migrations the database has not had yet, in order.
+
+    All of them and the version bump are one transaction (user_version is part of
+    the database header, so it rolls back too): a failed upgrade leaves the file as
+    it was, and two processes opening the file at once cannot both migrate it.
+    """
+    with transaction(db, write=True):
+        version = schema_version(db)
+        if version > len(migrations):
+            raise StoreError(
+                f"database schema version {version} is newer than this code knows "
+                f"({len(migrations)}); refusing to open it"
+            )
+        if version == len(migrations):
+            return
+        for migration in migrations[version:]:
+            migration(db)
+        # PRAGMA takes no bound parameters; len() is an int.
+        db.execute(f"PRAGMA user_version = {len(migrations)}")

@@ -1,0 +1,130 @@
+"""Assembles the gRPC server and runs it until SIGTERM / SIGINT.
+
+Lifecycle: open the store, start listening with health NOT_SERVING, load the
+models off the event loop, then report SERVING. On the first signal: report
+NOT_SERVING, stop accepting calls and give in-flight ones the grace period;
+a second signal stops at once. The store is closed last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from viper_client._proto.viper.v1 import (
+    generation_pb2,
+    generation_pb2_grpc,
+    metric_pb2,
+    metric_pb2_grpc,
+    profile_pb2,
+    profile_pb2_grpc,
+)
+from viper_profiles import ProfileStore
+
+from .config import ServerConfig
+from .interceptors import ErrorAndLogInterceptor
+from .runtime import ModelRuntime
+from .services.generation import GenerationService
+from .services.metric import MetricService
+from .services.profiles import ProfileService
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    profile_pb2.DESCRIPTOR.services_by_name["ProfileService"].full_name,
+    generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name,
+    metric_pb2.DESCRIPTOR.services_by_name["MetricService"].full_name,
+)
+
+
+class ViperServer:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.store = ProfileStore(config.db_path)
+        self.runtime = ModelRuntime(config)
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self._server = grpc.aio.server(
+            interceptors=[ErrorAndLogInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.max_send_message_length", config.max_message_bytes),
+            ],
+        )
+        profile_pb2_grpc.add_ProfileServiceServicer_to_server(
+            ProfileService(self.store, self.runtime, config.limits), self._server
+        )
+        generation_pb2_grpc.add_GenerationServiceServicer_to_server(
+            GenerationService(self.store, self.runtime, config.limits), self._server
+        )
+        metric_pb2_grpc.add_MetricServiceServicer_to_server(
+            MetricService(self.store, self.runtime, config.limits), self._server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+
+    async def start(self) -> int:
+        """Starts listening (NOT_SERVING until the models are loaded); returns the bound port."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self._server.add_insecure_port(self.config.address)
+        await self._server.start()
+        log.info("viper-serve listening on %s:%d (models=%s)", self.config.host, self.port, self.config.models)
+        return self.port
+
+    async def load_models(self) -> None:
+        await asyncio.to_thread(self.runtime.load)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("viper-serve ready")
+
+    async def drain(self, grace: float | None) -> None:
+        """Reports NOT_SERVING, refuses new calls, waits up to grace seconds for in-flight ones."""
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(grace)
+
+    async def stop_now(self) -> None:
+        """Cancels whatever is still in flight."""
+        await self._server.stop(0)
+
+    def close(self) -> None:
+        self.runtime.close()
+        self.store.close()
+        log.info("viper-serve stopped")
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+
+async def serve(config: ServerConfig) -> None:
+    """Runs the server until SIGTERM / SIGINT, then drains it."""
+    server = ViperServer(config)
+    loop = asyncio.get_running_loop()
+    signals = asyncio.Queue()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, signals.put_nowait, sig)
+
+    await server.start()
+    loading = asyncio.create_task(server.load_models())
+    first = asyncio.create_task(signals.get())
+    await asyncio.wait({loading, first}, return_when=asyncio.FIRST_COMPLETED)
+    if loading.done() and loading.exception() is not None:
+        first.cancel()
+        await server.stop_now()
+        server.close()
+        raise loading.exception()
+    sig = await first
+    log.info("received %s: draining for up to %.0f s (signal again to stop now)", sig.name, config.grace_period)
+    draining = asyncio.create_task(server.drain(config.grace_period))
+    second = asyncio.create_task(signals.get())
+    await asyncio.wait({draining, second}, return_when=asyncio.FIRST_COMPLETED)
+    if not draining.done():
+        log.info("second signal: stopping now")
+        await server.stop_now()
+        await draining
+    second.cancel()
+    server.close()

@@ -1,0 +1,158 @@
+"""Tiny random-weight IDEFICS2 checkpoints (base + two LoRA adapters) for tests and local runs.
+
+They share the real checkpoints' layout, tokenizer special tokens, chat template and
+processor settings, so `idefics2.load_idefics2` loads them through exactly the real code path.
+Their outputs are noise.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    Idefics2Config,
+    Idefics2ForConditionalGeneration,
+    Idefics2ImageProcessorPil,
+    Idefics2Processor,
+    PreTrainedTokenizerFast,
+)
+
+from .idefics2 import VIPER_PROCESSOR_SETTINGS
+from .vpe import VPE_PROMPT_TEMPLATE
+
+# The chat template shipped with HuggingFaceM4/idefics2-8b.
+IDEFICS2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{message['role'].capitalize()}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+# Ids 0..5 in this order, like the real vocabulary's <unk>/<s>/</s> followed by IDEFICS2's additions.
+SPECIAL_TOKENS = [
+    "<unk>",
+    "<s>",
+    "</s>",
+    "<fake_token_around_image>",
+    "<image>",
+    "<end_of_utterance>",
+]
+VOCAB_SIZE = 400
+IMAGE_SEQ_LEN = 64  # <image> tokens per image == perceiver latents
+
+# Text the BPE merges are learned from: the prompts the service sends, so they tokenize compactly.
+# Byte-level BPE still encodes any other text (including "+" and "-") byte by byte.
+_TOKENIZER_CORPUS = [
+    VPE_PROMPT_TEMPLATE,
+    "User: Assistant: Comment Score for this image? + -",
+    "Liked Art Features: Disliked Art Features: colors, style, mood, lighting, texture",
+]
+
+# The reference's LoRA configuration for both ViPer adapters.
+VIPER_LORA_CONFIG = dict(
+    r=8,
+    lora_alpha=8,
+    lora_dropout=0.1,
+    target_modules=(
+        r".*(text_model|modality_projection|perceiver_resampler)"
+        r".*(down_proj|gate_proj|up_proj|k_proj|q_proj|v_proj|o_proj).*$"
+    ),
+    init_lora_weights="gaussian",
+)
+# LoRA initialises lora_B to zero (a no-op adapter); random values make each adapter change outputs.
+_LORA_B_STD = 0.02
+
+
+def build_tiny_idefics2(out_dir: Path, *, seed: int = 0) -> None:
+    """Writes out_dir/"idefics2" (model, processor, tokenizer), out_dir/"vpe-lora" and out_dir/"metric-lora"."""
+    out_dir = Path(out_dir)
+    processor = _build_processor()
+    # fork_rng keeps the caller's global RNG state untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Idefics2ForConditionalGeneration(_build_config(processor)).eval()
+        model.save_pretrained(out_dir / "idefics2")
+        processor.save_pretrained(out_dir / "idefics2")
+        for adapter_dir in ("vpe-lora", "metric-lora"):
+            _save_random_lora(model, out_dir / adapter_dir)
+
+
+def _build_processor() -> Idefics2Processor:
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_TOKENIZER_CORPUS, trainer=trainer)
+    # The real (Llama) tokenizer starts every sequence with <s>.
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", SPECIAL_TOKENS.index("<s>"))]
+    )
+    fast_tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<unk>",
+        additional_special_tokens=SPECIAL_TOKENS[3:],
+    )
+    image_processor = Idefics2ImageProcessorPil(**VIPER_PROCESSOR_SETTINGS)
+    return Idefics2Processor(
+        image_processor, fast_tokenizer, image_seq_len=IMAGE_SEQ_LEN, chat_template=IDEFICS2_CHAT_TEMPLATE
+    )
+
+
+def _build_config(processor: Idefics2Processor) -> Idefics2Config:
+    special_ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return Idefics2Config(
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            patch_size=14,
+            image_size=980,  # the real value: position buckets for images up to 980 px
+        ),
+        perceiver_config=dict(
+            hidden_size=64,
+            rms_norm_eps=1e-5,
+            resampler_n_latents=IMAGE_SEQ_LEN,
+            resampler_depth=1,
+            resampler_n_heads=2,
+            resampler_head_dim=32,
+            num_key_value_heads=1,
+        ),
+        text_config=dict(
+            model_type="mistral",
+            vocab_size=len(processor.tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-5,
+            **special_ids,
+        ),
+        image_token_id=processor.image_token_id,
+        **special_ids,
+    )
+
+
+def _save_random_lora(model: Idefics2ForConditionalGeneration, adapter_dir: Path) -> None:
+    # get_peft_model injects layers in place: wrap a copy so every adapter is made on the plain base.
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(**VIPER_LORA_CONFIG))
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=_LORA_B_STD)
+    peft_model.save_pretrained(adapter_dir)

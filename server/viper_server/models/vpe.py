@@ -1,0 +1,140 @@
+"""ViPer's visual preference extraction (VPE): commented images -> liked / disliked art features."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+
+import PIL.Image
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from .idefics2 import Idefics2Runtime
+
+# The prompt the VPE adapter was trained on; bytes must match the reference exactly.
+# Read as bytes: text mode could translate line endings.
+VPE_PROMPT_TEMPLATE: str = (
+    resources.files(__package__).joinpath("vpe_prompt_template.txt").read_bytes().decode("utf-8")
+)
+
+# The reference decodes with this (below 1, it mildly favours repeats); kept for fidelity.
+REPETITION_PENALTY = 0.99
+
+ANSWER_MARKER = "\nAssistant:"
+LIKED_MARKER = "Liked Art Features:"
+DISLIKED_MARKER = "Disliked Art Features:"
+FEATURE_SEPARATOR = ", "
+
+
+@dataclass(frozen=True)
+class Preferences:
+    liked: list[str]
+    disliked: list[str]
+    raw_text: str  # the model's answer: the decoded text after the prompt's final "\nAssistant:"
+
+
+class ExtractionCancelled(Exception):
+    """should_stop returned True before extraction finished."""
+
+
+def build_vpe_messages(comments: Sequence[str]) -> list[dict]:
+    """The reference's single user message: the template, then per image an image part and its comment."""
+    content: list[dict] = [{"type": "text", "text": VPE_PROMPT_TEMPLATE}]
+    for number, comment in enumerate(comments, start=1):
+        content.append({"type": "image"})
+        content.append({"type": "text", "text": f"Comment {number}: {comment}"})
+    return [{"role": "user", "content": content}]
+
+
+def parse_preferences(decoded: str) -> Preferences:
+    """Parses the decoded output (prompt + answer) like the reference, keeping the model's order.
+
+    A feature named in both lists is dropped from both; a missing marker gives an empty list.
+    """
+    answer = decoded.split(ANSWER_MARKER)[-1].strip()
+    liked = _features(_section(answer, LIKED_MARKER, DISLIKED_MARKER))
+    disliked = _features(_section(answer, DISLIKED_MARKER, LIKED_MARKER))
+    contested = set(liked) & set(disliked)
+    return Preferences(
+        liked=[feature for feature in liked if feature not in contested],
+        disliked=[feature for feature in disliked if feature not in contested],
+        raw_text=answer,
+    )
+
+
+def _section(answer: str, marker: str, next_marker: str) -> str:
+    """The text after `marker`, up to `next_marker` if that follows it; "" without `marker`."""
+    start = answer.find(marker)
+    if start < 0:
+        return ""
+    start += len(marker)
+    end = answer.find(next_marker, start)
+    return answer[start : end if end >= 0 else len(answer)]
+
+
+def _features(section: str) -> list[str]:
+    # dict.fromkeys drops repeats like the reference's sets do, but keeps the first-seen order.
+    features = (feature.strip() for feature in section.split(FEATURE_SEPARATOR))
+    return list(dict.fromkeys(feature for feature in features if feature))
+
+
+class _Cancellation(StoppingCriteria):
+    """Polls should_stop after every generated token and aborts generation when it says so."""
+
+    def __init__(self, should_stop: Callable[[], bool]):
+        self.should_stop = should_stop
+
+    def check(self) -> None:
+        if self.should_stop():
+            raise ExtractionCancelled()
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        self.check()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+class PreferenceExtractor:
+    """Runs the VPE adapter of a shared IDEFICS2 runtime with the reference's prompt and decoding."""
+
+    def __init__(self, runtime: Idefics2Runtime, *, adapter: str = "vpe", max_new_tokens: int = 2000):
+        if adapter not in runtime.adapter_names:
+            raise ValueError(f"unknown adapter {adapter!r}; loaded: {runtime.adapter_names}")
+        self.runtime = runtime
+        self.adapter = adapter
+        self.max_new_tokens = max_new_tokens
+
+    def extract(
+        self,
+        images: Sequence[PIL.Image.Image],
+        comments: Sequence[str],
+        *,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Preferences:
+        """Runs the VPE on decoded RGB images and their comments (one comment per image, same order).
+
+        Raises ExtractionCancelled as soon as should_stop() returns True (checked before the
+        images are processed, once the model is ours, and after every generated token).
+        """
+        if len(images) != len(comments):
+            raise ValueError(f"got {len(images)} images but {len(comments)} comments")
+        if not images:
+            raise ValueError("at least one commented image is required")
+        cancellation = _Cancellation(should_stop or (lambda: False))
+        cancellation.check()
+
+        processor = self.runtime.processor
+        prompt = processor.apply_chat_template(build_vpe_messages(comments), add_generation_prompt=True)
+        inputs = processor(text=prompt, images=list(images), return_tensors="pt")
+        inputs = inputs.to(device=self.runtime.device, dtype=self.runtime.dtype)
+        with self.runtime.use_adapter(self.adapter) as model, torch.inference_mode():
+            cancellation.check()  # waiting for the shared model may have taken a while
+            generated = model.generate(
+                **inputs,
+                do_sample=False,
+                repetition_penalty=REPETITION_PENALTY,
+                max_new_tokens=self.max_new_tokens,
+                stopping_criteria=StoppingCriteriaList([cancellation]),
+            )
+        decoded = processor.batch_decode(generated, skip_special_tokens=True)[0]
+        return parse_preferences(decoded)

@@ -1,0 +1,370 @@
+"""The `viper` command against an in-process fake server holding profiles in memory."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import shutil
+import sys
+import types
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import empty_pb2
+from PIL import Image
+
+from viper_client import cli
+from viper_client._proto.viper.v1 import (
+    generation_pb2,
+    generation_pb2_grpc,
+    metric_pb2,
+    metric_pb2_grpc,
+    profile_pb2,
+    profile_pb2_grpc,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "viper_examples"
+CREATED = datetime(2024, 7, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def png_bytes(color: tuple[int, int, int], size: int = 8) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class FakeServer(
+    profile_pb2_grpc.ProfileServiceServicer,
+    generation_pb2_grpc.GenerationServiceServicer,
+    metric_pb2_grpc.MetricServiceServicer,
+):
+    """Keeps profiles in a dict, with versions checked like the real server; records every request."""
+
+    def __init__(self) -> None:
+        self.profiles: dict[str, profile_pb2.Profile] = {}
+        self.requests: list[object] = []
+
+    def add(self, user_id: str) -> profile_pb2.Profile:
+        self.profiles[user_id] = profile_pb2.Profile(
+            user_id=user_id,
+            liked_features=["pastel pinks", "soft light"],
+            disliked_features=["gloom"],
+            version=1,
+            liked_image_count=8,
+            disliked_image_count=8,
+            create_time=CREATED,
+            update_time=CREATED,
+            extractor_model="tiny-vpe",
+            images=[profile_pb2.ProfileImage(sha256="ab" * 32, comment="nice", rating=profile_pb2.RATING_LIKED)],
+        )
+        return self.profiles[user_id]
+
+    def _stored(self, user_id: str, expected_version: int, context: grpc.ServicerContext) -> profile_pb2.Profile:
+        if user_id not in self.profiles:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no profile for {user_id}")
+        profile = self.profiles[user_id]
+        if expected_version and expected_version != profile.version:
+            context.abort(grpc.StatusCode.ABORTED, f"profile {user_id} is at version {profile.version}")
+        return profile
+
+    def ExtractProfile(self, request, context):
+        self.requests.append(request)
+        return self.add(request.user_id)
+
+    def GetProfile(self, request, context):
+        self.requests.append(request)
+        return self._stored(request.user_id, 0, context)
+
+    def ListProfiles(self, request, context):
+        self.requests.append(request)
+        # The token is the first user id of the next page.
+        user_ids = [user_id for user_id in sorted(self.profiles) if user_id >= request.page_token]
+        page, rest = user_ids[: request.page_size], user_ids[request.page_size :]
+        return profile_pb2.ListProfilesResponse(
+            profiles=[self.profiles[user_id] for user_id in page], next_page_token=rest[0] if rest else ""
+        )
+
+    def UpdateProfile(self, request, context):
+        self.requests.append(request)
+        profile = self._stored(request.user_id, request.expected_version, context)
+        for path in request.update_mask.paths:
+            getattr(profile, path)[:] = getattr(request, path)
+        profile.version += 1
+        return profile
+
+    def DeleteProfile(self, request, context):
+        self.requests.append(request)
+        self._stored(request.user_id, request.expected_version, context)
+        del self.profiles[request.user_id]
+        return empty_pb2.Empty()
+
+    def Generate(self, request, context):
+        self.requests.append(request)
+        for index in range(request.num_images):
+            for step in range(1, request.steps + 1):
+                yield generation_pb2.GenerateEvent(
+                    progress=generation_pb2.GenerateProgress(image_index=index, step=step, total_steps=request.steps)
+                )
+                if request.preview_every and step % request.preview_every == 0:
+                    preview = generation_pb2.GeneratePreview(image_index=index, step=step, png=png_bytes((0, 0, 0), 2))
+                    yield generation_pb2.GenerateEvent(preview=preview)
+            image = generation_pb2.GeneratedImage(
+                image_index=index, png=png_bytes((index * 100, 0, 0)), seed=request.seed + index, width=8, height=8
+            )
+            yield generation_pb2.GenerateEvent(image=image)
+
+    def Score(self, request, context):
+        self.requests.append(request)
+        self._stored(request.user_id, 0, context)
+        # Last query first, as a server may stream them; query i scores (i + 1) / 10.
+        for index in reversed(range(len(request.queries))):
+            yield metric_pb2.ScoreResult(index=index, score=(index + 1) / 10)
+
+
+@pytest.fixture
+def server():
+    fake = FakeServer()
+    # The 16 fixture images are ~5 MB, above gRPC's default 4 MB limit.
+    options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+    grpc_server = grpc.server(ThreadPoolExecutor(max_workers=2), options=options)
+    profile_pb2_grpc.add_ProfileServiceServicer_to_server(fake, grpc_server)
+    generation_pb2_grpc.add_GenerationServiceServicer_to_server(fake, grpc_server)
+    metric_pb2_grpc.add_MetricServiceServicer_to_server(fake, grpc_server)
+    fake.target = f"127.0.0.1:{grpc_server.add_insecure_port('127.0.0.1:0')}"
+    grpc_server.start()
+    yield fake
+    grpc_server.stop(grace=None)
+
+
+def viper(server: FakeServer, *argv: object) -> int:
+    return cli.main(["--target", server.target, *map(str, argv)])
+
+
+def test_profile_extract_sends_the_fixture_images_with_their_comments(server, capsys):
+    code = viper(
+        server,
+        "profile", "extract", "--user", "alice",
+        "--liked", FIXTURES / "liked", "--disliked", FIXTURES / "disliked", "--comments", FIXTURES / "comments.json",
+    )  # fmt: skip
+    assert code == 0
+    [request] = server.requests
+    comments = json.loads((FIXTURES / "comments.json").read_text())
+    expected = [(f"liked/{i}.png", profile_pb2.RATING_LIKED) for i in range(8)]
+    expected += [(f"disliked/{i}.png", profile_pb2.RATING_DISLIKED) for i in range(8)]
+    assert [(image.comment, image.rating) for image in request.images] == [
+        (comments[name], rating) for name, rating in expected
+    ]
+    assert [image.data for image in request.images] == [(FIXTURES / name).read_bytes() for name, _ in expected]
+    output = capsys.readouterr().out
+    assert "alice" in output and "pastel pinks, soft light" in output and "8 liked, 8 disliked" in output
+
+
+def write_image_folders(root: Path) -> None:
+    (root / "liked").mkdir()
+    (root / "disliked").mkdir()
+    Image.new("RGB", (4, 4)).save(root / "liked" / "b.PNG")
+    Image.new("RGB", (4, 4)).save(root / "liked" / "a.jpg")
+    (root / "liked" / "notes.txt").write_text("not an image")
+    Image.new("RGB", (4, 4)).save(root / "disliked" / "c.webp")
+
+
+def test_profile_extract_takes_image_files_sorted_by_name_and_ignores_other_keys(server, tmp_path):
+    write_image_folders(tmp_path)
+    comments = {"about": "ignored", "liked/a.jpg": "A", "liked/b.PNG": "B", "disliked/c.webp": "C"}
+    (tmp_path / "comments.json").write_text(json.dumps(comments))
+    code = viper(
+        server, "profile", "extract", "--user", "bob",
+        "--liked", tmp_path / "liked", "--disliked", tmp_path / "disliked", "--comments", tmp_path / "comments.json",
+    )  # fmt: skip
+    assert code == 0
+    assert [image.comment for image in server.requests[0].images] == ["A", "B", "C"]
+
+
+def test_profile_extract_without_a_comment_fails_before_any_rpc(server, tmp_path, capsys):
+    shutil.copytree(FIXTURES, tmp_path, dirs_exist_ok=True)
+    comments = json.loads((tmp_path / "comments.json").read_text())
+    del comments["disliked/3.png"]
+    (tmp_path / "comments.json").write_text(json.dumps(comments))
+    code = viper(
+        server, "profile", "extract", "--user", "alice",
+        "--liked", tmp_path / "liked", "--disliked", tmp_path / "disliked", "--comments", tmp_path / "comments.json",
+    )  # fmt: skip
+    assert code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: no comment in") and str(tmp_path / "disliked" / "3.png") in error
+    assert "liked/0.png" not in error
+    assert server.requests == []
+
+
+def test_profile_get_prints_text_or_json(server, capsys):
+    server.add("alice")
+    assert viper(server, "profile", "get", "--user", "alice") == 0
+    text = capsys.readouterr().out.splitlines()
+    assert "user       alice" in text and "liked      pastel pinks, soft light" in text
+    assert viper(server, "profile", "get", "--user", "alice", "--json") == 0
+    profile = json.loads(capsys.readouterr().out)
+    assert profile["user_id"] == "alice" and profile["version"] == 1
+    assert profile["created_at"] == "2024-07-01T12:00:00+00:00"
+    assert profile["images"] == [{"sha256": "ab" * 32, "comment": "nice", "rating": "liked", "position": 0}]
+
+
+def test_profile_list_reads_every_page(server, capsys):
+    for user_id in ("carol", "alice", "bob"):
+        server.add(user_id)
+    assert viper(server, "profile", "list", "--page-size", "2") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["USER", "VERSION", "LIKED/DISLIKED", "IMAGES", "UPDATED"]
+    assert [line.split()[0] for line in lines[1:]] == ["alice", "bob", "carol"]
+    assert [request.page_token for request in server.requests] == ["", "carol"]
+    assert viper(server, "profile", "list", "--json") == 0
+    assert [profile["user_id"] for profile in json.loads(capsys.readouterr().out)] == ["alice", "bob", "carol"]
+
+
+def test_profile_update_replaces_the_lists_given(server, capsys):
+    server.add("alice")
+    code = viper(
+        server, "profile", "update", "--user", "alice",
+        "--liked", "teal,  gold leaf ,", "--expected-version", 1, "--json",
+    )  # fmt: skip
+    assert code == 0
+    [request] = server.requests
+    assert list(request.update_mask.paths) == ["liked_features"] and request.expected_version == 1
+    profile = json.loads(capsys.readouterr().out)
+    assert (profile["liked_features"], profile["disliked_features"], profile["version"]) == (
+        ["teal", "gold leaf"],
+        ["gloom"],
+        2,
+    )
+
+
+def test_profile_update_with_a_stale_version_reports_the_conflict(server, capsys):
+    server.add("alice")
+    assert viper(server, "profile", "update", "--user", "alice", "--disliked", "", "--expected-version", 5) == 1
+    captured = capsys.readouterr()
+    assert captured.err == "error: ABORTED: profile alice is at version 1\n"
+    assert captured.out == ""
+
+
+def test_profile_update_needs_a_list(server, capsys):
+    assert viper(server, "profile", "update", "--user", "alice") == 2
+    assert "--liked" in capsys.readouterr().err
+    assert server.requests == []
+
+
+def test_profile_delete_then_get_is_not_found(server, capsys):
+    server.add("alice")
+    assert viper(server, "profile", "delete", "--user", "alice", "--expected-version", 1) == 0
+    assert capsys.readouterr().out == "deleted alice\n"
+    assert server.requests[0].expected_version == 1
+    assert viper(server, "profile", "get", "--user", "alice") == 1
+    assert capsys.readouterr().err == "error: NOT_FOUND: no profile for alice\n"
+
+
+def test_generate_writes_each_image_and_prints_its_path(server, tmp_path, capsys):
+    server.add("alice")
+    out = tmp_path / "out"
+    code = viper(
+        server, "generate", "--user", "alice", "--prompt", "a cat", "--out", out, "--num-images", 2,
+        "--width", 64, "--height", 32, "--steps", 3, "--seed", 7, "--preview-every", 2, "--no-refine",
+    )  # fmt: skip
+    assert code == 0
+    [request] = server.requests
+    assert (request.prompt, request.num_images, request.width, request.height) == ("a cat", 2, 64, 32)
+    assert (request.steps, request.seed, request.preview_every) == (3, 7, 2)
+    assert request.HasField("refine") and not request.refine
+    assert not request.HasField("guidance_scale")
+    assert capsys.readouterr().out.splitlines() == [str(out / "0.png"), str(out / "1.png")]
+    assert sorted(path.name for path in out.iterdir()) == ["0.png", "1.png"]  # previews replaced
+    assert Image.open(out / "1.png").getpixel((0, 0)) == (100, 0, 0)
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_generate_progress_bar_counts_the_steps_of_every_image(server, tmp_path, monkeypatch):
+    server.add("alice")
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert (
+        viper(
+            server,
+            "generate",
+            "--user",
+            "alice",
+            "--prompt",
+            "a cat",
+            "--out",
+            tmp_path,
+            "--num-images",
+            2,
+            "--steps",
+            3,
+        )
+        == 0
+    )
+    assert terminal.getvalue().rstrip().rsplit("\r", 1)[-1].lstrip().startswith("100%|")
+    assert "6/6" in terminal.getvalue()
+
+
+def test_score_prints_each_image_with_its_score_in_order(server, capsys):
+    server.add("alice")
+    images = [FIXTURES / "query1.png", FIXTURES / "query2.png"]
+    assert viper(server, "score", "--user", "alice", *images) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert rows == [["IMAGE", "SCORE"], [str(images[0]), "0.1000"], [str(images[1]), "0.2000"]]
+    assert list(server.requests[0].queries) == [path.read_bytes() for path in images]
+    assert viper(server, "score", "--user", "alice", "--json", *images) == 0
+    assert json.loads(capsys.readouterr().out) == [
+        {"image": str(images[0]), "score": 0.1},
+        {"image": str(images[1]), "score": 0.2},
+    ]
+
+
+def test_a_missing_image_file_is_an_error_without_traceback(server, tmp_path, capsys):
+    assert viper(server, "score", "--user", "alice", tmp_path / "nope.png") == 2
+    assert capsys.readouterr().err.startswith("error: ")
+    assert server.requests == []
+
+
+def test_target_comes_from_viper_target(server, monkeypatch, capsys):
+    server.add("alice")
+    monkeypatch.setenv("VIPER_TARGET", server.target)
+    assert cli.main(["profile", "get", "--user", "alice", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["user_id"] == "alice"
+
+
+def test_an_unreachable_server_is_reported(capsys):
+    assert cli.main(["--target", "127.0.0.1:1", "--timeout", "5", "profile", "get", "--user", "alice"]) == 1
+    assert capsys.readouterr().err.startswith("error: UNAVAILABLE: ")
+
+
+def test_unknown_options_are_usage_errors():
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["profile", "get", "--user", "alice", "--bogus"])
+    assert caught.value.code == 2
+
+
+@pytest.mark.parametrize("command", ["serve", "build-tiny-models"])
+def test_server_commands_need_the_server_extra(monkeypatch, capsys, command):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *args: None if name == "torch" else real_find_spec(name, *args)
+    )
+    assert cli.main([command, "--port", "1"]) == 2
+    assert capsys.readouterr().err == "viper serve needs the server extra: pip install 'viper-serve[server]'\n"
+
+
+def test_server_commands_are_delegated_with_their_arguments_untouched(monkeypatch):
+    received = []
+    server_cli = types.ModuleType("viper_server.cli")
+    server_cli.main = lambda argv: received.append(argv) or 3
+    monkeypatch.setitem(sys.modules, "viper_server.cli", server_cli)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: object())
+    assert cli.main(["--target", "x:1", "serve", "--port", "1", "-h", "--", "--target"]) == 3
+    assert received == [["serve", "--port", "1", "-h", "--", "--target"]]

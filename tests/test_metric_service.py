@@ -1,0 +1,75 @@
+"""MetricService end to end: a real server on loopback, the tiny metric adapter, driven through the SDK."""
+
+from __future__ import annotations
+
+import pytest
+
+from fixture_data import FIXTURES, QUERIES, fixture_images
+from imagedata import png_bytes
+from serving import ServerProcess
+from viper_client import FailedPrecondition, InvalidArgument, NotFound, ViperClient
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models_dir, tmp_path_factory):
+    with ServerProcess(tmp_path_factory.mktemp("db") / "profiles.db", tiny_models_dir) as process:
+        with ViperClient(process.target) as client:
+            client.extract_profile("critic", fixture_images())
+        yield process
+
+
+@pytest.fixture
+def client(server):
+    with ViperClient(server.target) as client:
+        yield client
+
+
+def test_scores_stream_back_in_query_order_within_unit_interval(client):
+    results = list(client.score_stream("critic", QUERIES))
+    assert [result.index for result in results] == [0, 1]
+    assert all(0.0 <= result.score <= 1.0 for result in results)
+    assert client.score("critic", QUERIES) == pytest.approx([result.score for result in results], abs=1e-6)
+
+
+def test_inline_context_scores_like_the_stored_one(client):
+    liked = sorted((FIXTURES / "liked").glob("*.png"))
+    disliked = sorted((FIXTURES / "disliked").glob("*.png"))
+    inline = client.score("", QUERIES, liked=liked, disliked=disliked)
+    assert inline == pytest.approx(client.score("critic", QUERIES), abs=1e-5)
+
+
+def test_the_prefix_cache_is_reused_and_dropped_when_the_profile_changes(server, client):
+    client.score("critic", QUERIES[:1])
+    version = client.get_profile("critic").version
+    computed = f"metric context computed for critic version {version}"
+    assert sum(computed in line for line in server.logs) == 1
+    client.score("critic", QUERIES[:1])
+    assert sum(computed in line for line in server.logs) == 1, "second call is a cache hit"
+
+    client.update_profile("critic", liked_features=["pastels"])
+    server.wait_for_log(f"metric cache dropped critic")
+    client.score("critic", QUERIES[:1])
+    server.wait_for_log(f"metric context computed for critic version {version + 1}")
+
+
+def test_unequal_context_is_failed_precondition(client):
+    client.extract_profile("lopsided", fixture_images()[:3])  # 3 liked, 0 disliked
+    with pytest.raises(FailedPrecondition, match="disliked"):
+        client.score("lopsided", QUERIES)
+    with pytest.raises(FailedPrecondition):
+        client.score("", QUERIES, liked=[QUERIES[0]], disliked=[])
+
+
+def test_a_bad_query_fails_naming_its_index_before_any_scoring(server, client):
+    with pytest.raises(InvalidArgument, match=r"queries\[1\]"):
+        client.score("critic", [QUERIES[0], b"not an image"])
+
+
+def test_unknown_user_is_not_found(client):
+    with pytest.raises(NotFound):
+        client.score("stranger", QUERIES)
+
+
+def test_too_many_queries_are_refused(client):
+    with pytest.raises(InvalidArgument, match="queries: 65 given, at most 64"):
+        client.score("critic", [png_bytes()] * 65)

@@ -1,0 +1,155 @@
+"""The model worker: ordering, bounded queue, cancellation, streaming."""
+
+import asyncio
+import threading
+
+import pytest
+
+from viper_server.worker import ModelWorker, QueueFull, WorkerClosed
+
+
+@pytest.fixture
+def worker():
+    worker = ModelWorker("test", max_queue=2)
+    yield worker
+    worker.close(timeout=5)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_runs_jobs_on_its_own_thread_in_arrival_order():
+    worker = ModelWorker("test", max_queue=8)
+    seen = []
+
+    def job_for(n):
+        def fn(job):
+            seen.append((n, threading.current_thread().name))
+            return n * 10
+
+        return fn
+
+    async def main():
+        return await asyncio.gather(*(worker.run(job_for(n)) for n in range(3)))
+
+    assert run(main()) == [0, 10, 20]
+    worker.close(timeout=5)
+    assert [n for n, _ in seen] == [0, 1, 2]
+    assert {name for _, name in seen} == {"worker-test"}
+
+
+def test_exceptions_reach_the_caller(worker):
+    def fail(job):
+        raise KeyError("boom")
+
+    with pytest.raises(KeyError):
+        run(worker.run(fail))
+
+
+def test_full_queue_is_refused_at_once_with_its_depth(worker):
+    release = threading.Event()
+
+    async def main():
+        running = asyncio.ensure_future(worker.run(lambda job: release.wait(5)))
+        await asyncio.sleep(0.05)  # the first job is running, the queue is empty
+        queued = [asyncio.ensure_future(worker.run(lambda job: None)) for _ in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull, match="2 requests waiting"):
+            await worker.run(lambda job: None)
+        release.set()
+        await asyncio.gather(running, *queued)
+
+    run(main())
+
+
+def test_a_job_cancelled_while_queued_never_runs(worker):
+    release = threading.Event()
+    ran = []
+
+    async def main():
+        blocker = asyncio.ensure_future(worker.run(lambda job: release.wait(5)))
+        await asyncio.sleep(0.05)
+        queued = asyncio.ensure_future(worker.run(lambda job: ran.append(1)))
+        await asyncio.sleep(0.01)
+        queued.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        release.set()
+        await blocker
+        await worker.run(lambda job: None)  # the worker moved past the dropped job
+
+    run(main())
+    assert ran == []
+
+
+def test_a_running_job_sees_should_stop_after_cancel(worker):
+    steps_after_cancel = []
+    cancelled = threading.Event()
+
+    def long_job(job):
+        for step in range(500):
+            if job.should_stop():
+                return step
+            if cancelled.is_set():
+                steps_after_cancel.append(step)
+            threading.Event().wait(0.01)
+        return -1
+
+    async def main():
+        task = asyncio.ensure_future(worker.run(long_job))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        cancelled.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # The worker is free again right away.
+        return await asyncio.wait_for(worker.run(lambda job: "next"), timeout=2)
+
+    assert run(main()) == "next"
+    assert len(steps_after_cancel) <= 1
+
+
+def test_stream_yields_events_in_order_then_the_error(worker):
+    def producer(job):
+        for n in range(3):
+            job.emit(n)
+        raise ValueError("after three")
+
+    async def main():
+        events = []
+        with pytest.raises(ValueError, match="after three"):
+            async for event in worker.stream(producer):
+                events.append(event)
+        return events
+
+    assert run(main()) == [0, 1, 2]
+
+
+def test_closing_a_stream_early_stops_the_job(worker):
+    stopped = threading.Event()
+
+    def producer(job):
+        n = 0
+        while not job.should_stop():
+            job.emit(n)
+            n += 1
+            threading.Event().wait(0.005)
+        stopped.set()
+
+    async def main():
+        stream = worker.stream(producer)
+        async for event in stream:
+            if event == 3:
+                break
+        await stream.aclose()
+
+    run(main())
+    assert stopped.wait(2)
+
+
+def test_closed_worker_refuses_new_jobs():
+    worker = ModelWorker("closing", max_queue=1)
+    worker.close(timeout=5)
+    with pytest.raises(WorkerClosed):
+        run(worker.run(lambda job: None))
