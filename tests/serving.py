@@ -46,6 +46,9 @@ class ServerProcess:
             raise RuntimeError("server did not become ready:\n" + "\n".join(self.logs[-40:]))
         return self
 
+    def send_signal(self, sig: int) -> None:
+        self._process.send_signal(sig)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         """Sends sig and waits for the process to exit; returns its exit code."""
         if self._process.poll() is None:

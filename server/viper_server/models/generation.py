@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from viper_server.models.guidance import ViperGuidedUNet, preference_kwargs
-from viper_server.models.preview import latent_preview_png, png_bytes
-from viper_server.models.sdxl import SdxlPipelines
+from .guidance import ViperGuidedUNet, preference_kwargs
+from .preview import latent_preview_png, png_bytes
+from .sdxl import SdxlPipelines
 
 SEED_RANGE = 2**64  # seeds are uint64 on the wire
 

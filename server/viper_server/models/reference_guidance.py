@@ -12,9 +12,9 @@ import random
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from viper_server.models.generation import GenerationParams, image_seed, shuffled_features
-from viper_server.models.preview import png_bytes
-from viper_server.models.sdxl import SdxlPipelines
+from .generation import GenerationParams, image_seed, shuffled_features
+from .preview import png_bytes
+from .sdxl import SdxlPipelines
 
 
 @torch.inference_mode()

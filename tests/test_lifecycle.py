@@ -1,0 +1,76 @@
+"""SIGTERM drains in-flight calls within the grace period; a second signal stops at once."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import pytest
+
+from fixture_data import fixture_images
+from serving import ServerProcess
+from viper_client import GeneratedImage, Progress, ViperClient, ViperError
+
+
+def start_with_profile(tiny_models_dir, db_path, *args) -> ServerProcess:
+    server = ServerProcess(db_path, tiny_models_dir, *args).start()
+    with ViperClient(server.target) as client:
+        client.extract_profile("sleeper", fixture_images()[:2])
+    return server
+
+
+def consume_in_background(target: str, **options) -> tuple[threading.Thread, dict, threading.Event]:
+    outcome: dict = {"events": []}
+    first_step = threading.Event()
+
+    def consume() -> None:
+        with ViperClient(target) as client:
+            try:
+                for event in client.generate("sleeper", "a long painting", width=64, height=64, **options):
+                    outcome["events"].append(event)
+                    if isinstance(event, Progress) and event.step >= 1:
+                        first_step.set()
+            except ViperError as exc:
+                outcome["error"] = exc
+        first_step.set()
+
+    thread = threading.Thread(target=consume)
+    thread.start()
+    return thread, outcome, first_step
+
+
+def test_sigterm_lets_the_in_flight_stream_finish_then_exits(tiny_models_dir, tmp_path):
+    server = start_with_profile(tiny_models_dir, tmp_path / "profiles.db", "--grace-period", "120")
+    try:
+        thread, outcome, first_step = consume_in_background(server.target, steps=40, num_images=2, seed=3)
+        assert first_step.wait(60)
+        server.send_signal(signal.SIGTERM)
+        server.wait_for_log("draining")
+        with ViperClient(server.target, timeout=5) as late:
+            with pytest.raises(ViperError):
+                late.get_profile("sleeper")  # no new calls once draining
+        thread.join(120)
+        assert "error" not in outcome
+        assert [event.image_index for event in outcome["events"] if isinstance(event, GeneratedImage)] == [0, 1]
+        assert server.stop(timeout=60) == 0
+        server.wait_for_log("viper-serve stopped")
+    finally:
+        server.kill()
+
+
+def test_a_second_signal_stops_at_once(tiny_models_dir, tmp_path):
+    server = start_with_profile(tiny_models_dir, tmp_path / "profiles.db", "--grace-period", "300")
+    try:
+        thread, outcome, first_step = consume_in_background(server.target, steps=150, num_images=8, seed=4)
+        assert first_step.wait(60)
+        server.send_signal(signal.SIGTERM)
+        server.wait_for_log("draining")
+        started = time.monotonic()
+        assert server.stop(signal.SIGINT, timeout=60) == 0
+        assert time.monotonic() - started < 30
+        thread.join(60)
+        assert "error" in outcome, "the unfinished stream was cut off"
+        assert not any(isinstance(event, GeneratedImage) and event.image_index == 7 for event in outcome["events"])
+    finally:
+        server.kill()
