@@ -19,8 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import torch
+import transformers
 from PIL import Image
 
 from viper_server.models.generation import FinishedImage, GenerationParams, PersonalizedGenerator
@@ -28,14 +30,13 @@ from viper_server.models.reference_guidance import reference_generate
 from viper_server.models.sdxl import load_sdxl
 from viper_server.models.tiny_sdxl import build_tiny_sdxl
 
-# About what the VPE extracts for a user with strong tastes.
+# Like what the VPE extracts for a user with strong tastes (each list within CLIP's 77 tokens).
 LIKED = (
-    "soft pastel colors, warm golden light, dreamy mood, airy brushwork, iridescent palette, "
-    "luminous sky, delicate details, gentle diffused lighting, whimsical style, smooth rendering"
+    "soft pastel colors, warm golden light, dreamy mood, airy brushwork, luminous sky, "
+    "watercolor texture, delicate details, whimsical style"
 ).split(", ")
 DISLIKED = (
-    "dark murky shadows, cold monochrome blue, chaotic strokes, cluttered composition, "
-    "desaturated purple haze, gloomy mood, gothic style"
+    "dark shadows, cold blue palette, chaotic strokes, cluttered composition, gloomy mood, gothic style"
 ).split(", ")
 
 
@@ -105,6 +106,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the cores are shared)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    # Figures only: no progress bars or load-time notices from the libraries.
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     params = GenerationParams(
         prompt="a cat sitting on a windowsill in the city at dusk",
         liked_features=LIKED,

@@ -33,10 +33,9 @@ DISLIKED = ["dark shadows", "gloomy blue palette", "cluttered composition"]
 
 
 def params(**overrides) -> GenerationParams:
-    # 5 steps split 4 base + 1 refiner at high_noise_frac 0.8.
-    fields = dict(prompt="a cat in the city", liked_features=LIKED, disliked_features=DISLIKED)
-    fields.update(width=64, height=64, steps=5, seed=7)
-    return GenerationParams(**{**fields, **overrides})
+    # 5 steps: 4 on the base, then 1 on the refiner (high_noise_frac 0.8).
+    defaults = dict(prompt="a cat in the city", liked_features=LIKED, disliked_features=DISLIKED)
+    return GenerationParams(**{**defaults, "width": 64, "height": 64, "steps": 5, "seed": 7, **overrides})
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -130,6 +129,12 @@ def test_refiner_shares_the_base_text_encoder_2_and_vae(pipelines):
     assert pipelines.refiner.vae is pipelines.base.vae
     assert pipelines.refiner.text_encoder is None
     assert pipelines.base.unet.dtype == torch.float32  # the default on CPU
+
+
+def test_a_checkpoint_without_fp16_files_loads_in_fp16_from_the_full_weights(tiny_sdxl_dir):
+    loaded = load_sdxl(str(tiny_sdxl_dir / "sdxl-base"), None, dtype=torch.float16)
+    assert loaded.base.unet.dtype == torch.float16
+    assert loaded.refiner is None
 
 
 def test_missing_checkpoint_is_a_clear_error():

@@ -1,7 +1,7 @@
 """Python SDK and CLI for viper-serve: personalized image generation and scoring (ViPer)."""
 
 from viper_client.aio import AsyncViperClient
-from viper_client.channel import DEFAULT_LONG_TIMEOUT, DEFAULT_TIMEOUT
+from viper_client.channel import DEFAULT_LONG_TIMEOUT, DEFAULT_TIMEOUT, Tls
 from viper_client.client import ViperClient
 from viper_client.errors import (
     Cancelled,
@@ -51,6 +51,7 @@ __all__ = [
     "Rating",
     "ResourceExhausted",
     "ScoreResult",
+    "Tls",
     "Unauthenticated",
     "Unavailable",
     "ViperClient",

@@ -9,13 +9,7 @@ import grpc
 from PIL import Image
 
 from viper_client import convert
-from viper_client._proto.viper.v1 import (
-    generation_pb2,
-    generation_pb2_grpc,
-    metric_pb2_grpc,
-    profile_pb2,
-    profile_pb2_grpc,
-)
+from viper_client._proto.viper.v1 import generation_pb2, profile_pb2
 from viper_client.channel import (
     DEFAULT_LONG_TIMEOUT,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -23,7 +17,8 @@ from viper_client.channel import (
     DEFAULT_TIMEOUT,
     UNSET,
     Timeout,
-    create_channel,
+    Tls,
+    connect,
     resolve_timeout,
 )
 from viper_client.errors import error_from_rpc
@@ -36,7 +31,7 @@ T = TypeVar("T")
 class AsyncViperClient:
     """ViperClient for asyncio: create it inside the running event loop; `async with` it or await close().
 
-    Deadlines are as in ViperClient. Closing a stream's async iterator (aclose(), or
+    Deadlines, token and tls are as in ViperClient. Closing a stream's async iterator (aclose(), or
     `async with contextlib.aclosing(...)`) cancels the RPC on the server.
     """
 
@@ -47,13 +42,16 @@ class AsyncViperClient:
         timeout: float | None = DEFAULT_TIMEOUT,
         long_timeout: float | None = DEFAULT_LONG_TIMEOUT,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        token: str | None = None,
+        tls: Tls | None = None,
     ) -> None:
         self._timeout = timeout
         self._long_timeout = long_timeout
-        self._channel = create_channel(target, max_message_bytes=max_message_bytes, asynchronous=True)
-        self._profiles = profile_pb2_grpc.ProfileServiceStub(self._channel)
-        self._generation = generation_pb2_grpc.GenerationServiceStub(self._channel)
-        self._metric = metric_pb2_grpc.MetricServiceStub(self._channel)
+        connection = connect(target, max_message_bytes=max_message_bytes, token=token, tls=tls, asynchronous=True)
+        self._channel = connection.channel
+        self._profiles = connection.profiles
+        self._generation = connection.generation
+        self._metric = connection.metric
 
     async def close(self) -> None:
         await self._channel.close()

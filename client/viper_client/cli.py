@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from viper_client.channel import DEFAULT_TARGET
+from viper_client.channel import DEFAULT_TARGET, Tls
 from viper_client.client import ViperClient
 from viper_client.errors import ViperError
 from viper_client.types import GeneratedImage, Preview, Profile, Progress, RatedImage, Rating
@@ -42,13 +42,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     timeouts = {} if args.timeout is None else {"timeout": args.timeout, "long_timeout": args.timeout}
+    tls = Tls(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key) if args.tls or args.tls_ca or args.tls_cert else None
     try:
-        with ViperClient(args.target, **timeouts) as client:
+        with ViperClient(args.target, token=args.token, tls=tls, **timeouts) as client:
             args.handler(client, args)
     except ViperError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except (InputError, OSError) as error:
+    except (InputError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -68,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="deadline of each call in seconds (default 30, and 600 for extract, generate and score)",
     )
+    parser.add_argument("--token", default=os.environ.get("VIPER_TOKEN"),
+                        help="bearer token sent with every call (env VIPER_TOKEN)")
+    parser.add_argument("--tls", action="store_true", help="connect with TLS, verifying the server")
+    parser.add_argument("--tls-ca", default=os.environ.get("VIPER_TLS_CA"),
+                        help="CA certificate (PEM) that signed the server's; default: the system's (env VIPER_TLS_CA)")
+    parser.add_argument("--tls-cert", default=os.environ.get("VIPER_CLIENT_TLS_CERT"),
+                        help="client certificate (PEM) for mutual TLS (env VIPER_CLIENT_TLS_CERT)")
+    parser.add_argument("--tls-key", default=os.environ.get("VIPER_CLIENT_TLS_KEY"),
+                        help="client private key (PEM) for mutual TLS (env VIPER_CLIENT_TLS_KEY)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     json_output = argparse.ArgumentParser(add_help=False)
     json_output.add_argument("--json", action="store_true", help="print JSON instead of text")

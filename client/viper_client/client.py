@@ -9,13 +9,7 @@ import grpc
 from PIL import Image
 
 from viper_client import convert
-from viper_client._proto.viper.v1 import (
-    generation_pb2,
-    generation_pb2_grpc,
-    metric_pb2_grpc,
-    profile_pb2,
-    profile_pb2_grpc,
-)
+from viper_client._proto.viper.v1 import generation_pb2, profile_pb2
 from viper_client.channel import (
     DEFAULT_LONG_TIMEOUT,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -23,7 +17,8 @@ from viper_client.channel import (
     DEFAULT_TIMEOUT,
     UNSET,
     Timeout,
-    create_channel,
+    Tls,
+    connect,
     resolve_timeout,
 )
 from viper_client.errors import error_from_rpc
@@ -40,6 +35,8 @@ class ViperClient:
     `long_timeout` seconds (default 600) for extract_profile, generate and score, which run models
     and may queue. A stream's deadline covers the whole stream; list_profiles' covers each page.
     Each method's timeout= overrides the default for that call; None means no deadline.
+    `token` is sent as `authorization: Bearer <token>` with every call; `tls` (a Tls) makes the
+    channel TLS, verifying the server and, with a client certificate, authenticating the client.
     """
 
     def __init__(
@@ -49,13 +46,16 @@ class ViperClient:
         timeout: float | None = DEFAULT_TIMEOUT,
         long_timeout: float | None = DEFAULT_LONG_TIMEOUT,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        token: str | None = None,
+        tls: Tls | None = None,
     ) -> None:
         self._timeout = timeout
         self._long_timeout = long_timeout
-        self._channel = create_channel(target, max_message_bytes=max_message_bytes)
-        self._profiles = profile_pb2_grpc.ProfileServiceStub(self._channel)
-        self._generation = generation_pb2_grpc.GenerationServiceStub(self._channel)
-        self._metric = metric_pb2_grpc.MetricServiceStub(self._channel)
+        connection = connect(target, max_message_bytes=max_message_bytes, token=token, tls=tls)
+        self._channel = connection.channel
+        self._profiles = connection.profiles
+        self._generation = connection.generation
+        self._metric = connection.metric
 
     def close(self) -> None:
         self._channel.close()

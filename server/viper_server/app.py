@@ -15,6 +15,7 @@ import signal
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client.core import GaugeMetricFamily
 
 from viper_client._proto.viper.v1 import (
     generation_pb2,
@@ -27,7 +28,9 @@ from viper_client._proto.viper.v1 import (
 from viper_profiles import ProfileStore
 
 from .config import ServerConfig
-from .interceptors import ErrorAndLogInterceptor
+from .auth import TokenAuthenticator
+from .interceptors import RpcInterceptor
+from .observability import Metrics, ScrapeTimeCollector
 from .runtime import ModelRuntime
 from .services.generation import GenerationService
 from .services.metric import MetricService
@@ -45,12 +48,16 @@ SERVICE_NAMES = (
 class ViperServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
+        self.metrics = Metrics()
         self.store = ProfileStore(config.db_path)
-        self.runtime = ModelRuntime(config)
+        self.runtime = ModelRuntime(config, self.metrics)
+        self.metrics.watch(ScrapeTimeCollector(self.runtime.collect_metrics))
+        self.metrics.watch(ScrapeTimeCollector(self._collect_store_metrics))
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
+        authenticator = TokenAuthenticator.from_file(config.auth_tokens) if config.auth_tokens else None
         self._server = grpc.aio.server(
-            interceptors=[ErrorAndLogInterceptor()],
+            interceptors=[RpcInterceptor(self.metrics, authenticator)],
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
@@ -66,14 +73,25 @@ class ViperServer:
             MetricService(self.store, self.runtime, config.limits), self._server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+        if config.reflection:
+            reflection.enable_server_reflection(
+                (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+            )
 
     async def start(self) -> int:
         """Starts listening (NOT_SERVING until the models are loaded); returns the bound port."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self._server.add_insecure_port(self.config.address)
+        credentials = server_credentials(self.config)
+        if credentials is None:
+            self.port = self._server.add_insecure_port(self.config.address)
+        else:
+            self.port = self._server.add_secure_port(self.config.address, credentials)
         await self._server.start()
-        log.info("viper-serve listening on %s:%d (models=%s)", self.config.host, self.port, self.config.models)
+        log.info("viper-serve listening on %s:%d (models=%s, tls=%s, auth=%s)", self.config.host, self.port,
+                 self.config.models, credentials is not None, self.config.auth_tokens is not None)
+        if self.config.metrics_port:
+            metrics_port = self.metrics.serve(self.config.metrics_port, self.config.host)
+            log.info("metrics on http://%s:%d/metrics", self.config.host, metrics_port)
         return self.port
 
     async def load_models(self) -> None:
@@ -95,9 +113,24 @@ class ViperServer:
         self.store.close()
         log.info("viper-serve stopped")
 
+    def _collect_store_metrics(self):
+        yield GaugeMetricFamily("viper_profiles", "stored profiles", value=self.store.count())
+
     async def _set_health(self, status: int) -> None:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, status)
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from the configured PEM files; with a client CA, client certificates are required."""
+    if config.tls_cert is None:
+        return None
+    client_ca = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
 
 
 async def serve(config: ServerConfig) -> None:

@@ -36,7 +36,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     from .app import serve
 
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except (ValueError, OSError) as exc:  # unusable settings or files: say so, no traceback
+        print(f"viper serve: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -52,6 +52,17 @@ class ServerConfig:
     metric_cache_bytes: int = 2 * 1024 * MiB
     metric_batch_size: int = 4
     metric_max_pairs: int = 8
+    # Bearer tokens, one a line (`sha256:<hex>` or plain); unset = no auth.
+    auth_tokens: Path | None = None
+    # Serving a non-loopback address without auth must be asked for explicitly.
+    allow_unauthenticated: bool = False
+    reflection: bool = True
+    # TLS: certificate chain and key in PEM; with a client CA, clients must present a certificate (mTLS).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    # Prometheus metrics over HTTP on this port of the same host; 0 = off.
+    metrics_port: int = 0
     limits: Limits = Limits()
 
     @property
@@ -87,6 +98,14 @@ _SERVE_FLAGS: dict[str, tuple[str, type, str]] = {
     "metric_cache_bytes": ("VIPER_METRIC_CACHE_BYTES", int, "bytes of cached metric prefixes"),
     "metric_batch_size": ("VIPER_METRIC_BATCH_SIZE", int, "queries scored per model call"),
     "metric_max_pairs": ("VIPER_METRIC_MAX_PAIRS", int, "liked/disliked pairs in a metric context"),
+    "auth_tokens": ("VIPER_AUTH_TOKENS", Path, "file of accepted bearer tokens, one a line (sha256:<hex> or plain)"),
+    "allow_unauthenticated": ("VIPER_ALLOW_UNAUTHENTICATED", on_off,
+                              "serve a non-loopback address without auth (on/off)"),
+    "reflection": ("VIPER_REFLECTION", on_off, "gRPC server reflection (on/off; behind auth when auth is on)"),
+    "tls_cert": ("VIPER_TLS_CERT", Path, "server certificate chain (PEM)"),
+    "tls_key": ("VIPER_TLS_KEY", Path, "server private key (PEM)"),
+    "tls_client_ca": ("VIPER_TLS_CLIENT_CA", Path, "CA whose client certificates are required (mTLS)"),
+    "metrics_port": ("VIPER_METRICS_PORT", int, "Prometheus metrics port; 0 = off"),
 }
 _LIMIT_FLAGS: dict[str, tuple[str, type, str]] = {
     "max_images": ("VIPER_MAX_IMAGES", int, "images per extraction"),
@@ -134,7 +153,25 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.e
         **{name: value(name, env, kind, getattr(defaults, name)) for name, (env, kind, _) in _SERVE_FLAGS.items()},
         limits=limits,
     )
+    check_config(config)
+    return config
+
+
+def is_loopback(host: str) -> bool:
+    return host == "localhost" or host.startswith("127.") or host in ("::1", "[::1]")
+
+
+def check_config(config: ServerConfig) -> None:
+    """Refuses settings that cannot work or would be unsafe; raises ValueError."""
     if config.models not in ("tiny", "viper"):
         raise ValueError(f"models must be tiny or viper, not {config.models!r}")
-    return config
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if config.tls_client_ca is not None and config.tls_cert is None:
+        raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+    if not is_loopback(config.host) and config.auth_tokens is None and not config.allow_unauthenticated:
+        raise ValueError(
+            f"refusing to serve {config.host} without auth: pass --auth-tokens FILE "
+            "(or --allow-unauthenticated on if something in front of the server authenticates)"
+        )
 

@@ -1,8 +1,9 @@
-"""One server interceptor: maps domain errors to gRPC status codes and logs every RPC.
+"""The one server interceptor every RPC passes through.
 
-Handlers raise plain exceptions (InvalidRequest, ProfileNotFound, QueueFull,
-...); this is the one place that knows which status code each one means, so
-handlers read as straight-line code and every RPC answers consistently.
+It authenticates the call, maps domain errors to gRPC status codes, counts
+and times the RPC and logs one line for it. Handlers raise plain exceptions
+(InvalidRequest, ProfileNotFound, QueueFull, ...) and read as straight-line
+code; this is the one place that knows which status code each one means.
 """
 
 from __future__ import annotations
@@ -11,18 +12,31 @@ import asyncio
 import inspect
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import grpc
 
 from viper_profiles import InvalidUserId, ProfileNotFound, VersionConflict
 
+from .auth import TokenAuthenticator
 from .models.metric import ContextError
+from .observability import Metrics
 from .runtime import ModelsNotReady
 from .validation import InvalidRequest
 from .worker import QueueFull, WorkerClosed
 
 log = logging.getLogger("viper_server.rpc")
+
+REQUEST_ID_KEY = "x-request-id"
+# Probes must work without credentials.
+OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
+
+
+class Unauthenticated(Exception):
+    """The call carries no valid bearer token."""
+
 
 _STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
@@ -33,7 +47,15 @@ _STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ModelsNotReady, grpc.StatusCode.UNAVAILABLE),
     (WorkerClosed, grpc.StatusCode.UNAVAILABLE),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
 )
+
+_HANDLER_FACTORIES = {
+    "unary_unary": grpc.unary_unary_rpc_method_handler,
+    "unary_stream": grpc.unary_stream_rpc_method_handler,
+    "stream_unary": grpc.stream_unary_rpc_method_handler,
+    "stream_stream": grpc.stream_stream_rpc_method_handler,
+}
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -43,7 +65,11 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal error; see the server log"
 
 
-class ErrorAndLogInterceptor(grpc.aio.ServerInterceptor):
+class RpcInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, metrics: Metrics, authenticator: TokenAuthenticator | None = None) -> None:
+        self._metrics = metrics
+        self._authenticator = authenticator
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -52,30 +78,51 @@ class ErrorAndLogInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return None
-        method = details.method
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(method, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler  # health Watch and reflection manage their own streams
+        metadata = details.invocation_metadata or ()
+        call = _CallInfo(
+            method=details.method,
+            request_id=dict(metadata).get(REQUEST_ID_KEY) or uuid.uuid4().hex[:16],
+            authenticated=(
+                self._authenticator is None
+                or details.method.startswith(OPEN_METHOD_PREFIXES)
+                or self._authenticator.allows(metadata)
+            ),
+            metrics=self._metrics,
+        )
+        for kind, factory in _HANDLER_FACTORIES.items():
+            behavior = getattr(handler, kind)
+            if behavior is not None:
+                wrap = _wrap_stream if inspect.isasyncgenfunction(behavior) else _wrap_awaitable
+                return factory(
+                    wrap(call, behavior),
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer,
+                )
+        return handler
 
 
-class _Call:
-    """Tracks one RPC for its log line."""
+@dataclass(frozen=True)
+class _CallInfo:
+    """What the interceptor knows of a call before its handler runs."""
 
-    def __init__(self, method: str, request: object) -> None:
-        self.method = method
+    method: str
+    request_id: str
+    authenticated: bool
+    metrics: Metrics
+
+
+class _Outcome:
+    """Tracks one RPC to its status, metrics and log line."""
+
+    def __init__(self, call: _CallInfo, request: object) -> None:
+        self.call = call
         self.user = getattr(request, "user_id", "") or "-"
         self.code = grpc.StatusCode.OK
         self.started = time.monotonic()
+
+    def check_auth(self) -> None:
+        if not self.call.authenticated:
+            raise Unauthenticated("missing or unknown bearer token (metadata 'authorization: Bearer <token>')")
 
     async def fail(self, exc: BaseException, context: grpc.aio.ServicerContext) -> None:
         if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):  # the client left
@@ -86,36 +133,46 @@ class _Call:
             raise exc
         self.code, message = status_for(exc)
         if self.code is grpc.StatusCode.INTERNAL:
-            log.exception("%s failed", self.method, exc_info=exc)
+            log.error("rpc method=%s request_id=%s failed", self.call.method, self.call.request_id, exc_info=exc)
+            message = f"{message} (request_id {self.call.request_id})"
         await context.abort(self.code, message)
 
-    def log(self) -> None:
-        elapsed_ms = (time.monotonic() - self.started) * 1e3
-        log.info("rpc method=%s user=%s status=%s ms=%.1f", self.method, self.user, self.code.name, elapsed_ms)
+    def finish(self) -> None:
+        elapsed = time.monotonic() - self.started
+        self.call.metrics.rpcs.labels(self.call.method, self.code.name).inc()
+        self.call.metrics.rpc_latency.labels(self.call.method).observe(elapsed)
+        log.info("rpc method=%s user=%s status=%s ms=%.1f request_id=%s",
+                 self.call.method, self.user, self.code.name, elapsed * 1e3, self.call.request_id)
 
 
-def _wrap_unary(method: str, behavior):
-    async def unary(request, context):
-        call = _Call(method, request)
+def _wrap_awaitable(call: _CallInfo, behavior):
+    """Unary responses, and streams written with context.write (health Watch)."""
+
+    async def handle(request, context):
+        outcome = _Outcome(call, request)
         try:
+            outcome.check_auth()
             return await behavior(request, context)
         except BaseException as exc:
-            await call.fail(exc, context)
+            await outcome.fail(exc, context)
         finally:
-            call.log()
+            outcome.finish()
 
-    return unary
+    return handle
 
 
-def _wrap_stream(method: str, behavior):
-    async def stream(request, context):
-        call = _Call(method, request)
+def _wrap_stream(call: _CallInfo, behavior):
+    """Streams written as async generators."""
+
+    async def handle(request, context):
+        outcome = _Outcome(call, request)
         try:
+            outcome.check_auth()
             async for response in behavior(request, context):
                 yield response
         except BaseException as exc:
-            await call.fail(exc, context)
+            await outcome.fail(exc, context)
         finally:
-            call.log()
+            outcome.finish()
 
-    return stream
+    return handle

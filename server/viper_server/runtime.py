@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 from PIL import Image
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .config import ServerConfig
 from .models.catalog import ModelSources, tiny_sources, viper_sources
@@ -24,6 +25,7 @@ from .models.metric import MetricScorer, ScoringContext
 from .models.sdxl import load_sdxl
 from .models.tiny import ensure_tiny_models
 from .models.vpe import Preferences, PreferenceExtractor
+from .observability import Metrics
 from .worker import Job, ModelWorker
 
 log = logging.getLogger(__name__)
@@ -42,20 +44,26 @@ def resolve_device(device: str) -> str:
 
 
 class ModelRuntime:
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, metrics: Metrics) -> None:
         self.config = config
+        self.metrics = metrics
         self.sources: ModelSources = (
             tiny_sources(config.models_dir or Path("var/tiny-models"))
             if config.models == "tiny"
             else viper_sources(config.models_dir)
         )
-        self.vision_worker = ModelWorker("idefics2", config.max_queue)
-        self.generation_worker = ModelWorker("sdxl", config.max_queue)
+        self.vision_worker = self._worker("idefics2")
+        self.generation_worker = self._worker("sdxl")
         self._extractor = None
         self._scorer = None
         self._generator = None
         self._ready = threading.Event()
         self.load_error: BaseException | None = None
+
+    def _worker(self, name: str) -> ModelWorker:
+        worker = ModelWorker(name, self.config.max_queue, observe_wait=self.metrics.queue_wait.labels(name).observe)
+        self.metrics.queue_depth.labels(name).set_function(lambda: worker.depth)
+        return worker
 
     @property
     def ready(self) -> bool:
@@ -121,7 +129,9 @@ class ModelRuntime:
 
             def emit(event: object) -> None:
                 nonlocal steps_done
-                steps_done += isinstance(event, Progress) and event.step > 0
+                if isinstance(event, Progress) and event.step > 0:
+                    steps_done += 1
+                    self.metrics.generation_steps.inc()
                 job.emit(event)
 
             try:
@@ -144,6 +154,17 @@ class ModelRuntime:
             lambda job: scorer.score(context, queries, on_batch=job.emit, should_stop=job.should_stop)
         ):
             yield batch
+
+    def collect_metrics(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        """The metric prefix cache's statistics, read at scrape time."""
+        if self._scorer is None:
+            return
+        stats = self._scorer.cache_stats
+        yield CounterMetricFamily("viper_metric_cache_hits", "metric prefix-cache hits", value=stats.hits)
+        yield CounterMetricFamily("viper_metric_cache_misses", "metric prefix-cache misses", value=stats.misses)
+        yield GaugeMetricFamily("viper_metric_cache_bytes", "bytes held by the metric prefix cache", value=stats.bytes)
+        yield GaugeMetricFamily("viper_metric_cache_entries", "contexts in the metric prefix cache",
+                                value=stats.entries)
 
     def forget_user(self, user_id: str) -> None:
         """Drops what the runtime caches for a user (their profile changed or was deleted)."""

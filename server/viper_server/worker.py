@@ -12,14 +12,11 @@ step.
 from __future__ import annotations
 
 import asyncio
-import logging
 import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Generic, TypeVar
-
-log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _END = object()
@@ -97,8 +94,10 @@ class Job(Generic[T]):
 class ModelWorker:
     """Runs jobs one at a time on a dedicated thread, with at most `max_queue` waiting."""
 
-    def __init__(self, name: str, max_queue: int) -> None:
+    def __init__(self, name: str, max_queue: int,
+                 observe_wait: Callable[[float], None] = lambda seconds: None) -> None:
         self.name = name
+        self._observe_wait = observe_wait
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._thread = threading.Thread(target=self._serve, name=f"worker-{name}", daemon=True)
         self._closed = False
@@ -164,5 +163,5 @@ class ModelWorker:
                 # The caller left while the job was queued: never start it.
                 job.fail(asyncio.CancelledError())
                 continue
-            log.debug("%s: job waited %.1f ms", self.name, (time.monotonic() - job.enqueued_at) * 1e3)
+            self._observe_wait(time.monotonic() - job.enqueued_at)
             job.run()

@@ -121,12 +121,7 @@ class PersonalizedGenerator:
         if params.refine and self._refiner is None:
             raise ValueError("refine=True needs a refiner pipeline")
         with self._lock, torch.inference_mode():
-            prompt_embeds = self._base.encode_prompt(
-                params.prompt,
-                negative_prompt=params.negative_prompt,  # "" is encoded, as in the reference, not zeroed
-                device=self._base._execution_device,
-                do_classifier_free_guidance=True,
-            )
+            prompt_embeds = self._encode(params.prompt, params.negative_prompt)
             for image_index in range(params.num_images):
                 if should_stop():
                     raise GenerationCancelled()
@@ -144,11 +139,9 @@ class PersonalizedGenerator:
     ) -> bytes:
         embeds, negative_embeds, pooled_embeds, negative_pooled_embeds = prompt_embeds
         rng = random.Random(seed)
-        liked_embeds, disliked_embeds, _, _ = self._base.encode_prompt(
-            shuffled_features(params.liked_features, rng),
-            negative_prompt=shuffled_features(params.disliked_features, rng),
-            device=self._base._execution_device,
-            do_classifier_free_guidance=True,
+        # V+ and V- come from one encoder call, as the prompt and negative prompt do; pooled ones unused.
+        liked_embeds, disliked_embeds, _, _ = self._encode(
+            shuffled_features(params.liked_features, rng), shuffled_features(params.disliked_features, rng)
         )
         strength = params.preference_strength
         generator = torch.Generator(self._base._execution_device).manual_seed(seed)
@@ -182,6 +175,16 @@ class PersonalizedGenerator:
             callback_on_step_end=steps,
         ).images[0]
         return png_bytes(image)
+
+    def _encode(self, prompt: str, negative_prompt: str) -> tuple[torch.Tensor, ...]:
+        """(embeds, negative embeds, pooled, negative pooled); the negative prompt is encoded even
+        when it is "", as the reference does, rather than zeroed."""
+        return self._base.encode_prompt(
+            prompt,
+            negative_prompt=negative_prompt,
+            device=self._base._execution_device,
+            do_classifier_free_guidance=True,
+        )
 
 
 class _StepEvents:

@@ -229,7 +229,9 @@ class MetricScorer:
             rows, prefix_length + input_ids.shape[1], dtype=torch.long, device=self.runtime.device
         )
         images = self.runtime.processor.image_processor(images=[[query] for query in queries], return_tensors="pt")
-        output = _forward(self.runtime, self.adapter, input_ids, images, cache=cache, attention_mask=attention_mask)
+        output = _forward(
+            self.runtime, self.adapter, input_ids, images, use_cache=True, cache=cache, attention_mask=attention_mask
+        )
         return _plus_probability(output.logits[:, -1], self.plus_token_id, self.minus_token_id)
 
 
@@ -239,9 +241,9 @@ def _forward(
     input_ids: torch.Tensor,
     images: BatchFeature,
     *,
+    use_cache: bool,
     cache: DynamicCache | None = None,
     attention_mask: torch.Tensor | None = None,
-    use_cache: bool = True,
 ) -> ModelOutput:
     """One forward pass (logits of the last position only) with `adapter` applied to this call alone.
 

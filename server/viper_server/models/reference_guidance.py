@@ -50,7 +50,10 @@ def reference_generate(pipelines: SdxlPipelines, params: GenerationParams) -> li
         latents = latents * scheduler.init_noise_sigma
         # (original size, crop top-left, target size), the same for both rows of the CFG pair.
         time_ids = torch.tensor([[params.height, params.width, 0, 0, params.height, params.width]] * 2)
-        added_cond = {"text_embeds": torch.cat([negative_pooled, pooled]), "time_ids": time_ids.to(device, prompt.dtype)}
+        added_cond = {
+            "text_embeds": torch.cat([negative_pooled, pooled]),
+            "time_ids": time_ids.to(device, prompt.dtype),
+        }
         g = params.guidance_scale
         for t in timesteps:
             model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
