@@ -2,8 +2,10 @@
 
 Model section: the straightforward reference procedure (models.reference_guidance: two UNet calls
 per base step) against the production path (models.generation: the stock pipeline with both
-evaluations as one batch-4 UNet call), same params and seeds, runs interleaved. The last line is
-`speedup: N.NNx` (reference time per image / production time per image).
+evaluations as one batch-4 UNet call), same params and seeds, runs interleaved.
+gRPC section: the same request through a real server process and the client SDK against the
+production path in process, interleaved. The last line is `speedup: N.NNx` (reference time per image /
+production time per image, in process).
 
     .venv/bin/python bench/generation.py [--size 64] [--steps 40] [--images 2] [--repeats 5]
 """
@@ -16,7 +18,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import diffusers
@@ -25,10 +27,12 @@ import torch
 import transformers
 from PIL import Image
 
+from viper_client import RatedImage, ViperClient
 from viper_server.models.generation import FinishedImage, GenerationParams, PersonalizedGenerator
 from viper_server.models.reference_guidance import reference_generate
 from viper_server.models.sdxl import load_sdxl
-from viper_server.models.tiny_sdxl import build_tiny_sdxl
+from viper_server.models.tiny import ensure_tiny_models
+from viper_server.testing import ServerProcess
 
 # Like what the VPE extracts for a user with strong tastes (each list within CLIP's 77 tokens).
 LIKED = (
@@ -86,6 +90,57 @@ def bench_model(models_dir: Path, params: GenerationParams, repeats: int) -> Mod
     )
 
 
+@dataclass(frozen=True)
+class GrpcFigures:
+    in_process_seconds_per_image: float
+    grpc_seconds_per_image: float
+
+    def report(self) -> str:
+        return "\n".join(
+            [
+                f"in process (production path):              {1000 * self.in_process_seconds_per_image:8.1f} ms/image",
+                f"gRPC end to end (server process + SDK):    {1000 * self.grpc_seconds_per_image:8.1f} ms/image",
+                f"gRPC / in process: {self.grpc_seconds_per_image / self.in_process_seconds_per_image:.2f}",
+            ]
+        )
+
+
+def bench_grpc(models_dir: Path, params: GenerationParams, repeats: int, threads: int) -> GrpcFigures:
+    """The same request in process and through the server; the profile's features guide both."""
+    generator = PersonalizedGenerator(load_sdxl(str(models_dir / "sdxl-base"), str(models_dir / "sdxl-refiner")))
+    server = ServerProcess(models_dir / "profiles.db", models_dir, env={"OMP_NUM_THREADS": str(threads)})
+    with server, ViperClient(server.target) as client:
+        profile = client.extract_profile("bench", [
+            RatedImage(_png(color), comment=comment, rating=rating)
+            for color, comment, rating in (((250, 200, 220), "soft pastel pink, lovely", "liked"),
+                                           ((20, 20, 60), "dark and gloomy", "disliked"))
+        ])
+        params = replace(params, liked_features=profile.liked_features, disliked_features=profile.disliked_features)
+
+        def in_process() -> None:
+            generator.generate(params, emit=lambda event: None)
+
+        def through_grpc() -> None:
+            list(client.generate("bench", params.prompt, num_images=params.num_images, width=params.width,
+                                 height=params.height, steps=params.steps, seed=params.seed))
+
+        in_process(), through_grpc()  # warm-up
+        in_process_times, grpc_times = [], []
+        for _ in range(repeats):
+            in_process_times.append(_seconds(in_process))
+            grpc_times.append(_seconds(through_grpc))
+    return GrpcFigures(
+        in_process_seconds_per_image=statistics.median(in_process_times) / params.num_images,
+        grpc_seconds_per_image=statistics.median(grpc_times) / params.num_images,
+    )
+
+
+def _png(color: tuple[int, int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def _seconds(run: Callable[[], object]) -> float:
     started = time.perf_counter()
     run()
@@ -122,15 +177,14 @@ def main() -> None:
         seed=1234,
     )
     with tempfile.TemporaryDirectory() as tmp:
-        models_dir = Path(tmp)
-        build_tiny_sdxl(models_dir)
+        models_dir = ensure_tiny_models(Path(tmp) / "tiny-models")
         print(
             f"tiny SDXL, {args.size}x{args.size}, {args.steps} steps (base to {params.high_noise_frac:.0%}, "
             f"then refiner), {args.images} images x {args.repeats} repeats, {args.threads} torch thread(s)"
         )
         model = bench_model(models_dir, params, args.repeats)
         print(model.report())
-        # Further sections (e.g. gRPC end to end) take models_dir and print their figures here.
+        print(bench_grpc(models_dir, params, args.repeats, args.threads).report())
     print(f"speedup: {model.speedup:.2f}x")
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from viper_server.testing import ServerProcess
+
 from fixture_data import FIXTURES
-from serving import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,10 +9,11 @@ import time
 import pytest
 from PIL import Image
 
-from fixture_data import fixture_images
-from serving import ServerProcess
 from viper_client import InvalidArgument, NotFound, ViperClient
 from viper_client.types import GeneratedImage, Preview, Progress
+from viper_server.testing import ServerProcess
+
+from fixture_data import fixture_images
 
 SIZE = 64
 

@@ -8,9 +8,10 @@ import time
 
 import pytest
 
-from fixture_data import fixture_images
-from serving import ServerProcess
 from viper_client import GeneratedImage, Progress, ViperClient, ViperError
+from viper_server.testing import ServerProcess
+
+from fixture_data import fixture_images
 
 
 def start_with_profile(tiny_models_dir, db_path, *args) -> ServerProcess:

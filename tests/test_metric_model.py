@@ -223,17 +223,15 @@ def test_the_metric_adapter_is_the_one_applied(tiny_models_dir, context, queries
             assert torch.softmax(logits[[plus, minus]].double(), dim=0)[0].item() == pytest.approx(score, abs=TOLERANCE)
 
 
-def test_metric_calls_leave_vpe_and_the_adapter_state_alone(runtime, context, queries):
+def test_metric_calls_leave_vpe_results_alone(runtime, context, queries):
     comments = json.loads((FIXTURES / "comments.json").read_text())
     del comments["about"]
     images = [open_rgb(name) for name in comments]
     extractor = PreferenceExtractor(runtime, max_new_tokens=8)
     before = extractor.extract(images, list(comments.values()))
-    active = runtime.model.active_adapter
 
     scorer = MetricScorer(runtime)
     scorer.score(context, queries)
-    assert runtime.model.active_adapter == active
     assert extractor.extract(images, list(comments.values())) == before
 
     # Concurrent calls on the shared model take turns: neither sees the other's adapter.

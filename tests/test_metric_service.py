@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from viper_client import FailedPrecondition, InvalidArgument, NotFound, ViperClient
+from viper_server.testing import ServerProcess
+
 from fixture_data import FIXTURES, QUERIES, fixture_images
 from imagedata import png_bytes
-from serving import ServerProcess
-from viper_client import FailedPrecondition, InvalidArgument, NotFound, ViperClient
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def test_the_prefix_cache_is_reused_and_dropped_when_the_profile_changes(server,
     assert sum(computed in line for line in server.logs) == 1, "second call is a cache hit"
 
     client.update_profile("critic", liked_features=["pastels"])
-    server.wait_for_log(f"metric cache dropped critic")
+    server.wait_for_log("metric cache dropped critic")
     client.score("critic", QUERIES[:1])
     server.wait_for_log(f"metric context computed for critic version {version + 1}")
 

@@ -10,10 +10,11 @@ import urllib.request
 import grpc
 import pytest
 
-from fixture_data import QUERIES, fixture_images
-from serving import ServerProcess
 from viper_client import DeadlineExceeded, NotFound, Progress, ViperClient
 from viper_client._proto.viper.v1 import profile_pb2, profile_pb2_grpc
+from viper_server.testing import ServerProcess
+
+from fixture_data import QUERIES, fixture_images
 
 
 def free_port() -> int:

@@ -11,10 +11,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from viper_client import Conflict, InvalidArgument, NotFound, RatedImage, ViperClient
+from viper_server.testing import ServerProcess
+
 from fixture_data import fixture_images
 from imagedata import png_bytes, png_claiming
-from serving import ServerProcess
-from viper_client import Conflict, InvalidArgument, NotFound, RatedImage, ViperClient
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,9 @@ from transformers import Idefics2ImageProcessorPil, Idefics2Processor, LlamaToke
 
 from viper_server.models.idefics2 import VIPER_PROCESSOR_SETTINGS
 from viper_server.models.metric import build_metric_prompt, metric_prompt_ids, resolve_score_token_ids
-from viper_server.models.prompt_ids import encode_as_trained, expand_image_tokens
+from viper_server.models.prompt_ids import expand_image_tokens
 from viper_server.models.tiny_idefics2 import IDEFICS2_CHAT_TEMPLATE
-from viper_server.models.vpe import build_vpe_messages
+from viper_server.models.vpe import build_vpe_inputs, build_vpe_messages
 
 FIXTURES = Path(__file__).parent / "fixtures" / "viper_examples"
 # IDEFICS2-8b's additions to the 32000-token Mistral vocabulary, in its order.
@@ -81,11 +81,10 @@ def without_marker_before_newline_after_end_of_utterance(ids: list[int]) -> list
     return [token for position, token in enumerate(ids) if not dropped(position)]
 
 
-def vpe_prompt(processor) -> tuple[str, int]:
+def fixture_comments() -> list[str]:
     comments = json.loads((FIXTURES / "comments.json").read_text())
     del comments["about"]
-    messages = build_vpe_messages(list(comments.values()))
-    return processor.apply_chat_template(messages, add_generation_prompt=True), len(comments)
+    return list(comments.values())
 
 
 def test_metric_token_ids_resolve_to_the_references(processor):
@@ -123,14 +122,16 @@ def test_transformers5_processor_drops_the_marker_after_each_end_of_utterance(pr
     assert unspaced != fed_by_processor
 
 
-def test_vpe_prompt_through_the_processor_misses_the_marker_before_the_answer(processor, training_ids):
-    prompt, image_count = vpe_prompt(processor)
-    assert prompt.count("<image>") == image_count == 16
+def test_vpe_inputs_are_the_training_ids(processor, training_ids):
+    comments = fixture_comments()
+    images = [Image.new("RGB", (32, 32))] * len(comments)
+    prompt = processor.apply_chat_template(build_vpe_messages(comments), add_generation_prompt=True)
+    assert prompt.count("<image>") == len(comments) == 16
     assert prompt.endswith("<end_of_utterance>\nAssistant:")
     expected = training_ids(prompt)
-    # What vpe.py feeds: the transformers 5 processor on the chat-template text.
-    fed_by_processor = processor(text=prompt, images=[Image.new("RGB", (32, 32))] * image_count).input_ids[0]
+    # The transformers 5 processor on the chat-template text misses the "▁" before "\nAssistant:" ...
+    fed_by_processor = processor(text=prompt, images=images).input_ids[0]
     assert fed_by_processor == without_marker_before_newline_after_end_of_utterance(expected)
-    assert len(expected) - len(fed_by_processor) == 1  # "▁" before "\nAssistant:" is missing
-    # The fix for vpe.py: the shared training-time encoding.
-    assert encode_as_trained(processor.tokenizer, expand_image_tokens(prompt, processor), add_bos=True) == expected
+    assert len(expected) - len(fed_by_processor) == 1
+    # ... so vpe.py builds its inputs with the training-time encoding.
+    assert build_vpe_inputs(processor, images, comments)["input_ids"][0].tolist() == expected

@@ -10,10 +10,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from certs import CertificateAuthority
-from serving import ServerProcess
 from viper_client import NotFound, Tls, Unauthenticated, Unavailable, ViperClient
 from viper_server.auth import token_digest
+from viper_server.testing import ServerProcess
+
+from certs import CertificateAuthority
 
 HASHED_TOKEN = "s3cret-hashed-at-rest"
 PLAIN_TOKEN = "s3cret-in-plain-text"

@@ -16,6 +16,7 @@ from viper_server.models.vpe import (
     ExtractionCancelled,
     PreferenceExtractor,
     Preferences,
+    build_vpe_inputs,
     build_vpe_messages,
     parse_preferences,
 )
@@ -123,8 +124,7 @@ def test_extract_equals_the_reference_procedure(runtime, extractor, tiny_models_
     )
     model = AutoModelForImageTextToText.from_pretrained(tiny_models_dir / "idefics2")
     model = PeftModel.from_pretrained(model, tiny_models_dir / "vpe-lora").eval()
-    prompt = processor.apply_chat_template(build_vpe_messages(comments), add_generation_prompt=True)
-    inputs = processor(text=prompt, images=images, return_tensors="pt")
+    inputs = build_vpe_inputs(processor, images, comments)  # the training-time ids: tests/test_real_vocabulary.py
     with torch.inference_mode():
         generated = model.generate(
             **inputs, do_sample=False, repetition_penalty=0.99, max_new_tokens=MAX_NEW_TOKENS

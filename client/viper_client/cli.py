@@ -42,7 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     timeouts = {} if args.timeout is None else {"timeout": args.timeout, "long_timeout": args.timeout}
-    tls = Tls(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key) if args.tls or args.tls_ca or args.tls_cert else None
+    use_tls = args.tls or args.tls_ca or args.tls_cert
+    tls = Tls(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key) if use_tls else None
     try:
         with ViperClient(args.target, token=args.token, tls=tls, **timeouts) as client:
             args.handler(client, args)

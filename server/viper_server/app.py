@@ -27,8 +27,8 @@ from viper_client._proto.viper.v1 import (
 )
 from viper_profiles import ProfileStore
 
-from .config import ServerConfig
 from .auth import TokenAuthenticator
+from .config import ServerConfig
 from .interceptors import RpcInterceptor
 from .observability import Metrics, ScrapeTimeCollector
 from .runtime import ModelRuntime

@@ -24,7 +24,7 @@ from .models.idefics2 import load_idefics2
 from .models.metric import MetricScorer, ScoringContext
 from .models.sdxl import load_sdxl
 from .models.tiny import ensure_tiny_models
-from .models.vpe import Preferences, PreferenceExtractor
+from .models.vpe import PreferenceExtractor, Preferences
 from .observability import Metrics
 from .worker import Job, ModelWorker
 
@@ -147,7 +147,9 @@ class ModelRuntime:
         """Raises models.metric.ContextError before any model work if the context cannot be scored."""
         self._require(self._scorer).check_context(context)
 
-    async def score(self, context: ScoringContext, queries: Sequence[Image.Image]) -> AsyncIterator[list[tuple[int, float]]]:
+    async def score(
+        self, context: ScoringContext, queries: Sequence[Image.Image]
+    ) -> AsyncIterator[list[tuple[int, float]]]:
         """Yields (query index, score) pairs a batch at a time."""
         scorer = self._require(self._scorer)
         async for batch in self.vision_worker.stream(

@@ -9,6 +9,8 @@ queries, so MetricScorer runs it once, keeps its key/value states, and feeds eac
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -18,7 +20,7 @@ from transformers import BatchFeature, DynamicCache, PreTrainedTokenizerBase, Pr
 from transformers.modeling_outputs import ModelOutput
 
 from .idefics2 import Idefics2Runtime
-from .prefix_cache import CacheStats, KVLayers, PrefixCache
+from .prefix_cache import CacheStats, KVLayers, PrefixCache, kv_bytes
 from .prompt_ids import encode_as_trained, expand_image_tokens
 
 # One turn of the reference prompt; an example turn is followed by its answer and "<end_of_utterance>\n".
@@ -29,6 +31,8 @@ DISLIKED_ANSWER = "-"
 QUERY_SUFFIX = QUERY_TURN[QUERY_TURN.index("<image>") :]
 
 DEFAULT_MAX_PAIRS = 8  # the reference uses 8 liked + 8 disliked images
+
+log = logging.getLogger(__name__)
 
 
 class ContextError(ValueError):
@@ -194,7 +198,7 @@ class MetricScorer:
 
     def invalidate(self, user_id: str) -> None:
         """Forgets every cached prefix of user_id (e.g. after their profile changed). Safe from any thread."""
-        self._cache.invalidate(user_id)
+        log.info("metric cache dropped %s (%d cached contexts)", user_id, self._cache.invalidate(user_id))
 
     @property
     def cache_stats(self) -> CacheStats:
@@ -205,14 +209,22 @@ class MetricScorer:
             cached = self._cache.get(context.cache_key)
             if cached is not None:
                 return cached
+        started = time.perf_counter()
         input_ids = torch.tensor([self._prefix_ids[len(context.liked)]], device=self.runtime.device)
         images = self.runtime.processor.image_processor(
             images=[interleave_pairs(context.liked, context.disliked)], return_tensors="pt"
         )
         output = _forward(self.runtime, self.adapter, input_ids, images, use_cache=True)
         prefix = tuple((layer.keys, layer.values) for layer in output.cache.layers)
-        if context.cache_key is not None:
-            self._cache.put(context.cache_key, prefix)
+        if context.cache_key is None:
+            log.info("metric inline context computed in %.0f ms", (time.perf_counter() - started) * 1e3)
+            return prefix
+        user_id, version = context.cache_key
+        log.info(
+            "metric context computed for %s version %s in %.0f ms (%d tokens, %.1f MB)",
+            user_id, version, (time.perf_counter() - started) * 1e3, input_ids.shape[1], kv_bytes(prefix) / 1e6,
+        )
+        self._cache.put(context.cache_key, prefix)
         return prefix
 
     def _score_after_prefix(self, prefix: KVLayers, queries: Sequence[PIL.Image.Image]) -> list[float]:
@@ -245,30 +257,15 @@ def _forward(
     cache: DynamicCache | None = None,
     attention_mask: torch.Tensor | None = None,
 ) -> ModelOutput:
-    """One forward pass (logits of the last position only) with `adapter` applied to this call alone.
-
-    peft's per-call selection (`adapter_names`) needs one name per row of every LoRA layer's input.
-    The vision connector's rows are images and the text model's are prompts, so the image features
-    are computed under their own count of names and handed to the forward pass.
-    """
-    model = runtime.model
-    pixel_values = images["pixel_values"].to(device=runtime.device, dtype=runtime.dtype)
-    pixel_attention_mask = images["pixel_attention_mask"].to(device=runtime.device)
-    image_count = pixel_values.shape[0] * pixel_values.shape[1]
-    # peft selects adapters through hooks on the shared LoRA layers: a concurrent call on the same
-    # model (e.g. VPE generation) would run under them, so calls take the runtime's lock in turn.
-    with runtime._lock, torch.inference_mode():
-        with model._enable_peft_forward_hooks(adapter_names=[adapter] * image_count):
-            image_outputs = model.get_base_model().get_image_features(
-                pixel_values, pixel_attention_mask, return_dict=True
-            )
+    """One forward pass with `adapter` active (logits of the last position only)."""
+    with runtime.use_adapter(adapter) as model, torch.inference_mode():
         return model(
             input_ids=input_ids,
             attention_mask=attention_mask,
+            pixel_values=images["pixel_values"].to(device=runtime.device, dtype=runtime.dtype),
+            pixel_attention_mask=images["pixel_attention_mask"].to(device=runtime.device),
             cache=cache,
             use_cache=use_cache,
-            mm_encoder_outputs={"image": image_outputs},
-            adapter_names=[adapter] * input_ids.shape[0],
             logits_to_keep=1,
         )
 

@@ -61,11 +61,13 @@ class PrefixCache:
             while self._bytes > self.capacity_bytes:
                 self._discard(next(iter(self._entries)))
 
-    def invalidate(self, user_id: str) -> None:
-        """Drops every entry of `user_id`, whatever the rest of its key."""
+    def invalidate(self, user_id: str) -> int:
+        """Drops every entry of `user_id`, whatever the rest of its key; returns how many there were."""
         with self._lock:
-            for key in [key for key in self._entries if key[0] == user_id]:
+            keys = [key for key in self._entries if key[0] == user_id]
+            for key in keys:
                 self._discard(key)
+            return len(keys)
 
     @property
     def stats(self) -> CacheStats:

@@ -8,9 +8,10 @@ from importlib import resources
 
 import PIL.Image
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import BatchFeature, ProcessorMixin, StoppingCriteria, StoppingCriteriaList
 
 from .idefics2 import Idefics2Runtime
+from .prompt_ids import encode_as_trained, expand_image_tokens
 
 # The prompt the VPE adapter was trained on; bytes must match the reference exactly.
 # Read as bytes: text mode could translate line endings.
@@ -45,6 +46,20 @@ def build_vpe_messages(comments: Sequence[str]) -> list[dict]:
         content.append({"type": "image"})
         content.append({"type": "text", "text": f"Comment {number}: {comment}"})
     return [{"role": "user", "content": content}]
+
+
+def build_vpe_inputs(processor: ProcessorMixin, images: Sequence[PIL.Image.Image],
+                     comments: Sequence[str]) -> BatchFeature:
+    """Model inputs for one extraction, with the token ids the VPE adapter was trained on.
+
+    The chat template renders the reference's text; its ids come from prompt_ids.encode_as_trained,
+    not the transformers 5 processor, which drops a word marker before the final "\nAssistant:".
+    """
+    prompt = processor.apply_chat_template(build_vpe_messages(comments), add_generation_prompt=True)
+    input_ids = torch.tensor([encode_as_trained(processor.tokenizer, expand_image_tokens(prompt, processor),
+                                                add_bos=True)])
+    pixels = processor.image_processor(images=[list(images)], return_tensors="pt")
+    return BatchFeature({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **pixels})
 
 
 def parse_preferences(decoded: str) -> Preferences:
@@ -124,9 +139,7 @@ class PreferenceExtractor:
         cancellation.check()
 
         processor = self.runtime.processor
-        prompt = processor.apply_chat_template(build_vpe_messages(comments), add_generation_prompt=True)
-        inputs = processor(text=prompt, images=list(images), return_tensors="pt")
-        inputs = inputs.to(device=self.runtime.device, dtype=self.runtime.dtype)
+        inputs = build_vpe_inputs(processor, images, comments).to(device=self.runtime.device, dtype=self.runtime.dtype)
         with self.runtime.use_adapter(self.adapter) as model, torch.inference_mode():
             cancellation.check()  # waiting for the shared model may have taken a while
             generated = model.generate(
