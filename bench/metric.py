@@ -1,16 +1,19 @@
 """Proxy-metric benchmark on the tiny IDEFICS2: the reference procedure vs the prefix-cached, batched path.
 
-One user (the 8 + 8 fixture images as context), 16 queries. Each measurement is a function returning a
-Measurement, so further ones (e.g. end to end through gRPC) can be added to main() beside them.
-The last line printed is `speedup: N.NNx`: reference / cached time per query with the user's prefix
-already cached (the steady state); the cold-cache figure, prefix computed inside the call, precedes it.
+One user (the 8 + 8 fixture images as context), 16 queries. In process: the reference procedure, the
+cached path with the prefix computed in the call (cold) and already cached (warm). End to end: the same
+Score request through the client SDK to two real server processes, one with `--metric-cache off` (the
+reference procedure) and one with the cache on, interleaved. The last line printed is `speedup: N.NNx`:
+reference / cached time per query end to end, in the steady state (the user's prefix cached).
 
-    .venv/bin/python bench/metric.py [--batch-size 4] [--threads N]
+    .venv/bin/python bench/metric.py [--batch-size 4] [--threads 1] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -20,9 +23,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from viper_client import RatedImage, ViperClient
+from viper_client.images import encode_image
 from viper_server.models.idefics2 import Idefics2Runtime, load_idefics2
 from viper_server.models.metric import MetricScorer, ScoringContext, reference_scores
-from viper_server.models.tiny_idefics2 import build_tiny_idefics2
+from viper_server.models.tiny import ensure_tiny_models
+from viper_server.testing import ServerProcess
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "viper_examples"
 QUERY_COUNT = 16
@@ -54,7 +60,6 @@ def load_examples() -> tuple[ScoringContext, list[Image.Image]]:
 
 
 def load_tiny_runtime(models_dir: Path) -> Idefics2Runtime:
-    build_tiny_idefics2(models_dir)
     adapters = {"vpe": str(models_dir / "vpe-lora"), "metric": str(models_dir / "metric-lora")}
     return load_idefics2(str(models_dir / "idefics2"), adapters)
 
@@ -73,17 +78,41 @@ def measure_cached(scorer: MetricScorer, context: ScoringContext, queries: list[
     return timed(name, queries, lambda: scorer.score(context, queries))
 
 
+def measure_grpc(name: str, target: str, queries: list[bytes], repeats: int) -> Measurement:
+    """Median over repeats of one Score call for all queries, after a warm-up call."""
+    with ViperClient(target) as client:
+        client.score("bench-user", queries)
+        times, scores = [], []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            scores = client.score("bench-user", queries)
+            times.append(time.perf_counter() - started)
+    return Measurement(name, statistics.median(times) / len(queries), scores)
+
+
+def start_server(models_dir: Path, threads: int, *args: str) -> ServerProcess:
+    """A server process with the bench user's profile extracted from the fixture images."""
+    db_path = Path(tempfile.mkdtemp()) / "profiles.db"
+    server = ServerProcess(db_path, models_dir, *args, env={"OMP_NUM_THREADS": str(threads)}).start()
+    comments = json.loads((EXAMPLES / "comments.json").read_text())
+    images = [RatedImage(EXAMPLES / key, comment=comment, rating=key.split("/")[0])
+              for key, comment in comments.items() if "/" in key]
+    with ViperClient(server.target) as client:
+        client.extract_profile("bench-user", images)
+    return server
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, here and in the servers")
+    parser.add_argument("--repeats", type=int, default=3, help="end-to-end calls timed per server")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
 
     context, queries = load_examples()
-    with tempfile.TemporaryDirectory() as models_dir:
-        runtime = load_tiny_runtime(Path(models_dir))
+    models_dir = ensure_tiny_models(Path(tempfile.mkdtemp()) / "tiny-models")
+    runtime = load_tiny_runtime(models_dir)
     scorer = MetricScorer(runtime, batch_size=args.batch_size)
     reference = measure_reference(runtime, context, queries)
     cold = measure_cached(scorer, context, queries)
@@ -95,8 +124,23 @@ def main() -> None:
     for measurement in (cold, warm):
         difference = max(abs(a - b) for a, b in zip(measurement.scores, reference.scores))
         print(f"max |score difference|, {measurement.name} vs reference: {difference:.1e}")
-    print(f"cold-cache speedup: {reference.seconds_per_query / cold.seconds_per_query:.2f}x")
-    print(f"speedup: {reference.seconds_per_query / warm.seconds_per_query:.2f}x")
+    print(f"in process: cold-cache speedup {reference.seconds_per_query / cold.seconds_per_query:.2f}x, "
+          f"warm {reference.seconds_per_query / warm.seconds_per_query:.2f}x")
+
+    query_bytes = [encode_image(query) for query in queries]
+    batch = ("--metric-batch-size", str(args.batch_size))
+    with start_server(models_dir, args.threads, "--metric-cache", "off", *batch) as reference_server, \
+            start_server(models_dir, args.threads, *batch) as cached_server:
+        grpc_reference = measure_grpc("gRPC, server with --metric-cache off", reference_server.target, query_bytes,
+                                      args.repeats)
+        grpc_cached = measure_grpc("gRPC, server with the prefix cache", cached_server.target, query_bytes,
+                                   args.repeats)
+    for measurement in (grpc_reference, grpc_cached):
+        print(f"{measurement.name}: {measurement.seconds_per_query * 1e3:.1f} ms/query")
+    print(f"gRPC / in process (cached, warm): {grpc_cached.seconds_per_query / warm.seconds_per_query:.2f}")
+    difference = max(abs(a - b) for a, b in zip(grpc_cached.scores, grpc_reference.scores))
+    print(f"max |score difference| end to end, cached vs reference: {difference:.1e}")
+    print(f"speedup: {grpc_reference.seconds_per_query / grpc_cached.seconds_per_query:.2f}x")
 
 
 if __name__ == "__main__":

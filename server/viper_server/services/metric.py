@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import grpc
+from PIL import Image
 
 from viper_client._proto.viper.v1 import metric_pb2, metric_pb2_grpc
 from viper_profiles import ProfileStore, Rating
@@ -43,10 +45,24 @@ class MetricService(metric_pb2_grpc.MetricServiceServicer):
         """The user's stored liked and disliked images, keyed by profile version for the prefix cache."""
         profile = self._store.get(user_id)
         images = self._store.images(user_id)
-        decoded = {
-            rating: [decode_image(image.data, f"stored image {image.position}", self._limits)
-                     for image in images if image.rating is rating]
+        liked, disliked = (
+            DecodedOnDemand([image.data for image in images if image.rating is rating], self._limits)
             for rating in (Rating.LIKED, Rating.DISLIKED)
-        }
-        return ScoringContext(liked=decoded[Rating.LIKED], disliked=decoded[Rating.DISLIKED],
-                              cache_key=(user_id, profile.version))
+        )
+        return ScoringContext(liked=liked, disliked=disliked, cache_key=(user_id, profile.version))
+
+
+class DecodedOnDemand(Sequence[Image.Image]):
+    """Stored images, decoded only when the metric reads them: not at all while the user's prefix is cached."""
+
+    def __init__(self, blobs: list[bytes], limits: Limits) -> None:
+        self._blobs = blobs
+        self._limits = limits
+
+    def __len__(self) -> int:
+        return len(self._blobs)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return decode_image(self._blobs[index], f"stored image {index}", self._limits)
