@@ -1,17 +1,48 @@
-"""SIGTERM drains in-flight calls within the grace period; a second signal stops at once."""
+"""Start-up reports NOT_SERVING until the models are loaded; SIGTERM drains in-flight calls within the grace
+period; a second signal stops at once."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
 import time
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from viper_client import GeneratedImage, Progress, ViperClient, ViperError
+from viper_client import AsyncViperClient, GeneratedImage, Progress, Unavailable, ViperClient, ViperError
+from viper_server.app import ViperServer
+from viper_server.config import ServerConfig
+from viper_server.runtime import ModelRuntime
 from viper_server.testing import ServerProcess
 
 from fixture_data import fixture_images
+
+
+def test_not_serving_while_the_models_load(tiny_models_dir, tmp_path, monkeypatch):
+    # Real weights take minutes to load; hold the tiny ones back until the test has looked.
+    release = threading.Event()
+    load = ModelRuntime.load
+    monkeypatch.setattr(ModelRuntime, "load", lambda runtime: release.wait(60) and load(runtime))
+
+    async def scenario() -> None:
+        server = ViperServer(ServerConfig(port=0, db_path=tmp_path / "profiles.db", models_dir=tiny_models_dir))
+        target = f"127.0.0.1:{await server.start()}"
+        loading = asyncio.create_task(server.load_models())
+        async with grpc.aio.insecure_channel(target) as channel, AsyncViperClient(target) as client:
+            check = health_pb2_grpc.HealthStub(channel).Check
+            assert (await check(health_pb2.HealthCheckRequest())).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(Unavailable, match="loading"):
+                await client.extract_profile("early", fixture_images()[:1])
+            release.set()
+            await loading
+            assert (await check(health_pb2.HealthCheckRequest())).status == health_pb2.HealthCheckResponse.SERVING
+        await server.drain(grace=0)
+        server.close()
+
+    asyncio.run(scenario())
 
 
 def start_with_profile(tiny_models_dir, db_path, *args) -> ServerProcess:

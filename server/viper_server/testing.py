@@ -38,6 +38,7 @@ class ServerProcess:
         return self._process.pid
 
     def start(self, timeout: float = 180) -> ServerProcess:
+        """Starts the process and returns once its models are loaded."""
         self._process = subprocess.Popen(self.args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                          text=True, env=self.env)
         threading.Thread(target=self._read_logs, daemon=True).start()
