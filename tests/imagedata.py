@@ -1,6 +1,7 @@
 """Image bytes for tests: valid ones and hostile ones."""
 
 import io
+import random
 import struct
 import zlib
 
@@ -26,3 +27,22 @@ def png_claiming(width: int, height: int) -> bytes:
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(b"\x00" * 64))
             + _chunk(b"IEND", b""))
+
+
+def noise_png(side: int, seed: int = 0) -> bytes:
+    """Random pixels: PNG cannot compress them, so the size in bytes is predictable (about 3 per pixel)."""
+    return encode(Image.frombytes("RGB", (side, side), random.Random(seed).randbytes(side * side * 3)))
+
+
+def jpeg_claiming(width: int, height: int) -> bytes:
+    """A small JPEG whose frame header (SOF0) declares width x height."""
+    data = bytearray(encode(Image.new("RGB", (8, 8)), "JPEG"))
+    frame = data.index(b"\xff\xc0")  # marker, length (2), precision (1), height (2), width (2)
+    data[frame + 5 : frame + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def corrupt_png() -> bytes:
+    data = bytearray(png_bytes((64, 64)))
+    data[data.index(b"IDAT") + 8] ^= 0xFF  # a byte inside the compressed pixel data
+    return bytes(data)

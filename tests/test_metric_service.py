@@ -74,3 +74,8 @@ def test_unknown_user_is_not_found(client):
 def test_too_many_queries_are_refused(client):
     with pytest.raises(InvalidArgument, match="queries: 65 given, at most 64"):
         client.score("critic", [png_bytes()] * 65)
+
+
+def test_no_queries_is_invalid_argument(client):
+    with pytest.raises(InvalidArgument, match="queries: at least one image to score is required"):
+        client.score("critic", [])

@@ -27,5 +27,7 @@ class VersionConflict(StoreError):
 
 class InvalidUserId(StoreError, ValueError):
     def __init__(self, user_id: object, reason: str) -> None:
-        super().__init__(f"invalid user_id {user_id!r}: {reason}")
+        # Only the start of a hostile id: the message travels in gRPC trailers and log lines.
+        shown = repr(user_id[:40]) + ("..." if len(user_id) > 40 else "") if isinstance(user_id, str) else repr(user_id)
+        super().__init__(f"invalid user_id {shown}: {reason}")
         self.user_id = user_id

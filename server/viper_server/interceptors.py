@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from viper_profiles import InvalidUserId, ProfileNotFound, VersionConflict
+from viper_profiles import USER_ID_PATTERN, InvalidUserId, ProfileNotFound, VersionConflict
 
 from .auth import TokenAuthenticator
 from .models.metric import ContextError
@@ -116,7 +116,7 @@ class _Outcome:
 
     def __init__(self, call: _CallInfo, request: object) -> None:
         self.call = call
-        self.user = getattr(request, "user_id", "") or "-"
+        self.user = _loggable_user(getattr(request, "user_id", ""))
         self.code = grpc.StatusCode.OK
         self.started = time.monotonic()
 
@@ -143,6 +143,15 @@ class _Outcome:
         self.call.metrics.rpc_latency.labels(self.call.method).observe(elapsed)
         log.info("rpc method=%s user=%s status=%s ms=%.1f request_id=%s",
                  self.call.method, self.user, self.code.name, elapsed * 1e3, self.call.request_id)
+
+
+def _loggable_user(user_id: str) -> str:
+    """A valid user_id as it is; anything else escaped and cut short, so it cannot forge or flood a log line."""
+    if not user_id:
+        return "-"
+    if USER_ID_PATTERN.fullmatch(user_id):
+        return user_id
+    return ascii(user_id[:40]) + ("..." if len(user_id) > 40 else "")
 
 
 def _wrap_awaitable(call: _CallInfo, behavior):

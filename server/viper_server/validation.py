@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import secrets
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -48,22 +47,20 @@ def decode_image(data: bytes, field: str, limits: Limits) -> Image.Image:
     if not data:
         raise InvalidRequest(f"{field}: empty image")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            if image.format not in ACCEPTED_FORMATS:
-                raise InvalidRequest(f"{field}: {image.format} images are not accepted (use PNG, JPEG or WebP)")
-            width, height = image.size
-            # The header's declared size, checked before any pixel is decoded.
-            if width * height > limits.max_image_pixels:
-                raise InvalidRequest(
-                    f"{field}: {width}x{height} image exceeds the limit of {limits.max_image_pixels} pixels"
-                )
-            image.load()
-            return image.convert("RGB")
+        image = Image.open(io.BytesIO(data))
+        if image.format not in ACCEPTED_FORMATS:
+            raise InvalidRequest(f"{field}: {image.format} images are not accepted (use PNG, JPEG or WebP)")
+        width, height = image.size
+        # The header's declared size, checked before any pixel is decoded.
+        if width * height > limits.max_image_pixels:
+            raise InvalidRequest(
+                f"{field}: {width}x{height} image exceeds the limit of {limits.max_image_pixels} pixels"
+            )
+        image.load()
+        return image.convert("RGB")
     except InvalidRequest:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # PIL's own, lower bound
+    except Image.DecompressionBombError as exc:  # PIL's own limit, hit by headers too large to even open
         raise InvalidRequest(f"{field}: image exceeds the limit of {limits.max_image_pixels} pixels ({exc})") from None
     except UnidentifiedImageError:
         raise InvalidRequest(f"{field}: not a decodable PNG, JPEG or WebP image") from None
@@ -114,6 +111,8 @@ class GenerateSettings:
 
 
 MAX_SEED = 2**63 - 1
+# Far above what fits in CLIP's 77 tokens; only there to bound the tokenizer's work.
+MAX_PROMPT_CHARS = 2000
 
 
 def check_generate_request(request: generation_pb2.GenerateRequest, limits: Limits,
@@ -121,6 +120,10 @@ def check_generate_request(request: generation_pb2.GenerateRequest, limits: Limi
     user_id = check_user_id(request.user_id)
     if not request.prompt.strip():
         raise InvalidRequest("prompt: must not be empty")
+    # Cheap bounds before the tokenizer sees them (the token limit is checked after).
+    for field in ("prompt", "negative_prompt"):
+        if len(getattr(request, field)) > MAX_PROMPT_CHARS:
+            raise InvalidRequest(f"{field}: {len(getattr(request, field))} characters, at most {MAX_PROMPT_CHARS}")
     num_images = request.num_images or 1
     _check_range("num_images", num_images, 1, limits.max_generate_images)
     width = request.width or default_size
@@ -161,10 +164,17 @@ def check_prompt_tokens(field: str, tokens: int, limit: int) -> None:
         raise InvalidRequest(f"{field}: {tokens} tokens, the text encoders take at most {limit}")
 
 
-def check_query_images(queries: Sequence[bytes], limits: Limits, field: str = "queries") -> list[Image.Image]:
-    if len(queries) > limits.max_score_queries:
-        raise InvalidRequest(f"{field}: {len(queries)} given, at most {limits.max_score_queries} allowed")
-    return [decode_image(data, f"{field}[{index}]", limits) for index, data in enumerate(queries)]
+def check_score_queries(queries: Sequence[bytes], limits: Limits) -> list[Image.Image]:
+    if not queries:
+        raise InvalidRequest("queries: at least one image to score is required")
+    return decode_images(queries, limits, "queries")
+
+
+def decode_images(images: Sequence[bytes], limits: Limits, field: str) -> list[Image.Image]:
+    """A repeated image field of a Score request, decoded; all of it checked before any scoring."""
+    if len(images) > limits.max_score_queries:
+        raise InvalidRequest(f"{field}: {len(images)} given, at most {limits.max_score_queries} allowed")
+    return [decode_image(data, f"{field}[{index}]", limits) for index, data in enumerate(images)]
 
 
 def _check_range(field: str, value: float, low: float, high: float) -> None:

@@ -3,6 +3,7 @@ features, then the stock refiner. Reports each step through events and stops on 
 
 from __future__ import annotations
 
+import copy
 import random
 import threading
 from collections.abc import Callable, Sequence
@@ -101,13 +102,19 @@ class PersonalizedGenerator:
         for pipeline in (self._base, self._refiner):
             if pipeline is not None:
                 pipeline.set_progress_bar_config(disable=True)  # progress goes out as events
-        self._tokenizer = base.tokenizer_2
-        self.max_prompt_tokens: int = self._tokenizer.model_max_length
+        # A private copy for counting: a fast tokenizer keeps padding state that encode_prompt sets per
+        # call, so sharing one with a generation running on another thread corrupts its padding.
+        self._counting_tokenizer = copy.deepcopy(base.tokenizer_2)
+        self._counting_lock = threading.Lock()
+        self.max_prompt_tokens: int = self._counting_tokenizer.model_max_length
         self._lock = threading.Lock()
 
     def prompt_token_count(self, text: str) -> int:
-        """Tokens CLIP sees for text, start and end tokens included; above max_prompt_tokens it truncates."""
-        return len(self._tokenizer(text).input_ids)
+        """Tokens CLIP sees for text, start and end tokens included; above max_prompt_tokens it truncates.
+
+        Safe to call from any thread, also while a generation runs."""
+        with self._counting_lock:
+            return len(self._counting_tokenizer(text).input_ids)
 
     def generate(
         self,

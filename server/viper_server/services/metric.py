@@ -14,7 +14,7 @@ from viper_profiles import ProfileStore, Rating
 from ..config import Limits
 from ..models.metric import ScoringContext
 from ..runtime import ModelRuntime
-from ..validation import check_query_images, check_user_id, decode_image
+from ..validation import check_score_queries, check_user_id, decode_image, decode_images
 
 
 class MetricService(metric_pb2_grpc.MetricServiceServicer):
@@ -25,7 +25,7 @@ class MetricService(metric_pb2_grpc.MetricServiceServicer):
 
     async def Score(self, request: metric_pb2.ScoreRequest, context: grpc.aio.ServicerContext):
         # Every query is checked before any scoring work starts.
-        queries = await asyncio.to_thread(check_query_images, request.queries, self._limits)
+        queries = await asyncio.to_thread(check_score_queries, request.queries, self._limits)
         if request.liked or request.disliked:
             scoring_context = await asyncio.to_thread(self._inline_context, request)
         else:
@@ -37,8 +37,8 @@ class MetricService(metric_pb2_grpc.MetricServiceServicer):
 
     def _inline_context(self, request: metric_pb2.ScoreRequest) -> ScoringContext:
         return ScoringContext(
-            liked=check_query_images(request.liked, self._limits, "liked"),
-            disliked=check_query_images(request.disliked, self._limits, "disliked"),
+            liked=decode_images(request.liked, self._limits, "liked"),
+            disliked=decode_images(request.disliked, self._limits, "disliked"),
         )
 
     def _stored_context(self, user_id: str) -> ScoringContext:
