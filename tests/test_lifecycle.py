@@ -4,7 +4,10 @@ period; a second signal stops at once."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -106,3 +109,15 @@ def test_a_second_signal_stops_at_once(tiny_models_dir, tmp_path):
         assert not any(isinstance(event, GeneratedImage) and event.image_index == 7 for event in outcome["events"])
     finally:
         server.kill()
+
+
+def test_missing_real_weights_stop_start_up_with_a_clear_error(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "viper_server", "serve", "--models", "viper", "--models-dir", str(tmp_path),
+         "--port", "0", "--db", str(tmp_path / "profiles.db")],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HOME": str(tmp_path / "hf")},
+    )
+    assert result.returncode == 2
+    assert "viper serve: error: 'HuggingFaceM4/idefics2-8b' is neither a local folder nor a model in the local " \
+           "Hugging Face cache" in result.stderr
+    assert "Traceback" not in result.stderr

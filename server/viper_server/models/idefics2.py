@@ -22,7 +22,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, ProcessorMi
 VIPER_PROCESSOR_SETTINGS = dict(size={"longest_edge": 448, "shortest_edge": 378}, do_image_splitting=False)
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(OSError):
     """A model or adapter is unavailable (not a local folder, not in the local HF cache) or unreadable."""
 
 
