@@ -272,13 +272,14 @@ def test_bad_requests_are_refused_naming_the_field_and_change_nothing(api, case)
     ("GetProfile", b"\x0a\x02\xff\xfe"),  # user_id holding invalid UTF-8
     ("ExtractProfile", b"\x12\xff\xff\xff\xff\x0f"),  # images: a length running past the end
 ])
-def test_undecodable_messages_are_refused(server, api, method, wire_bytes):
+def test_undecodable_messages_are_invalid_argument(server, api, method, wire_bytes):
     before = api.stored_profiles()
     with grpc.insecure_channel(server.target) as channel:
         raw = channel.unary_unary(f"/viper.v1.ProfileService/{method}")  # no serializer: bytes go out as they are
         with pytest.raises(grpc.RpcError) as error:
             raw(wire_bytes, timeout=CALL_TIMEOUT)
-    assert error.value.code() is not grpc.StatusCode.OK
+    assert error.value.code() is INVALID
+    assert error.value.details().startswith(f"request: not a valid /viper.v1.ProfileService/{method} message")
     api.assert_unharmed(before)
 
 

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from viper_profiles import USER_ID_PATTERN, InvalidUserId, ProfileNotFound, VersionConflict
 
@@ -58,6 +59,27 @@ _HANDLER_FACTORIES = {
 }
 
 
+class _Undecodable:
+    """Stands for a request message that did not parse, so the handler wrapper can answer INVALID_ARGUMENT
+    (gRPC itself would answer UNKNOWN)."""
+
+    def __init__(self, error: DecodeError) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], object] | None) -> Callable[[bytes], object] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> object:
+        try:
+            return deserializer(data)
+        except DecodeError as error:
+            return _Undecodable(error)
+
+    return deserialize
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     for kind, code in _STATUS_OF:
         if isinstance(exc, kind):
@@ -93,9 +115,10 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             behavior = getattr(handler, kind)
             if behavior is not None:
                 wrap = _wrap_stream if inspect.isasyncgenfunction(behavior) else _wrap_awaitable
+                deserializer = handler.request_deserializer
                 return factory(
                     wrap(call, behavior),
-                    request_deserializer=handler.request_deserializer,
+                    request_deserializer=_tolerant(deserializer) if kind.startswith("unary_") else deserializer,
                     response_serializer=handler.response_serializer,
                 )
         return handler
@@ -120,9 +143,12 @@ class _Outcome:
         self.code = grpc.StatusCode.OK
         self.started = time.monotonic()
 
-    def check_auth(self) -> None:
+    def check(self, request: object) -> None:
+        """What every call must pass before its handler runs: auth, then a parsable request."""
         if not self.call.authenticated:
             raise Unauthenticated("missing or unknown bearer token (metadata 'authorization: Bearer <token>')")
+        if isinstance(request, _Undecodable):
+            raise InvalidRequest(f"request: not a valid {self.call.method} message ({request.error})")
 
     async def fail(self, exc: BaseException, context: grpc.aio.ServicerContext) -> None:
         if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):  # the client left
@@ -160,7 +186,7 @@ def _wrap_awaitable(call: _CallInfo, behavior):
     async def handle(request, context):
         outcome = _Outcome(call, request)
         try:
-            outcome.check_auth()
+            outcome.check(request)
             return await behavior(request, context)
         except BaseException as exc:
             await outcome.fail(exc, context)
@@ -176,7 +202,7 @@ def _wrap_stream(call: _CallInfo, behavior):
     async def handle(request, context):
         outcome = _Outcome(call, request)
         try:
-            outcome.check_auth()
+            outcome.check(request)
             async for response in behavior(request, context):
                 yield response
         except BaseException as exc:

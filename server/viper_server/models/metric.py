@@ -198,7 +198,8 @@ class MetricScorer:
 
     def invalidate(self, user_id: str) -> None:
         """Forgets every cached prefix of user_id (e.g. after their profile changed). Safe from any thread."""
-        log.info("metric cache dropped %s (%d cached contexts)", user_id, self._cache.invalidate(user_id))
+        if dropped := self._cache.invalidate(user_id):
+            log.info("metric cache dropped %s (%d cached contexts)", user_id, dropped)
 
     @property
     def cache_stats(self) -> CacheStats:
