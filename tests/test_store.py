@@ -155,6 +155,19 @@ def test_images_returns_the_uploaded_bytes_unchanged_in_position_order(store: Pr
         store.images("bob")
 
 
+def test_get_with_images_reads_one_version(store: ProfileStore):
+    save(store, "alice", images=[liked(LIKED_PNG)])
+    save(store, "alice", images=[disliked(DISLIKED_PNG), liked(LIKED_PNG)])
+
+    profile, images = store.get_with_images("alice")
+
+    assert profile == store.get("alice") and profile.version == 2
+    assert images == store.images("alice")
+    assert [image.data for image in images] == [DISLIKED_PNG, LIKED_PNG]
+    with pytest.raises(ProfileNotFound):
+        store.get_with_images("bob")
+
+
 def test_timestamps_are_utc_and_stored_as_iso_with_microseconds(store: ProfileStore, path: Path):
     profile = save(store, "alice")
 

@@ -162,25 +162,13 @@ class ProfileStore:
         validate_user_id(user_id)
         with self._transaction(write=False) as db:
             _require_profile_row(db, user_id)
-            rows = db.query(
-                """
-                SELECT profile_images.sha256, comment, rating, position, data
-                FROM profile_images JOIN images USING (sha256)
-                WHERE user_id = ?
-                ORDER BY position
-                """,
-                [user_id],
-            )
-            return [
-                StoredImage(
-                    sha256=row["sha256"],
-                    comment=row["comment"],
-                    rating=Rating(row["rating"]),
-                    position=row["position"],
-                    data=row["data"],
-                )
-                for row in rows
-            ]
+            return _read_images(db, user_id)
+
+    def get_with_images(self, user_id: str) -> tuple[StoredProfile, list[StoredImage]]:
+        """The profile and its images from one snapshot: the images are exactly those of that version."""
+        validate_user_id(user_id)
+        with self._transaction(write=False) as db:
+            return _read_profile(db, user_id), _read_images(db, user_id)
 
     def count(self) -> int:
         with self._transaction(write=False) as db:
@@ -190,6 +178,28 @@ class ProfileStore:
     def _transaction(self, *, write: bool) -> Iterator[Database]:
         with self._lock, transaction(self._db, write=write) as db:
             yield db
+
+
+def _read_images(db: Database, user_id: str) -> list[StoredImage]:
+    rows = db.query(
+        """
+        SELECT profile_images.sha256, comment, rating, position, data
+        FROM profile_images JOIN images USING (sha256)
+        WHERE user_id = ?
+        ORDER BY position
+        """,
+        [user_id],
+    )
+    return [
+        StoredImage(
+            sha256=row["sha256"],
+            comment=row["comment"],
+            rating=Rating(row["rating"]),
+            position=row["position"],
+            data=row["data"],
+        )
+        for row in rows
+    ]
 
 
 def _utc_now() -> datetime:

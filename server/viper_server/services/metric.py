@@ -43,8 +43,7 @@ class MetricService(metric_pb2_grpc.MetricServiceServicer):
 
     def _stored_context(self, user_id: str) -> ScoringContext:
         """The user's stored liked and disliked images, keyed by profile version for the prefix cache."""
-        profile = self._store.get(user_id)
-        images = self._store.images(user_id)
+        profile, images = self._store.get_with_images(user_id)
         liked, disliked = (
             DecodedOnDemand([image.data for image in images if image.rating is rating], self._limits)
             for rating in (Rating.LIKED, Rating.DISLIKED)
