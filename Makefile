@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install serve test test-soak protos bench
+.PHONY: install serve test test-soak lint protos bench
 
 install: $(INSTALLED)
 
@@ -17,8 +17,11 @@ $(INSTALLED): pyproject.toml
 serve: install
 	$(BIN)/viper serve
 
-test: install
+test: install lint
 	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
 
 test-soak: install
 	$(BIN)/python -m pytest -m soak
