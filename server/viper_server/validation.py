@@ -92,6 +92,23 @@ def check_rated_images(images: Sequence[profile_pb2.RatedImage], limits: Limits)
     return checked
 
 
+MAX_FEATURES = 256
+MAX_FEATURE_CHARS = 200
+
+
+def check_features(features: list[str], field: str) -> list[str]:
+    """Feature keywords as a user may edit them: non-empty, short, and not too many."""
+    if len(features) > MAX_FEATURES:
+        raise InvalidRequest(f"{field}: {len(features)} features, at most {MAX_FEATURES} allowed")
+    cleaned = [feature.strip() for feature in features]
+    for index, feature in enumerate(cleaned):
+        if not feature:
+            raise InvalidRequest(f"{field}[{index}]: empty feature")
+        if len(feature) > MAX_FEATURE_CHARS:
+            raise InvalidRequest(f"{field}[{index}]: longer than {MAX_FEATURE_CHARS} characters")
+    return cleaned
+
+
 @dataclass(frozen=True)
 class GenerateSettings:
     """A GenerateRequest with its defaults filled in and every field in bounds."""

@@ -14,7 +14,7 @@ from viper_profiles import ProfileStore, SourceImage, StoredProfile
 
 from ..config import Limits
 from ..runtime import ModelRuntime
-from ..validation import InvalidRequest, check_rated_images, check_user_id
+from ..validation import InvalidRequest, check_features, check_rated_images, check_user_id
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -100,23 +100,6 @@ class ProfileService(profile_pb2_grpc.ProfileServiceServicer):
         await asyncio.to_thread(self._store.delete, user_id, expected_version=request.expected_version or None)
         self._runtime.forget_user(user_id)
         return empty_pb2.Empty()
-
-
-MAX_FEATURES = 256
-MAX_FEATURE_CHARS = 200
-
-
-def check_features(features: list[str], field: str) -> list[str]:
-    """Feature keywords as a user may edit them: non-empty, short, and not too many."""
-    if len(features) > MAX_FEATURES:
-        raise InvalidRequest(f"{field}: {len(features)} features, at most {MAX_FEATURES} allowed")
-    cleaned = [feature.strip() for feature in features]
-    for index, feature in enumerate(cleaned):
-        if not feature:
-            raise InvalidRequest(f"{field}[{index}]: empty feature")
-        if len(feature) > MAX_FEATURE_CHARS:
-            raise InvalidRequest(f"{field}[{index}]: longer than {MAX_FEATURE_CHARS} characters")
-    return cleaned
 
 
 def encode_page_token(last_user_id: str) -> str:
