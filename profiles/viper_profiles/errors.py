@@ -25,9 +25,15 @@ class VersionConflict(StoreError):
         self.actual = actual
 
 
+def quote_user_id(user_id: object) -> str:
+    """A possibly hostile id for messages and log lines: quoted, escaped, and only its start."""
+    if isinstance(user_id, str) and len(user_id) > 40:
+        return repr(user_id[:40]) + "..."
+    return repr(user_id)
+
+
 class InvalidUserId(StoreError, ValueError):
     def __init__(self, user_id: object, reason: str) -> None:
-        # Only the start of a hostile id: the message travels in gRPC trailers and log lines.
-        shown = repr(user_id[:40]) + ("..." if len(user_id) > 40 else "") if isinstance(user_id, str) else repr(user_id)
-        super().__init__(f"invalid user_id {shown}: {reason}")
+        # The message travels in gRPC trailers and log lines: never the whole id.
+        super().__init__(f"invalid user_id {quote_user_id(user_id)}: {reason}")
         self.user_id = user_id

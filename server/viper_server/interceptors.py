@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.message import DecodeError
 
-from viper_profiles import USER_ID_PATTERN, InvalidUserId, ProfileNotFound, VersionConflict
+from viper_profiles import USER_ID_PATTERN, InvalidUserId, ProfileNotFound, VersionConflict, quote_user_id
 
 from .auth import TokenAuthenticator
 from .models.metric import ContextError
@@ -175,9 +175,7 @@ def _loggable_user(user_id: str) -> str:
     """A valid user_id as it is; anything else escaped and cut short, so it cannot forge or flood a log line."""
     if not user_id:
         return "-"
-    if USER_ID_PATTERN.fullmatch(user_id):
-        return user_id
-    return ascii(user_id[:40]) + ("..." if len(user_id) > 40 else "")
+    return user_id if USER_ID_PATTERN.fullmatch(user_id) else quote_user_id(user_id)
 
 
 def _wrap_awaitable(call: _CallInfo, behavior):

@@ -139,8 +139,8 @@ def check_generate_request(request: generation_pb2.GenerateRequest, limits: Limi
         raise InvalidRequest("prompt: must not be empty")
     # Cheap bounds before the tokenizer sees them (the token limit is checked after).
     for field in ("prompt", "negative_prompt"):
-        if len(getattr(request, field)) > MAX_PROMPT_CHARS:
-            raise InvalidRequest(f"{field}: {len(getattr(request, field))} characters, at most {MAX_PROMPT_CHARS}")
+        if (length := len(getattr(request, field))) > MAX_PROMPT_CHARS:
+            raise InvalidRequest(f"{field}: {length} characters, at most {MAX_PROMPT_CHARS}")
     num_images = request.num_images or 1
     _check_range("num_images", num_images, 1, limits.max_generate_images)
     width = request.width or default_size
