@@ -8,10 +8,10 @@ INSTALLED := $(VENV)/.installed
 
 install: $(INSTALLED)
 
-# Re-installs only when pyproject.toml changes.
-$(INSTALLED): pyproject.toml
+# The client (this folder) and the server (server/), editable; re-installs only when a pyproject.toml changes.
+$(INSTALLED): pyproject.toml server/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[server,dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]' -e ./server
 	touch $@
 
 serve: install
@@ -28,7 +28,7 @@ test-soak: install
 
 # Regenerates the gRPC stubs from protos/ (never edit them by hand).
 protos: install
-	$(BIN)/python protos/generate.py client
+	$(BIN)/python protos/generate.py generated
 
 bench: install
 	$(BIN)/python bench/generation.py

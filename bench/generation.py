@@ -29,10 +29,10 @@ from PIL import Image
 
 from viper_client import RatedImage, ViperClient
 from viper_server.models.generation import FinishedImage, GenerationParams, PersonalizedGenerator
-from viper_server.models.reference_guidance import reference_generate
 from viper_server.models.sdxl import load_sdxl
 from viper_server.models.tiny import ensure_tiny_models
 from viper_server.testing import ServerProcess
+from viper_server.testing.reference_guidance import reference_generate
 
 # Like what the VPE extracts for a user with strong tastes (each list within CLIP's 77 tokens).
 LIKED = (

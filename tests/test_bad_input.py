@@ -20,7 +20,7 @@ from google.protobuf.message import Message
 from PIL import Image
 
 from viper_client import RatedImage, ViperClient
-from viper_client._proto.viper.v1 import (
+from viper_proto.v1 import (
     generation_pb2,
     generation_pb2_grpc,
     metric_pb2,

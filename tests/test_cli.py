@@ -5,9 +5,9 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import os
 import shutil
 import sys
-import types
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,7 +18,7 @@ from google.protobuf import empty_pb2
 from PIL import Image
 
 from viper_client import cli
-from viper_client._proto.viper.v1 import (
+from viper_proto.v1 import (
     generation_pb2,
     generation_pb2_grpc,
     metric_pb2,
@@ -351,20 +351,19 @@ def test_unknown_options_are_usage_errors():
 
 
 @pytest.mark.parametrize("command", ["serve", "build-tiny-models"])
-def test_server_commands_need_the_server_extra(monkeypatch, capsys, command):
+def test_server_commands_need_the_server_package(monkeypatch, capsys, command):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *args: None if name == "torch" else real_find_spec(name, *args)
+        importlib.util, "find_spec", lambda name, *args: None if name == "viper_server" else real_find_spec(name, *args)
     )
     assert cli.main([command, "--port", "1"]) == 2
-    assert capsys.readouterr().err == "viper serve needs the server extra: pip install 'viper-serve[server]'\n"
+    assert f"viper {command} needs the server" in capsys.readouterr().err
 
 
-def test_server_commands_are_delegated_with_their_arguments_untouched(monkeypatch):
+def test_server_commands_are_handed_to_the_server_with_their_arguments_untouched(monkeypatch):
     received = []
-    server_cli = types.ModuleType("viper_server.cli")
-    server_cli.main = lambda argv: received.append(argv) or 3
-    monkeypatch.setitem(sys.modules, "viper_server.cli", server_cli)
+    monkeypatch.setattr(os, "execv", lambda path, argv: received.append((path, argv)))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: object())
-    assert cli.main(["--target", "x:1", "serve", "--port", "1", "-h", "--", "--target"]) == 3
-    assert received == [["serve", "--port", "1", "-h", "--", "--target"]]
+    cli.main(["--target", "x:1", "serve", "--port", "1", "-h", "--", "--target"])
+    assert received == [(sys.executable, [sys.executable, "-m", "viper_server", "serve", "--port", "1", "-h", "--",
+                                          "--target"])]

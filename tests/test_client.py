@@ -32,7 +32,8 @@ from viper_client import (
     ViperClient,
     ViperError,
 )
-from viper_client._proto.viper.v1 import (
+from viper_client.images import encode_image
+from viper_proto.v1 import (
     generation_pb2,
     generation_pb2_grpc,
     metric_pb2,
@@ -40,7 +41,6 @@ from viper_client._proto.viper.v1 import (
     profile_pb2,
     profile_pb2_grpc,
 )
-from viper_client.images import encode_image
 
 FIXTURES = Path(__file__).parent / "fixtures" / "viper_examples"
 CREATED = datetime(2024, 7, 1, 12, 0, tzinfo=timezone.utc)

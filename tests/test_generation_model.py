@@ -24,9 +24,9 @@ from viper_server.models.generation import (
     shuffled_features,
 )
 from viper_server.models.preview import SDXL_LATENT_RGB_BIAS, latent_preview_png
-from viper_server.models.reference_guidance import reference_generate
 from viper_server.models.sdxl import SdxlPipelines, load_sdxl
 from viper_server.models.tiny_sdxl import build_tiny_sdxl
+from viper_server.testing.reference_guidance import reference_generate
 
 LIKED = ["soft pastel colors", "golden light", "dreamy mood", "watercolor texture", "airy brushwork"]
 DISLIKED = ["dark shadows", "gloomy blue palette", "cluttered composition"]

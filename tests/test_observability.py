@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from viper_client import DeadlineExceeded, NotFound, Progress, ViperClient
-from viper_client._proto.viper.v1 import profile_pb2, profile_pb2_grpc
+from viper_proto.v1 import profile_pb2, profile_pb2_grpc
 from viper_server.testing import ServerProcess
 
 from fixture_data import QUERIES, fixture_images

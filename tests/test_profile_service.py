@@ -144,7 +144,7 @@ def test_unknown_users_are_not_found(client):
 
 
 def test_bad_page_token_and_update_mask_are_invalid_argument(server):
-    from viper_client._proto.viper.v1 import profile_pb2, profile_pb2_grpc
+    from viper_proto.v1 import profile_pb2, profile_pb2_grpc
 
     with grpc.insecure_channel(server.target) as channel:
         stub = profile_pb2_grpc.ProfileServiceStub(channel)

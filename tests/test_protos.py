@@ -15,8 +15,8 @@ def load_generator():
 
 def test_committed_stubs_are_up_to_date(tmp_path):
     generated = load_generator().generate(tmp_path)
-    committed_dir = ROOT / "client" / "viper_client" / "_proto"
-    fresh = {path.relative_to(tmp_path / "viper_client" / "_proto"): path.read_bytes() for path in generated}
+    committed_dir = ROOT / "generated" / "viper_proto"
+    fresh = {path.relative_to(tmp_path / "viper_proto"): path.read_bytes() for path in generated}
     committed = {
         path.relative_to(committed_dir): path.read_bytes()
         for path in committed_dir.rglob("*")
@@ -28,7 +28,7 @@ def test_committed_stubs_are_up_to_date(tmp_path):
 
 
 def test_services_keep_their_public_names():
-    from viper_client._proto.viper.v1 import generation_pb2, metric_pb2, profile_pb2
+    from viper_proto.v1 import generation_pb2, metric_pb2, profile_pb2
 
     assert set(profile_pb2.DESCRIPTOR.services_by_name["ProfileService"].methods_by_name) == {
         "ExtractProfile", "GetProfile", "ListProfiles", "UpdateProfile", "DeleteProfile",

@@ -3,8 +3,8 @@
 import pytest
 from PIL import Image
 
-from viper_client._proto.viper.v1 import profile_pb2
 from viper_profiles import Rating
+from viper_proto.v1 import profile_pb2
 from viper_server.config import Limits
 from viper_server.validation import InvalidRequest, check_rated_images, check_user_id, decode_image
 

@@ -9,7 +9,6 @@ import grpc
 from PIL import Image
 
 from viper_client import convert
-from viper_client._proto.viper.v1 import generation_pb2, profile_pb2
 from viper_client.channel import (
     DEFAULT_LONG_TIMEOUT,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -24,6 +23,7 @@ from viper_client.channel import (
 from viper_client.errors import error_from_rpc
 from viper_client.images import ImageSource
 from viper_client.types import GeneratedImage, GenerateEvent, Profile, RatedImage, ScoreResult
+from viper_proto.v1 import generation_pb2, profile_pb2
 
 T = TypeVar("T")
 

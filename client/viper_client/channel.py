@@ -11,7 +11,7 @@ from typing import Literal
 import grpc
 import grpc.aio
 
-from viper_client._proto.viper.v1 import generation_pb2_grpc, metric_pb2_grpc, profile_pb2_grpc
+from viper_proto.v1 import generation_pb2_grpc, metric_pb2_grpc, profile_pb2_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 30.0

@@ -21,11 +21,12 @@ from viper_client.errors import ViperError
 from viper_client.types import GeneratedImage, Preview, Profile, Progress, RatedImage, Rating
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
-# Delegated to viper_server.cli with their arguments untouched.
+# Handed to the server's own command (viper-server) with their arguments untouched.
 SERVER_COMMANDS = ("serve", "build-tiny-models")
-# Checked with find_spec, not imported: importing torch takes seconds.
-SERVER_MODULES = ("torch", "transformers", "diffusers", "peft", "sqlite_utils", "viper_server")
-SERVER_EXTRA_MESSAGE = "viper serve needs the server extra: pip install 'viper-serve[server]'"
+SERVER_INSTALL_HINT = (
+    "viper {command} needs the server, a separate package: from a viper-serve checkout run "
+    "`pip install . ./server`, then `viper-server {command}` (or `viper {command}`)"
+)
 
 
 class InputError(Exception):
@@ -142,17 +143,20 @@ def build_parser() -> argparse.ArgumentParser:
     score.set_defaults(handler=score_images)
 
     for name in SERVER_COMMANDS:
-        commands.add_parser(name, add_help=False, help="server command (needs the server extra)")
+        commands.add_parser(name, add_help=False, help="server command (needs the server package)")
     return parser
 
 
 def run_server_command(command: str, arguments: list[str]) -> int:
-    if any(importlib.util.find_spec(name) is None for name in SERVER_MODULES):
-        print(SERVER_EXTRA_MESSAGE, file=sys.stderr)
+    """Replaces this process with `python -m viper_server COMMAND ...`: the client imports no server code."""
+    # find_spec, not import: it tells whether the server is installed without loading it (or torch).
+    if importlib.util.find_spec("viper_server") is None:
+        print(SERVER_INSTALL_HINT.format(command=command), file=sys.stderr)
         return 2
-    from viper_server.cli import main as server_main
-
-    return server_main([command, *arguments]) or 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "viper_server", command, *arguments])
+    return 0  # not reached: execv does not return
 
 
 def extract_profile(client: ViperClient, args: argparse.Namespace) -> None:

@@ -8,7 +8,6 @@ from datetime import timezone
 import grpc
 from google.protobuf import field_mask_pb2
 
-from viper_client._proto.viper.v1 import generation_pb2, metric_pb2, profile_pb2
 from viper_client.errors import ViperError
 from viper_client.images import ImageSource, encode_image
 from viper_client.types import (
@@ -22,6 +21,7 @@ from viper_client.types import (
     Rating,
     ScoreResult,
 )
+from viper_proto.v1 import generation_pb2, metric_pb2, profile_pb2
 
 _RATING_TO_PROTO = {Rating.LIKED: profile_pb2.RATING_LIKED, Rating.DISLIKED: profile_pb2.RATING_DISLIKED}
 _RATING_FROM_PROTO = {value: rating for rating, value in _RATING_TO_PROTO.items()}

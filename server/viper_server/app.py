@@ -17,7 +17,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client.core import GaugeMetricFamily
 
-from viper_client._proto.viper.v1 import (
+from viper_profiles import ProfileStore
+from viper_proto.v1 import (
     generation_pb2,
     generation_pb2_grpc,
     metric_pb2,
@@ -25,7 +26,6 @@ from viper_client._proto.viper.v1 import (
     profile_pb2,
     profile_pb2_grpc,
 )
-from viper_profiles import ProfileStore
 
 from .auth import TokenAuthenticator
 from .config import ServerConfig

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-from viper_client._proto.viper.v1 import generation_pb2, profile_pb2
 from viper_profiles import InvalidUserId, Rating, validate_user_id
+from viper_proto.v1 import generation_pb2, profile_pb2
 
 from .config import Limits
 

@@ -6,8 +6,8 @@ import asyncio
 
 import grpc
 
-from viper_client._proto.viper.v1 import generation_pb2, generation_pb2_grpc
 from viper_profiles import ProfileStore
+from viper_proto.v1 import generation_pb2, generation_pb2_grpc
 
 from ..config import Limits
 from ..models.generation import FinishedImage, GenerationParams, Preview, Progress

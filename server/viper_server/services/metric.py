@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import grpc
 from PIL import Image
 
-from viper_client._proto.viper.v1 import metric_pb2, metric_pb2_grpc
 from viper_profiles import ProfileStore, Rating
+from viper_proto.v1 import metric_pb2, metric_pb2_grpc
 
 from ..config import Limits
 from ..models.metric import ScoringContext

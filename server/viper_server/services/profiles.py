@@ -9,8 +9,8 @@ import binascii
 import grpc
 from google.protobuf import empty_pb2
 
-from viper_client._proto.viper.v1 import profile_pb2, profile_pb2_grpc
 from viper_profiles import ProfileStore, SourceImage, StoredProfile
+from viper_proto.v1 import profile_pb2, profile_pb2_grpc
 
 from ..config import Limits
 from ..runtime import ModelRuntime

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from viper_client._proto.viper.v1 import generation_pb2 as viper__client_dot___proto_dot_viper_dot_v1_dot_generation__pb2
+from viper_proto.v1 import generation_pb2 as viper__proto_dot_v1_dot_generation__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in viper_client/_proto/viper/v1/generation_pb2_grpc.py depends on'
+        + ' but the generated code in viper_proto/v1/generation_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,8 +37,8 @@ class GenerationServiceStub:
         """
         self.Generate = channel.unary_stream(
                 '/viper.v1.GenerationService/Generate',
-                request_serializer=viper__client_dot___proto_dot_viper_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=viper__client_dot___proto_dot_viper_dot_v1_dot_generation__pb2.GenerateEvent.FromString,
+                request_serializer=viper__proto_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=viper__proto_dot_v1_dot_generation__pb2.GenerateEvent.FromString,
                 _registered_method=True)
 
 
@@ -58,8 +58,8 @@ def add_GenerationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=viper__client_dot___proto_dot_viper_dot_v1_dot_generation__pb2.GenerateRequest.FromString,
-                    response_serializer=viper__client_dot___proto_dot_viper_dot_v1_dot_generation__pb2.GenerateEvent.SerializeToString,
+                    request_deserializer=viper__proto_dot_v1_dot_generation__pb2.GenerateRequest.FromString,
+                    response_serializer=viper__proto_dot_v1_dot_generation__pb2.GenerateEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -88,8 +88,8 @@ class GenerationService:
             request,
             target,
             '/viper.v1.GenerationService/Generate',
-            viper__client_dot___proto_dot_viper_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
-            viper__client_dot___proto_dot_viper_dot_v1_dot_generation__pb2.GenerateEvent.FromString,
+            viper__proto_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
+            viper__proto_dot_v1_dot_generation__pb2.GenerateEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from viper_client._proto.viper.v1 import metric_pb2 as viper__client_dot___proto_dot_viper_dot_v1_dot_metric__pb2
+from viper_proto.v1 import metric_pb2 as viper__proto_dot_v1_dot_metric__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in viper_client/_proto/viper/v1/metric_pb2_grpc.py depends on'
+        + ' but the generated code in viper_proto/v1/metric_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,8 +37,8 @@ class MetricServiceStub:
         """
         self.Score = channel.unary_stream(
                 '/viper.v1.MetricService/Score',
-                request_serializer=viper__client_dot___proto_dot_viper_dot_v1_dot_metric__pb2.ScoreRequest.SerializeToString,
-                response_deserializer=viper__client_dot___proto_dot_viper_dot_v1_dot_metric__pb2.ScoreResult.FromString,
+                request_serializer=viper__proto_dot_v1_dot_metric__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=viper__proto_dot_v1_dot_metric__pb2.ScoreResult.FromString,
                 _registered_method=True)
 
 
@@ -58,8 +58,8 @@ def add_MetricServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Score': grpc.unary_stream_rpc_method_handler(
                     servicer.Score,
-                    request_deserializer=viper__client_dot___proto_dot_viper_dot_v1_dot_metric__pb2.ScoreRequest.FromString,
-                    response_serializer=viper__client_dot___proto_dot_viper_dot_v1_dot_metric__pb2.ScoreResult.SerializeToString,
+                    request_deserializer=viper__proto_dot_v1_dot_metric__pb2.ScoreRequest.FromString,
+                    response_serializer=viper__proto_dot_v1_dot_metric__pb2.ScoreResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -88,8 +88,8 @@ class MetricService:
             request,
             target,
             '/viper.v1.MetricService/Score',
-            viper__client_dot___proto_dot_viper_dot_v1_dot_metric__pb2.ScoreRequest.SerializeToString,
-            viper__client_dot___proto_dot_viper_dot_v1_dot_metric__pb2.ScoreResult.FromString,
+            viper__proto_dot_v1_dot_metric__pb2.ScoreRequest.SerializeToString,
+            viper__proto_dot_v1_dot_metric__pb2.ScoreResult.FromString,
             options,
             channel_credentials,
             insecure,

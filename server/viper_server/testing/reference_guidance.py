@@ -12,9 +12,9 @@ import random
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from .generation import GenerationParams, image_seed, shuffled_features
-from .preview import png_bytes
-from .sdxl import SdxlPipelines
+from ..models.generation import GenerationParams, image_seed, shuffled_features
+from ..models.preview import png_bytes
+from ..models.sdxl import SdxlPipelines
 
 
 @torch.inference_mode()

@@ -4,7 +4,7 @@ import grpc
 import warnings
 
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
-from viper_client._proto.viper.v1 import profile_pb2 as viper__client_dot___proto_dot_viper_dot_v1_dot_profile__pb2
+from viper_proto.v1 import profile_pb2 as viper__proto_dot_v1_dot_profile__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -19,7 +19,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in viper_client/_proto/viper/v1/profile_pb2_grpc.py depends on'
+        + ' but the generated code in viper_proto/v1/profile_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -39,27 +39,27 @@ class ProfileServiceStub:
         """
         self.ExtractProfile = channel.unary_unary(
                 '/viper.v1.ProfileService/ExtractProfile',
-                request_serializer=viper__client_dot___proto_dot_viper_dot_v1_dot_profile__pb2.ExtractProfileRequest.SerializeToString,
-                response_deserializer=viper__client_dot___proto_dot_viper_dot_v1_dot_profile__pb2.Profile.FromString,
+                request_serializer=viper__proto_dot_v1_dot_profile__pb2.ExtractProfileRequest.SerializeToString,
+                response_deserializer=viper__proto_dot_v1_dot_profile__pb2.Profile.FromString,
                 _registered_method=True)
         self.GetProfile = channel.unary_unary(
                 '/viper.v1.ProfileService/GetProfile',
-                request_serializer=viper__client_dot___proto_dot_viper_dot_v1_dot_profile__pb2.GetProfileRequest.SerializeToString,
-                response_deserializer=viper__client_dot___proto_dot_viper_dot_v1_dot_profile__pb2.Profile.FromString,
+                request_serializer=viper__proto_dot_v1_dot_profile__pb2.GetProfileRequest.SerializeToString,
+                response_deserializer=viper__proto_dot_v1_dot_profile__pb2.Profile.FromString,
                 _registered_method=True)
         self.ListProfiles = channel.unary_unary(
                 '/viper.v1.ProfileService/ListProfiles',
-                request_serializer=viper__client_dot___proto_dot_viper_dot_v1_dot_profile__pb2.ListProfilesRequest.SerializeToString,
-                response_deserializer=viper__client_dot___proto_dot_viper_dot_v1_dot_profile__pb2.ListProfilesResponse.FromString,
+                request_serializer=viper__proto_dot_v1_dot_profile__pb2.ListProfilesRequest.SerializeToString,
+                response_deserializer=viper__proto_dot_v1_dot_profile__pb2.ListProfilesResponse.FromString,
                 _registered_method=True)
         self.UpdateProfile = channel.unary_unary(
                 '/viper.v1.ProfileService/UpdateProfile',
-                request_serializer=viper__client_dot___proto_dot_viper_dot_v1_dot_profile__pb2.UpdateProfileRequest.SerializeToString,
-                response_deserializer=viper__client_dot___proto_dot_viper_dot_v1_dot_profile__pb2.Profile.FromString,
+                request_serializer=viper__proto_dot_v1_dot_profile__pb2.UpdateProfileRequest.SerializeToString,
+                response_deserializer=viper__proto_dot_v1_dot_profile__pb2.Profile.FromString,
                 _registered_method=True)
         self.DeleteProfile = channel.unary_unary(
                 '/viper.v1.ProfileService/DeleteProfile',
-                request_serializer=viper__client_dot___proto_dot_viper_dot_v1_dot_profile__pb2.DeleteProfileRequest.SerializeToString,
+                request_serializer=viper__proto_dot_v1_dot_profile__pb2.DeleteProfileRequest.SerializeToString,
                 response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                 _registered_method=True)
 
@@ -110,27 +110,27 @@ def add_ProfileServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'ExtractProfile': grpc.unary_unary_rpc_method_handler(
                     servicer.ExtractProfile,
-                    request_deserializer=viper__client_dot___proto_dot_viper_dot_v1_dot_profile__pb2.ExtractProfileRequest.FromString,
-                    response_serializer=viper__client_dot___proto_dot_viper_dot_v1_dot_profile__pb2.Profile.SerializeToString,
+                    request_deserializer=viper__proto_dot_v1_dot_profile__pb2.ExtractProfileRequest.FromString,
+                    response_serializer=viper__proto_dot_v1_dot_profile__pb2.Profile.SerializeToString,
             ),
             'GetProfile': grpc.unary_unary_rpc_method_handler(
                     servicer.GetProfile,
-                    request_deserializer=viper__client_dot___proto_dot_viper_dot_v1_dot_profile__pb2.GetProfileRequest.FromString,
-                    response_serializer=viper__client_dot___proto_dot_viper_dot_v1_dot_profile__pb2.Profile.SerializeToString,
+                    request_deserializer=viper__proto_dot_v1_dot_profile__pb2.GetProfileRequest.FromString,
+                    response_serializer=viper__proto_dot_v1_dot_profile__pb2.Profile.SerializeToString,
             ),
             'ListProfiles': grpc.unary_unary_rpc_method_handler(
                     servicer.ListProfiles,
-                    request_deserializer=viper__client_dot___proto_dot_viper_dot_v1_dot_profile__pb2.ListProfilesRequest.FromString,
-                    response_serializer=viper__client_dot___proto_dot_viper_dot_v1_dot_profile__pb2.ListProfilesResponse.SerializeToString,
+                    request_deserializer=viper__proto_dot_v1_dot_profile__pb2.ListProfilesRequest.FromString,
+                    response_serializer=viper__proto_dot_v1_dot_profile__pb2.ListProfilesResponse.SerializeToString,
             ),
             'UpdateProfile': grpc.unary_unary_rpc_method_handler(
                     servicer.UpdateProfile,
-                    request_deserializer=viper__client_dot___proto_dot_viper_dot_v1_dot_profile__pb2.UpdateProfileRequest.FromString,
-                    response_serializer=viper__client_dot___proto_dot_viper_dot_v1_dot_profile__pb2.Profile.SerializeToString,
+                    request_deserializer=viper__proto_dot_v1_dot_profile__pb2.UpdateProfileRequest.FromString,
+                    response_serializer=viper__proto_dot_v1_dot_profile__pb2.Profile.SerializeToString,
             ),
             'DeleteProfile': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteProfile,
-                    request_deserializer=viper__client_dot___proto_dot_viper_dot_v1_dot_profile__pb2.DeleteProfileRequest.FromString,
+                    request_deserializer=viper__proto_dot_v1_dot_profile__pb2.DeleteProfileRequest.FromString,
                     response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             ),
     }
@@ -161,8 +161,8 @@ class ProfileService:
             request,
             target,
             '/viper.v1.ProfileService/ExtractProfile',
-            viper__client_dot___proto_dot_viper_dot_v1_dot_profile__pb2.ExtractProfileRequest.SerializeToString,
-            viper__client_dot___proto_dot_viper_dot_v1_dot_profile__pb2.Profile.FromString,
+            viper__proto_dot_v1_dot_profile__pb2.ExtractProfileRequest.SerializeToString,
+            viper__proto_dot_v1_dot_profile__pb2.Profile.FromString,
             options,
             channel_credentials,
             insecure,
@@ -188,8 +188,8 @@ class ProfileService:
             request,
             target,
             '/viper.v1.ProfileService/GetProfile',
-            viper__client_dot___proto_dot_viper_dot_v1_dot_profile__pb2.GetProfileRequest.SerializeToString,
-            viper__client_dot___proto_dot_viper_dot_v1_dot_profile__pb2.Profile.FromString,
+            viper__proto_dot_v1_dot_profile__pb2.GetProfileRequest.SerializeToString,
+            viper__proto_dot_v1_dot_profile__pb2.Profile.FromString,
             options,
             channel_credentials,
             insecure,
@@ -215,8 +215,8 @@ class ProfileService:
             request,
             target,
             '/viper.v1.ProfileService/ListProfiles',
-            viper__client_dot___proto_dot_viper_dot_v1_dot_profile__pb2.ListProfilesRequest.SerializeToString,
-            viper__client_dot___proto_dot_viper_dot_v1_dot_profile__pb2.ListProfilesResponse.FromString,
+            viper__proto_dot_v1_dot_profile__pb2.ListProfilesRequest.SerializeToString,
+            viper__proto_dot_v1_dot_profile__pb2.ListProfilesResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -242,8 +242,8 @@ class ProfileService:
             request,
             target,
             '/viper.v1.ProfileService/UpdateProfile',
-            viper__client_dot___proto_dot_viper_dot_v1_dot_profile__pb2.UpdateProfileRequest.SerializeToString,
-            viper__client_dot___proto_dot_viper_dot_v1_dot_profile__pb2.Profile.FromString,
+            viper__proto_dot_v1_dot_profile__pb2.UpdateProfileRequest.SerializeToString,
+            viper__proto_dot_v1_dot_profile__pb2.Profile.FromString,
             options,
             channel_credentials,
             insecure,
@@ -269,7 +269,7 @@ class ProfileService:
             request,
             target,
             '/viper.v1.ProfileService/DeleteProfile',
-            viper__client_dot___proto_dot_viper_dot_v1_dot_profile__pb2.DeleteProfileRequest.SerializeToString,
+            viper__proto_dot_v1_dot_profile__pb2.DeleteProfileRequest.SerializeToString,
             google_dot_protobuf_dot_empty__pb2.Empty.FromString,
             options,
             channel_credentials,
