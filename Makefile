@@ -15,7 +15,7 @@ $(INSTALLED): pyproject.toml server/pyproject.toml
 	touch $@
 
 serve: install
-	$(BIN)/viper serve
+	$(BIN)/viper-server serve
 
 test: install lint
 	$(BIN)/python -m pytest

@@ -18,7 +18,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import diffusers
@@ -28,7 +28,8 @@ import transformers
 from PIL import Image
 
 from viper_client import RatedImage, ViperClient
-from viper_server.models.generation import FinishedImage, GenerationParams, PersonalizedGenerator
+from viper_server.domain import FinishedImage, GenerationParams
+from viper_server.models.generation import PersonalizedGenerator
 from viper_server.models.sdxl import load_sdxl
 from viper_server.models.tiny import ensure_tiny_models
 from viper_server.testing import ServerProcess
@@ -72,11 +73,11 @@ def bench_model(models_dir: Path, params: GenerationParams, repeats: int) -> Mod
 
     def production() -> list[bytes]:
         events: list[object] = []
-        generator.generate(params, emit=events.append)
+        generator.generate(params, LIKED, DISLIKED, emit=events.append)
         return [event.png for event in events if isinstance(event, FinishedImage)]
 
     def reference() -> list[bytes]:
-        return reference_generate(pipelines, params)
+        return reference_generate(pipelines, params, LIKED, DISLIKED)
 
     production_pngs, reference_pngs = production(), reference()  # also warms both paths up
     production_times, reference_times = [], []
@@ -115,10 +116,8 @@ def bench_grpc(models_dir: Path, params: GenerationParams, repeats: int, threads
             for color, comment, rating in (((250, 200, 220), "soft pastel pink, lovely", "liked"),
                                            ((20, 20, 60), "dark and gloomy", "disliked"))
         ])
-        params = replace(params, liked_features=profile.liked_features, disliked_features=profile.disliked_features)
-
         def in_process() -> None:
-            generator.generate(params, emit=lambda event: None)
+            generator.generate(params, profile.liked_features, profile.disliked_features, emit=lambda event: None)
 
         def through_grpc() -> None:
             list(client.generate("bench", params.prompt, num_images=params.num_images, width=params.width,
@@ -168,8 +167,6 @@ def main() -> None:
     transformers.logging.disable_progress_bar()
     params = GenerationParams(
         prompt="a cat sitting on a windowsill in the city at dusk",
-        liked_features=LIKED,
-        disliked_features=DISLIKED,
         num_images=args.images,
         width=args.size,
         height=args.size,

@@ -25,7 +25,7 @@ from PIL import Image
 
 from viper_client import RatedImage, ViperClient
 from viper_client.images import encode_image
-from viper_server.models.idefics2 import Idefics2Runtime, load_idefics2
+from viper_server.models.idefics2 import Idefics2Base, load_idefics2
 from viper_server.models.metric import MetricScorer, ScoringContext, reference_scores
 from viper_server.models.tiny import ensure_tiny_models
 from viper_server.testing import ServerProcess
@@ -59,12 +59,12 @@ def load_examples() -> tuple[ScoringContext, list[Image.Image]]:
     return ScoringContext(liked=liked, disliked=disliked, cache_key=("bench-user", 1)), queries[:QUERY_COUNT]
 
 
-def load_tiny_runtime(models_dir: Path) -> Idefics2Runtime:
+def load_tiny_runtime(models_dir: Path) -> Idefics2Base:
     adapters = {"vpe": str(models_dir / "vpe-lora"), "metric": str(models_dir / "metric-lora")}
     return load_idefics2(str(models_dir / "idefics2"), adapters)
 
 
-def measure_reference(runtime: Idefics2Runtime, context: ScoringContext, queries: list[Image.Image]) -> Measurement:
+def measure_reference(runtime: Idefics2Base, context: ScoringContext, queries: list[Image.Image]) -> Measurement:
     return timed(
         "reference procedure (whole prompt per query)",
         queries,
@@ -90,9 +90,8 @@ def measure_grpc(name: str, target: str, queries: list[bytes], repeats: int) -> 
     return Measurement(name, statistics.median(times) / len(queries), scores)
 
 
-def start_server(models_dir: Path, threads: int, *args: str) -> ServerProcess:
-    """A server process with the bench user's profile extracted from the fixture images."""
-    db_path = Path(tempfile.mkdtemp()) / "profiles.db"
+def start_server(models_dir: Path, db_path: Path, threads: int, *args: str) -> ServerProcess:
+    """A started server process with the bench user's profile extracted from the fixture images."""
     server = ServerProcess(db_path, models_dir, *args, env={"OMP_NUM_THREADS": str(threads)}).start()
     comments = json.loads((EXAMPLES / "comments.json").read_text())
     images = [RatedImage(EXAMPLES / key, comment=comment, rating=key.split("/")[0])
@@ -110,8 +109,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    with tempfile.TemporaryDirectory() as tmp:
+        run(args, Path(tmp))
+
+
+def run(args: argparse.Namespace, tmp: Path) -> None:
+    """The bench, with every file in tmp; the servers it starts are stopped before it returns."""
     context, queries = load_examples()
-    models_dir = ensure_tiny_models(Path(tempfile.mkdtemp()) / "tiny-models")
+    models_dir = ensure_tiny_models(tmp / "tiny-models")
     runtime = load_tiny_runtime(models_dir)
     scorer = MetricScorer(runtime, batch_size=args.batch_size)
     reference = measure_reference(runtime, context, queries)
@@ -129,8 +134,9 @@ def main() -> None:
 
     query_bytes = [encode_image(query) for query in queries]
     batch = ("--metric-batch-size", str(args.batch_size))
-    with start_server(models_dir, args.threads, "--metric-cache", "off", *batch) as reference_server, \
-            start_server(models_dir, args.threads, *batch) as cached_server:
+    reference_args = ("--metric-cache", "off", *batch)
+    with start_server(models_dir, tmp / "reference.db", args.threads, *reference_args) as reference_server, \
+            start_server(models_dir, tmp / "cached.db", args.threads, *batch) as cached_server:
         grpc_reference = measure_grpc("gRPC, server with --metric-cache off", reference_server.target, query_bytes,
                                       args.repeats)
         grpc_cached = measure_grpc("gRPC, server with the prefix cache", cached_server.target, query_bytes,

@@ -230,14 +230,9 @@ REFUSALS = {
         "Score", score(liked=[GOOD], disliked=[b""]), INVALID, r"disliked\[0\]: empty image"),
     "score inline context too large": Refusal(
         "Score", score(liked=[GOOD] * 65, disliked=[GOOD] * 65), INVALID, "liked: 65 given, at most 64"),
-    "score inline context missing a disliked image": Refusal(
-        "Score", score(liked=[GOOD, GOOD], disliked=[GOOD]), FAILED_PRECONDITION,
-        "2 liked and 1 disliked images: 1 more disliked image needed"),
     "score inline context without liked images": Refusal(
-        "Score", score(disliked=[GOOD, GOOD]), FAILED_PRECONDITION, "2 more liked images needed"),
-    "score inline context of nine pairs": Refusal(
-        "Score", score(liked=[GOOD] * 9, disliked=[GOOD] * 9), FAILED_PRECONDITION,
-        "9 liked/disliked pairs: at most 8"),
+        "Score", score(disliked=[GOOD, GOOD]), FAILED_PRECONDITION,
+        "0 liked and 2 disliked images: scoring needs at least one of each"),
     "score empty user id without inline context": Refusal("Score", score(user_id=""), INVALID, "user_id"),
     "score huge user id": Refusal("Score", score(user_id=HUGE_ID), INVALID, "user_id"),
 }

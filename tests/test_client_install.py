@@ -37,6 +37,18 @@ def test_the_client_install_has_no_torch(client_venv):
     assert probe.stdout.strip() == "False"
 
 
+@pytest.mark.parametrize("package", ["viper_server", "viper_profiles", "torch"])
+def test_the_client_install_has_no_server_code(client_venv, package):
+    probe = run(client_venv, "python", "-c", f"import {package}")
+    assert probe.returncode == 1 and f"No module named '{package}'" in probe.stderr
+
+
+def test_the_stubs_are_a_public_package_of_the_client(client_venv):
+    code = "from viper_proto.v1 import profile_pb2; print(profile_pb2.DESCRIPTOR.package)"
+    probe = run(client_venv, "python", "-c", code)
+    assert probe.stdout.strip() == "viper.v1", probe.stderr
+
+
 def test_the_client_cli_talks_to_a_server(client_venv, tiny_models_dir, tmp_path):
     with ServerProcess(tmp_path / "profiles.db", tiny_models_dir) as server:
         target = ("--target", server.target)

@@ -1,7 +1,6 @@
 """Server settings: flags override env vars, which override defaults."""
 
 import argparse
-from pathlib import Path
 
 import pytest
 
@@ -17,7 +16,7 @@ def parse(argv, environ=None):
 def test_defaults_are_loopback_tiny_models_and_a_local_db():
     config = parse([])
     assert config == ServerConfig()
-    assert (config.host, config.models, config.db_path) == ("127.0.0.1", "tiny", Path("var/profiles.db"))
+    assert (config.host, config.models, config.db) == ("127.0.0.1", "tiny", "var/profiles.db")
     assert config.max_message_bytes >= 64 * 1024 * 1024
 
 
@@ -25,7 +24,7 @@ def test_env_vars_fill_in_and_flags_win():
     environ = {"VIPER_PORT": "6000", "VIPER_DB": "/tmp/x.db", "VIPER_MAX_IMAGES": "8", "VIPER_MODELS": "viper"}
     config = parse(["--port", "7000", "--max-comment-chars", "10"], environ)
     assert config.port == 7000
-    assert config.db_path == Path("/tmp/x.db")
+    assert config.db == "/tmp/x.db"
     assert config.models == "viper"
     assert config.limits.max_images == 8
     assert config.limits.max_comment_chars == 10
@@ -41,5 +40,22 @@ def test_every_setting_has_a_flag():
 
 
 def test_unknown_model_kind_from_env_is_refused():
-    with pytest.raises(ValueError, match="tiny or viper"):
+    with pytest.raises(ValueError, match="models must be tiny or viper"):
         parse([], {"VIPER_MODELS": "huge"})
+
+
+def test_help_shows_every_default_as_a_user_would_type_it(capsys):
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    help_text = " ".join(parser.format_help().split())
+    assert "default None" not in help_text and "default True" not in help_text and "default False" not in help_text
+    assert "(env VIPER_METRIC_CACHE; default on)" in help_text
+    assert "(env VIPER_CPU_OFFLOAD; default off)" in help_text
+    assert "default 2000 for viper, 64 for tiny" in help_text
+
+
+def test_idefics2_dtype_is_a_setting():
+    assert parse([]).idefics2_dtype == "auto"
+    assert parse(["--idefics2-dtype", "float32"]).idefics2_dtype == "float32"
+    with pytest.raises(ValueError, match="idefics2_dtype must be"):
+        parse([], {"VIPER_IDEFICS2_DTYPE": "int8"})

@@ -16,9 +16,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from viper_client import AsyncViperClient, GeneratedImage, Progress, Unavailable, ViperClient, ViperError
-from viper_server.app import ViperServer
 from viper_server.config import ServerConfig
-from viper_server.runtime import ModelRuntime
+from viper_server.engine.engine import ModelEngine
+from viper_server.server import ViperServer
 from viper_server.testing import ServerProcess
 
 from fixture_data import fixture_images
@@ -27,11 +27,11 @@ from fixture_data import fixture_images
 def test_not_serving_while_the_models_load(tiny_models_dir, tmp_path, monkeypatch):
     # Real weights take minutes to load; hold the tiny ones back until the test has looked.
     release = threading.Event()
-    load = ModelRuntime.load
-    monkeypatch.setattr(ModelRuntime, "load", lambda runtime: release.wait(60) and load(runtime))
+    load = ModelEngine.load
+    monkeypatch.setattr(ModelEngine, "load", lambda engine: release.wait(60) and load(engine))
 
     async def scenario() -> None:
-        server = ViperServer(ServerConfig(port=0, db_path=tmp_path / "profiles.db", models_dir=tiny_models_dir))
+        server = ViperServer(ServerConfig(port=0, db=str(tmp_path / "profiles.db"), models_dir=tiny_models_dir))
         target = f"127.0.0.1:{await server.start()}"
         loading = asyncio.create_task(server.load_models())
         async with grpc.aio.insecure_channel(target) as channel, AsyncViperClient(target) as client:
@@ -118,6 +118,6 @@ def test_missing_real_weights_stop_start_up_with_a_clear_error(tmp_path):
         capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HOME": str(tmp_path / "hf")},
     )
     assert result.returncode == 2
-    assert "viper serve: error: 'HuggingFaceM4/idefics2-8b' is neither a local folder nor a model in the local " \
+    assert "viper-server: error: 'HuggingFaceM4/idefics2-8b' is neither a local folder nor a model in the local " \
            "Hugging Face cache" in result.stderr
     assert "Traceback" not in result.stderr

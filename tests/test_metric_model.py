@@ -125,7 +125,7 @@ def test_second_call_hits_and_invalidate_forces_a_miss(runtime, queries):
     scorer.score(small_context(("bob", 1)), query)
     assert (scorer.cache_stats.misses, scorer.cache_stats.entries) == (3, 3)
 
-    invalidator = threading.Thread(target=scorer.invalidate, args=("alice",))
+    invalidator = threading.Thread(target=scorer.invalidate, args=("alice", 0))
     invalidator.start()
     invalidator.join()
     assert scorer.cache_stats.entries == 1
@@ -157,24 +157,26 @@ def test_lru_evicts_least_recently_used_by_bytes(runtime, queries):
     assert too_small.cache_stats.entries == 0
 
 
-@pytest.mark.parametrize(
-    "liked, disliked, max_pairs, message",
-    [
-        (8, 6, 8, "2 more disliked images needed"),
-        (0, 1, 8, "1 more liked image needed"),
-        (0, 0, 8, "no context images"),
-        (3, 3, 2, "at most 2"),
-    ],
-)
-def test_context_errors_say_what_is_wrong(runtime, queries, liked, disliked, max_pairs, message):
+@pytest.mark.parametrize("liked, disliked", [(0, 1), (1, 0), (0, 0)])
+def test_a_context_without_a_pair_is_refused_before_any_model_work(runtime, queries, liked, disliked):
     image = queries[0]
-    scorer = MetricScorer(runtime, max_pairs=max_pairs)
-    context = ScoringContext(liked=[image] * liked, disliked=[image] * disliked, cache_key=("alice", 1))
-    with pytest.raises(ContextError, match=message):
-        scorer.check_context(context)
-    with pytest.raises(ContextError, match=message):
+    scorer = MetricScorer(runtime)
+    context = ScoringContext(liked=[image] * liked, disliked=[image] * disliked, cache_key=("alice", "digest"))
+    with pytest.raises(ContextError, match=f"{liked} liked and {disliked} disliked images: scoring needs"):
+        scorer.pairs_for(context)
+    with pytest.raises(ContextError):
         scorer.score(context, queries)
-    assert scorer.cache_stats.misses == 0  # rejected before any model work
+    assert scorer.cache_stats.misses == 0
+
+
+@pytest.mark.parametrize("liked, disliked, max_pairs, pairs", [(3, 2, 8, 2), (2, 3, 8, 2), (3, 3, 2, 2), (1, 1, 8, 1)])
+def test_the_first_min_liked_disliked_max_pairs_pairs_are_used(runtime, context, queries, liked, disliked,
+                                                               max_pairs, pairs):
+    scorer = MetricScorer(runtime, max_pairs=max_pairs)
+    longer = ScoringContext(liked=context.liked[:liked], disliked=context.disliked[:disliked])
+    assert scorer.pairs_for(longer) == pairs
+    expected = reference_scores(runtime, context.liked[:pairs], context.disliked[:pairs], queries[:1])
+    assert scorer.score(longer, queries[:1]) == pytest.approx(expected, abs=TOLERANCE)
 
 
 def test_on_batch_reports_progress_and_should_stop_cancels(runtime, context, queries, expected):

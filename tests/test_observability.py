@@ -52,13 +52,17 @@ def test_rpcs_profiles_and_queues_are_exported(server):
     with ViperClient(server.target) as client:
         with pytest.raises(NotFound):
             client.get_profile("absent")
-    samples = scrape(server)
-    assert samples['viper_rpcs_total{code="NOT_FOUND",method="/viper.v1.ProfileService/GetProfile"}'] >= 1
+    # The server counts a call once its handler has finished, which may be just after the client heard back.
+    not_found = 'viper_rpcs_total{code="NOT_FOUND",method="/viper.v1.ProfileService/GetProfile"}'
+    deadline = time.monotonic() + 10
+    while not_found not in (samples := scrape(server)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert samples[not_found] >= 1
     assert samples['viper_rpcs_total{code="OK",method="/viper.v1.ProfileService/ExtractProfile"}'] == 1
     assert samples['viper_rpc_latency_seconds_count{method="/viper.v1.ProfileService/GetProfile"}'] >= 1
     assert samples["viper_profiles"] == 1
-    assert samples['viper_queue_depth{runtime="sdxl"}'] == 0
-    assert samples['viper_queue_wait_seconds_count{runtime="idefics2"}'] >= 1
+    assert samples['viper_queue_depth{model="sdxl"}'] == 0
+    assert samples['viper_queue_wait_seconds_count{model="idefics2"}'] >= 1
 
 
 def test_generation_steps_and_metric_cache_are_counted(server):

@@ -38,7 +38,7 @@ def test_profile_lifecycle_survives_a_restart(tiny_models_dir, tmp_path):
         assert profile.user_id == "alice"
         assert profile.version == 1
         assert (profile.liked_image_count, profile.disliked_image_count) == (8, 8)
-        assert profile.extractor_model == "tiny-vpe"
+        assert profile.extractor_model == "tiny-vpe (float32)"
         assert profile.raw_text  # tiny models emit gibberish, kept as generated
         assert [image.sha256 for image in profile.images] == [
             hashlib.sha256(Path(image.image).read_bytes()).hexdigest() for image in images

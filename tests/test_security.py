@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from viper_client import NotFound, Tls, Unauthenticated, Unavailable, ViperClient
-from viper_server.auth import token_digest
+from viper_server.rpc.auth import token_digest
 from viper_server.testing import ServerProcess
 
 from certs import CertificateAuthority
@@ -52,7 +52,10 @@ def mtls_server(tiny_models_dir, tmp_path_factory, token_file, pki):
     db = tmp_path_factory.mktemp("db") / "profiles.db"
     args = ("--auth-tokens", str(token_file), "--tls-cert", str(pki["server"].cert),
             "--tls-key", str(pki["server"].key), "--tls-client-ca", str(pki["ca"]))
-    with ServerProcess(db, tiny_models_dir, *args) as server:
+    probe = grpc.ssl_channel_credentials(root_certificates=pki["ca"].read_bytes(),
+                                         private_key=pki["client"].key.read_bytes(),
+                                         certificate_chain=pki["client"].cert.read_bytes())
+    with ServerProcess(db, tiny_models_dir, *args, credentials=probe) as server:
         yield server
 
 

@@ -6,7 +6,7 @@ from PIL import Image
 from viper_profiles import Rating
 from viper_proto.v1 import profile_pb2
 from viper_server.config import Limits
-from viper_server.validation import InvalidRequest, check_rated_images, check_user_id, decode_image
+from viper_server.rpc.validation import InvalidRequest, check_extract, check_image, check_user_id
 
 from imagedata import encode, png_claiming
 
@@ -18,7 +18,7 @@ SMALL = Image.new("RGB", (20, 12), (200, 30, 40))
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
 def test_accepted_formats_decode_to_rgb(fmt):
-    image = decode_image(encode(SMALL.convert("RGBA") if fmt == "PNG" else SMALL, fmt), "x", LIMITS)
+    image = check_image(encode(SMALL.convert("RGBA") if fmt == "PNG" else SMALL, fmt), "x", LIMITS)
     assert image.mode == "RGB"
     assert image.size == (20, 12)
 
@@ -36,17 +36,32 @@ def test_accepted_formats_decode_to_rgb(fmt):
 )
 def test_bad_images_are_refused_with_the_field_named(data, message):
     with pytest.raises(InvalidRequest, match=message):
-        decode_image(data, "x", LIMITS)
+        check_image(data, "x", LIMITS)
 
 
 def test_declared_size_is_checked_before_decoding():
     with pytest.raises(InvalidRequest, match="x: 9000x9000 image exceeds the limit of 36000000 pixels"):
-        decode_image(png_claiming(9000, 9000), "x", LIMITS)
+        check_image(png_claiming(9000, 9000), "x", LIMITS)
 
 
 def test_pixel_limit_is_configurable():
     with pytest.raises(InvalidRequest, match="exceeds the limit of 100 pixels"):
-        decode_image(encode(SMALL, "PNG"), "x", Limits(max_image_pixels=100))
+        check_image(encode(SMALL, "PNG"), "x", Limits(max_image_pixels=100))
+
+
+class Vocabulary:
+    """What rpc.validation asks of the loaded models: the tiny IDEFICS2 tokenizer's control tokens."""
+
+    control_tokens = frozenset({"<unk>", "<s>", "</s>", "<fake_token_around_image>", "<image>", "<end_of_utterance>"})
+    max_prompt_tokens = 77
+
+    def prompt_token_count(self, text):
+        return len(text.split()) + 2
+
+
+def check_rated_images(images, limits=LIMITS):
+    _, uploads = check_extract(profile_pb2.ExtractProfileRequest(user_id="alice", images=images), limits, Vocabulary())
+    return uploads
 
 
 def rated(data=None, comment="nice", rating=profile_pb2.RATING_LIKED):
@@ -72,7 +87,7 @@ def test_rated_images_keep_bytes_comment_and_rating():
 )
 def test_bad_rated_images(images, message):
     with pytest.raises(InvalidRequest, match=message):
-        check_rated_images(images, LIMITS)
+        check_rated_images(images)
 
 
 @pytest.mark.parametrize("user_id", ["", "a" * 129, "has space", "semi;colon", "ünïcode"])

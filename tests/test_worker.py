@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from viper_server.worker import ModelWorker, QueueFull, WorkerClosed
+from viper_server.engine.workers import ModelWorker, QueueFull, WorkerClosed
 
 
 @pytest.fixture

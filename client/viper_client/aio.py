@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from PIL import Image
@@ -20,10 +20,13 @@ from viper_client.channel import (
     connect,
     resolve_timeout,
 )
+from viper_client.convert import GenerateOptions
 from viper_client.errors import error_from_rpc
 from viper_client.images import ImageSource
 from viper_client.types import GeneratedImage, GenerateEvent, Profile, RatedImage, ScoreResult
-from viper_proto.v1 import generation_pb2, profile_pb2
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 T = TypeVar("T")
 
@@ -47,14 +50,11 @@ class AsyncViperClient:
     ) -> None:
         self._timeout = timeout
         self._long_timeout = long_timeout
-        connection = connect(target, max_message_bytes=max_message_bytes, token=token, tls=tls, asynchronous=True)
-        self._channel = connection.channel
-        self._profiles = connection.profiles
-        self._generation = connection.generation
-        self._metric = connection.metric
+        self._connection = connect(target, max_message_bytes=max_message_bytes, token=token, tls=tls,
+                                   asynchronous=True)
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._connection.channel.close()
 
     async def __aenter__(self) -> AsyncViperClient:
         return self
@@ -64,18 +64,18 @@ class AsyncViperClient:
 
     async def extract_profile(self, user_id: str, images: Iterable[RatedImage], *, timeout: Timeout = UNSET) -> Profile:
         request = convert.extract_request(user_id, images)
-        response = await _unary(self._profiles.ExtractProfile, request, resolve_timeout(timeout, self._long_timeout))
+        response = await self._unary(self._connection.profiles.ExtractProfile, request, user_id, timeout, long=True)
         return convert.profile_from_proto(response)
 
     async def get_profile(self, user_id: str, *, timeout: Timeout = UNSET) -> Profile:
-        request = profile_pb2.GetProfileRequest(user_id=user_id)
-        response = await _unary(self._profiles.GetProfile, request, resolve_timeout(timeout, self._timeout))
+        request = convert.get_request(user_id)
+        response = await self._unary(self._connection.profiles.GetProfile, request, user_id, timeout)
         return convert.profile_from_proto(response)
 
     async def list_profiles(self, *, page_size: int = 100, timeout: Timeout = UNSET) -> AsyncIterator[Profile]:
-        request = profile_pb2.ListProfilesRequest(page_size=page_size)
+        request = convert.list_request(page_size)
         while True:
-            page = await _unary(self._profiles.ListProfiles, request, resolve_timeout(timeout, self._timeout))
+            page = await self._unary(self._connection.profiles.ListProfiles, request, None, timeout)
             for profile in page.profiles:
                 yield convert.profile_from_proto(profile)
             if not page.next_page_token:
@@ -92,48 +92,20 @@ class AsyncViperClient:
         timeout: Timeout = UNSET,
     ) -> Profile:
         request = convert.update_request(user_id, liked_features, disliked_features, expected_version)
-        response = await _unary(self._profiles.UpdateProfile, request, resolve_timeout(timeout, self._timeout))
+        response = await self._unary(self._connection.profiles.UpdateProfile, request, user_id, timeout)
         return convert.profile_from_proto(response)
 
     async def delete_profile(
         self, user_id: str, *, expected_version: int | None = None, timeout: Timeout = UNSET
     ) -> None:
         request = convert.delete_request(user_id, expected_version)
-        await _unary(self._profiles.DeleteProfile, request, resolve_timeout(timeout, self._timeout))
+        await self._unary(self._connection.profiles.DeleteProfile, request, user_id, timeout)
 
     def generate(
-        self,
-        user_id: str,
-        prompt: str,
-        *,
-        negative_prompt: str = "",
-        num_images: int = 1,
-        width: int = 0,
-        height: int = 0,
-        steps: int = 0,
-        guidance_scale: float | None = None,
-        preference_strength: float | None = None,
-        refine: bool | None = None,
-        seed: int = 0,
-        preview_every: int = 0,
-        timeout: Timeout = UNSET,
+        self, user_id: str, prompt: str, *, timeout: Timeout = UNSET, **options: Unpack[GenerateOptions]
     ) -> AsyncIterator[GenerateEvent]:
-        request = generation_pb2.GenerateRequest(
-            user_id=user_id,
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            num_images=num_images,
-            width=width,
-            height=height,
-            steps=steps,
-            guidance_scale=guidance_scale,
-            preference_strength=preference_strength,
-            refine=refine,
-            seed=seed,
-            preview_every=preview_every,
-        )
-        deadline = resolve_timeout(timeout, self._long_timeout)
-        return _stream(self._generation.Generate, request, deadline, convert.event_from_proto)
+        request = convert.generate_request(user_id, prompt, options)
+        return self._stream(self._connection.generation.Generate, request, user_id, timeout, convert.event_from_proto)
 
     async def generate_images(self, user_id: str, prompt: str, **options: Any) -> list[Image.Image]:
         images = [
@@ -151,11 +123,8 @@ class AsyncViperClient:
         timeout: Timeout = UNSET,
     ) -> list[float]:
         request = convert.score_request(user_id, images, liked, disliked)
-        deadline = resolve_timeout(timeout, self._long_timeout)
-        results = [
-            result async for result in _stream(self._metric.Score, request, deadline, convert.score_result_from_proto)
-        ]
-        return convert.scores_in_query_order(results, len(request.queries))
+        stream = self._stream(self._connection.metric.Score, request, user_id, timeout, convert.score_result_from_proto)
+        return convert.scores_in_query_order([result async for result in stream], len(request.queries))
 
     def score_stream(
         self,
@@ -167,29 +136,28 @@ class AsyncViperClient:
         timeout: Timeout = UNSET,
     ) -> AsyncIterator[ScoreResult]:
         request = convert.score_request(user_id, images, liked, disliked)
-        deadline = resolve_timeout(timeout, self._long_timeout)
-        return _stream(self._metric.Score, request, deadline, convert.score_result_from_proto)
+        return self._stream(self._connection.metric.Score, request, user_id, timeout, convert.score_result_from_proto)
 
+    async def _unary(self, rpc: Callable[..., Awaitable[T]], request: object, user_id: str | None,
+                     timeout: Timeout, *, long: bool = False) -> T:
+        deadline = resolve_timeout(timeout, self._long_timeout if long else self._timeout)
+        try:
+            return await rpc(request, timeout=deadline, metadata=self._connection.metadata_for(user_id))
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from error
 
-async def _unary(rpc: Callable[..., Awaitable[T]], request: object, timeout: float | None) -> T:
-    try:
-        return await rpc(request, timeout=timeout)
-    except grpc.RpcError as error:
-        raise error_from_rpc(error) from error
-
-
-async def _stream(
-    rpc: Callable[..., Any], request: object, timeout: float | None, convert_message: Callable[[Any], T | None]
-) -> AsyncIterator[T]:
-    """The converted messages of a server stream; messages converting to None are skipped."""
-    call = rpc(request, timeout=timeout)
-    try:
-        async for message in call:
-            item = convert_message(message)
-            if item is not None:
-                yield item
-    except grpc.RpcError as error:
-        raise error_from_rpc(error) from error
-    finally:
-        # A no-op once the stream has ended; otherwise (the caller closed the iterator) frees the server.
-        call.cancel()
+    async def _stream(self, rpc: Callable[..., Any], request: object, user_id: str, timeout: Timeout,
+                      convert_message: Callable[[Any], T | None]) -> AsyncIterator[T]:
+        """The converted messages of a server stream; messages converting to None are skipped."""
+        call = rpc(request, timeout=resolve_timeout(timeout, self._long_timeout),
+                   metadata=self._connection.metadata_for(user_id))
+        try:
+            async for message in call:
+                item = convert_message(message)
+                if item is not None:
+                    yield item
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from error
+        finally:
+            # A no-op once the stream has ended; otherwise (the caller closed the iterator) frees the server.
+            call.cancel()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,6 +18,9 @@ DEFAULT_TIMEOUT = 30.0
 # requests, so they get a deadline of minutes rather than seconds.
 DEFAULT_LONG_TIMEOUT = 600.0
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Metadata of every per-user call: the user id, so a proxy can route each user to the replica that
+# caches their metric context (nginx: hash $http_x_viper_user consistent).
+USER_HEADER = "x-viper-user"
 
 
 class _Unset(enum.Enum):
@@ -75,34 +77,31 @@ def create_channel(
     return api.secure_channel(target, tls.credentials(), options=options)
 
 
-class _StubWithMetadata:
-    """A generated stub whose every call carries the given metadata (works for sync and asyncio stubs)."""
-
-    def __init__(self, stub: object, metadata: tuple[tuple[str, str], ...]) -> None:
-        self._stub = stub
-        self._metadata = metadata
-
-    def __getattr__(self, method: str):
-        return functools.partial(getattr(self._stub, method), metadata=self._metadata)
+Metadata = tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True)
 class Connection:
-    """A channel and the service stubs on it, every call carrying the bearer token if one is given."""
+    """A channel, the service stubs on it, and the metadata every call carries (the bearer token if given)."""
 
     channel: grpc.Channel | grpc.aio.Channel
     profiles: profile_pb2_grpc.ProfileServiceStub
     generation: generation_pb2_grpc.GenerationServiceStub
     metric: metric_pb2_grpc.MetricServiceStub
+    metadata: Metadata
+
+    def metadata_for(self, user_id: str | None) -> Metadata:
+        """A call's metadata: the connection's, plus the user id header for a per-user call."""
+        return self.metadata if user_id is None else (*self.metadata, (USER_HEADER, user_id))
 
 
 def connect(target: str, *, max_message_bytes: int, token: str | None, tls: Tls | None,
             asynchronous: bool = False) -> Connection:
     channel = create_channel(target, max_message_bytes=max_message_bytes, tls=tls, asynchronous=asynchronous)
-    metadata = (("authorization", f"Bearer {token}"),) if token else ()
     return Connection(
         channel=channel,
-        profiles=_StubWithMetadata(profile_pb2_grpc.ProfileServiceStub(channel), metadata),
-        generation=_StubWithMetadata(generation_pb2_grpc.GenerationServiceStub(channel), metadata),
-        metric=_StubWithMetadata(metric_pb2_grpc.MetricServiceStub(channel), metadata),
+        profiles=profile_pb2_grpc.ProfileServiceStub(channel),
+        generation=generation_pb2_grpc.GenerationServiceStub(channel),
+        metric=metric_pb2_grpc.MetricServiceStub(channel),
+        metadata=(("authorization", f"Bearer {token}"),) if token else (),
     )

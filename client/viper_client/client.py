@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from PIL import Image
@@ -20,10 +20,13 @@ from viper_client.channel import (
     connect,
     resolve_timeout,
 )
+from viper_client.convert import GenerateOptions
 from viper_client.errors import error_from_rpc
 from viper_client.images import ImageSource
 from viper_client.types import GeneratedImage, GenerateEvent, Profile, RatedImage, ScoreResult
-from viper_proto.v1 import generation_pb2, profile_pb2
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 T = TypeVar("T")
 
@@ -51,14 +54,10 @@ class ViperClient:
     ) -> None:
         self._timeout = timeout
         self._long_timeout = long_timeout
-        connection = connect(target, max_message_bytes=max_message_bytes, token=token, tls=tls)
-        self._channel = connection.channel
-        self._profiles = connection.profiles
-        self._generation = connection.generation
-        self._metric = connection.metric
+        self._connection = connect(target, max_message_bytes=max_message_bytes, token=token, tls=tls)
 
     def close(self) -> None:
-        self._channel.close()
+        self._connection.channel.close()
 
     def __enter__(self) -> ViperClient:
         return self
@@ -69,19 +68,18 @@ class ViperClient:
     def extract_profile(self, user_id: str, images: Iterable[RatedImage], *, timeout: Timeout = UNSET) -> Profile:
         """Runs preference extraction over the rated images and stores (or replaces) the user's profile."""
         request = convert.extract_request(user_id, images)
-        response = _unary(self._profiles.ExtractProfile, request, resolve_timeout(timeout, self._long_timeout))
+        response = self._unary(self._connection.profiles.ExtractProfile, request, user_id, timeout, long=True)
         return convert.profile_from_proto(response)
 
     def get_profile(self, user_id: str, *, timeout: Timeout = UNSET) -> Profile:
-        request = profile_pb2.GetProfileRequest(user_id=user_id)
-        response = _unary(self._profiles.GetProfile, request, resolve_timeout(timeout, self._timeout))
+        response = self._unary(self._connection.profiles.GetProfile, convert.get_request(user_id), user_id, timeout)
         return convert.profile_from_proto(response)
 
     def list_profiles(self, *, page_size: int = 100, timeout: Timeout = UNSET) -> Iterator[Profile]:
         """All profiles ordered by user id, fetched a page at a time as the iterator advances."""
-        request = profile_pb2.ListProfilesRequest(page_size=page_size)
+        request = convert.list_request(page_size)
         while True:
-            page = _unary(self._profiles.ListProfiles, request, resolve_timeout(timeout, self._timeout))
+            page = self._unary(self._connection.profiles.ListProfiles, request, None, timeout)
             yield from map(convert.profile_from_proto, page.profiles)
             if not page.next_page_token:
                 return
@@ -98,51 +96,24 @@ class ViperClient:
     ) -> Profile:
         """Replaces the feature lists given (not None); with expected_version, raises Conflict if it is stale."""
         request = convert.update_request(user_id, liked_features, disliked_features, expected_version)
-        response = _unary(self._profiles.UpdateProfile, request, resolve_timeout(timeout, self._timeout))
+        response = self._unary(self._connection.profiles.UpdateProfile, request, user_id, timeout)
         return convert.profile_from_proto(response)
 
     def delete_profile(self, user_id: str, *, expected_version: int | None = None, timeout: Timeout = UNSET) -> None:
         request = convert.delete_request(user_id, expected_version)
-        _unary(self._profiles.DeleteProfile, request, resolve_timeout(timeout, self._timeout))
+        self._unary(self._connection.profiles.DeleteProfile, request, user_id, timeout)
 
     def generate(
-        self,
-        user_id: str,
-        prompt: str,
-        *,
-        negative_prompt: str = "",
-        num_images: int = 1,
-        width: int = 0,
-        height: int = 0,
-        steps: int = 0,
-        guidance_scale: float | None = None,
-        preference_strength: float | None = None,
-        refine: bool | None = None,
-        seed: int = 0,
-        preview_every: int = 0,
-        timeout: Timeout = UNSET,
+        self, user_id: str, prompt: str, *, timeout: Timeout = UNSET, **options: Unpack[GenerateOptions]
     ) -> Iterator[GenerateEvent]:
-        """Streams Progress, Preview and GeneratedImage events; 0 and None mean the server's defaults.
+        """Streams Progress, Preview and GeneratedImage events; options (GenerateOptions) left out mean the
+        server's defaults.
 
         The RPC starts at the first next(); closing the iterator (close(), or leaving a
         `with contextlib.closing(...)` block) cancels it on the server.
         """
-        request = generation_pb2.GenerateRequest(
-            user_id=user_id,
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            num_images=num_images,
-            width=width,
-            height=height,
-            steps=steps,
-            guidance_scale=guidance_scale,
-            preference_strength=preference_strength,
-            refine=refine,
-            seed=seed,
-            preview_every=preview_every,
-        )
-        deadline = resolve_timeout(timeout, self._long_timeout)
-        return _stream(self._generation.Generate, request, deadline, convert.event_from_proto)
+        request = convert.generate_request(user_id, prompt, options)
+        return self._stream(self._connection.generation.Generate, request, user_id, timeout, convert.event_from_proto)
 
     def generate_images(self, user_id: str, prompt: str, **options: Any) -> list[Image.Image]:
         """The generated images in index order; options are generate()'s."""
@@ -160,9 +131,8 @@ class ViperClient:
     ) -> list[float]:
         """Scores in [0, 1] in the order of images, against the stored profile or an inline liked/disliked context."""
         request = convert.score_request(user_id, images, liked, disliked)
-        results = _stream(
-            self._metric.Score, request, resolve_timeout(timeout, self._long_timeout), convert.score_result_from_proto
-        )
+        results = self._stream(self._connection.metric.Score, request, user_id, timeout,
+                               convert.score_result_from_proto)
         return convert.scores_in_query_order(results, len(request.queries))
 
     def score_stream(
@@ -176,29 +146,29 @@ class ViperClient:
     ) -> Iterator[ScoreResult]:
         """Results as the server computes them, not necessarily in query order."""
         request = convert.score_request(user_id, images, liked, disliked)
-        deadline = resolve_timeout(timeout, self._long_timeout)
-        return _stream(self._metric.Score, request, deadline, convert.score_result_from_proto)
+        return self._stream(self._connection.metric.Score, request, user_id, timeout, convert.score_result_from_proto)
 
+    def _unary(self, rpc: Callable[..., T], request: object, user_id: str | None, timeout: Timeout, *,
+               long: bool = False) -> T:
+        deadline = resolve_timeout(timeout, self._long_timeout if long else self._timeout)
+        try:
+            return rpc(request, timeout=deadline, metadata=self._connection.metadata_for(user_id))
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from error
 
-def _unary(rpc: Callable[..., T], request: object, timeout: float | None) -> T:
-    try:
-        return rpc(request, timeout=timeout)
-    except grpc.RpcError as error:
-        raise error_from_rpc(error) from error
-
-
-def _stream(
-    rpc: Callable[..., Any], request: object, timeout: float | None, convert_message: Callable[[Any], T | None]
-) -> Iterator[T]:
-    """The converted messages of a server stream; messages converting to None are skipped."""
-    call = rpc(request, timeout=timeout)
-    try:
-        for message in call:
-            item = convert_message(message)
-            if item is not None:
-                yield item
-    except grpc.RpcError as error:
-        raise error_from_rpc(error) from error
-    finally:
-        # A no-op once the stream has ended; otherwise (the caller closed the iterator) frees the server.
-        call.cancel()
+    def _stream(self, rpc: Callable[..., Any], request: object, user_id: str, timeout: Timeout,
+                convert_message: Callable[[Any], T | None]) -> Iterator[T]:
+        """The converted messages of a server stream (model work: the long deadline); messages converting to
+        None are skipped."""
+        call = rpc(request, timeout=resolve_timeout(timeout, self._long_timeout),
+                   metadata=self._connection.metadata_for(user_id))
+        try:
+            for message in call:
+                item = convert_message(message)
+                if item is not None:
+                    yield item
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from error
+        finally:
+            # A no-op once the stream has ended; otherwise (the caller closed the iterator) frees the server.
+            call.cancel()

@@ -1,9 +1,11 @@
-"""Conversions between the SDK's types and the protobuf messages, shared by the sync and async clients."""
+"""Each RPC's request building and response reading, shared by the sync and async clients: the one place
+the SDK's types and the protobuf messages meet."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import timezone
+from typing import TypedDict
 
 import grpc
 from google.protobuf import field_mask_pb2
@@ -27,6 +29,21 @@ _RATING_TO_PROTO = {Rating.LIKED: profile_pb2.RATING_LIKED, Rating.DISLIKED: pro
 _RATING_FROM_PROTO = {value: rating for rating, value in _RATING_TO_PROTO.items()}
 
 
+class GenerateOptions(TypedDict, total=False):
+    """Generate's options; each left out (or 0 / None) means the server's default."""
+
+    negative_prompt: str
+    num_images: int  # 1-8 (default 1)
+    width: int  # multiples of 8 (default: the model's size, 1024 for SDXL, 64 for the tiny models)
+    height: int
+    steps: int  # denoising steps over base and refiner (default 40)
+    guidance_scale: float | None  # above 1, at most 30 (default 5.0)
+    preference_strength: float | None  # 0 = not personalized, up to 2 (default 0.85)
+    refine: bool | None  # finish with the refiner (default True)
+    seed: int  # 0 = random; the seed used comes with each image
+    preview_every: int  # a preview every this many steps (default 0: none)
+
+
 def extract_request(user_id: str, images: Iterable[RatedImage]) -> profile_pb2.ExtractProfileRequest:
     return profile_pb2.ExtractProfileRequest(
         user_id=user_id,
@@ -39,6 +56,15 @@ def extract_request(user_id: str, images: Iterable[RatedImage]) -> profile_pb2.E
             for rated in images
         ],
     )
+
+
+def get_request(user_id: str) -> profile_pb2.GetProfileRequest:
+    return profile_pb2.GetProfileRequest(user_id=user_id)
+
+
+def list_request(page_size: int) -> profile_pb2.ListProfilesRequest:
+    """The first page's request; the next page's is the same with next_page_token set."""
+    return profile_pb2.ListProfilesRequest(page_size=page_size)
 
 
 def update_request(
@@ -62,6 +88,13 @@ def update_request(
 
 def delete_request(user_id: str, expected_version: int | None) -> profile_pb2.DeleteProfileRequest:
     return profile_pb2.DeleteProfileRequest(user_id=user_id, expected_version=expected_version or 0)
+
+
+def generate_request(user_id: str, prompt: str, options: GenerateOptions) -> generation_pb2.GenerateRequest:
+    unknown = set(options) - set(GenerateOptions.__annotations__)
+    if unknown:
+        raise TypeError(f"unknown generate option(s): {', '.join(sorted(unknown))}")
+    return generation_pb2.GenerateRequest(user_id=user_id, prompt=prompt, **options)
 
 
 def score_request(
@@ -125,7 +158,7 @@ def event_from_proto(message: generation_pb2.GenerateEvent) -> GenerateEvent | N
 
 
 def score_result_from_proto(message: metric_pb2.ScoreResult) -> ScoreResult:
-    return ScoreResult(index=message.index, score=message.score)
+    return ScoreResult(index=message.index, score=message.score, pairs_used=message.pairs_used)
 
 
 def scores_in_query_order(results: Iterable[ScoreResult], query_count: int) -> list[float]:

@@ -55,10 +55,13 @@ class Profile:
 
 @dataclass(frozen=True)
 class ScoreResult:
-    """The score of the query at position index of the request, in [0, 1]; higher is liked more."""
+    """The score of the query at position index of the request, in [0, 1]; higher is liked more.
+
+    pairs_used: how many (disliked, liked) pairs of the user's images the score was computed with."""
 
     index: int
     score: float
+    pairs_used: int = 0
 
 
 @dataclass(frozen=True)

@@ -148,14 +148,15 @@ class ProfileStore:
             db["profiles"].update(user_id, {**updates, "version": version + 1})
             return _read_profile(db, user_id)
 
-    def delete(self, user_id: str, *, expected_version: int | None = None) -> None:
-        """Deletes the profile, and every image of it that no other profile uses."""
+    def delete(self, user_id: str, *, expected_version: int | None = None) -> int:
+        """Deletes the profile, and every image of it that no other profile uses; returns the deleted version."""
         validate_user_id(user_id)
         with self._transaction(write=True) as db:
-            _checked_version(db, user_id, expected_version)
+            version = _checked_version(db, user_id, expected_version)
             dropped = _drop_image_references(db, user_id)
             db["profiles"].delete(user_id)
             _delete_unreferenced_images(db, dropped)
+            return version
 
     def images(self, user_id: str) -> list[StoredImage]:
         """The profile's source images with their bytes, ordered by position."""

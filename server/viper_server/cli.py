@@ -1,7 +1,6 @@
-"""Server-side commands of the `viper` CLI: `serve` and `build-tiny-models`.
+"""`viper-server`: the server's own commands (`serve`, `build-tiny-models`).
 
-The client CLI (viper_client.cli) delegates here, so `pip install viper-serve`
-without the server extra still gives a working client.
+The client's `viper serve` hands its process over to this command (python -m viper_server).
 """
 
 from __future__ import annotations
@@ -10,22 +9,25 @@ import argparse
 import asyncio
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from .config import add_serve_arguments, config_from_args
 
+# The libraries whose chatter (fallback notices, deprecations, loading progress bars) is for debugging.
+_NOISY_LIBRARIES = ("transformers", "diffusers", "huggingface_hub", "accelerate", "peft", "torch")
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="viper", description="viper-serve server commands")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="viper-server", description="viper-serve's gRPC server")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_serve_arguments(commands.add_parser("serve", help="run the gRPC server"))
     build = commands.add_parser("build-tiny-models", help="write tiny random-weight checkpoints to DIR")
     build.add_argument("dir", type=Path)
     args = parser.parse_args(argv)
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
     if args.command == "build-tiny-models":
+        configure_logging("info")
         from .models.tiny import ensure_tiny_models
 
         print(ensure_tiny_models(args.dir))
@@ -34,14 +36,34 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
-    from .app import serve
+    configure_logging(config.log_level)
+    from .server import serve  # torch and the models: only once the arguments are known to be good
 
     try:
         asyncio.run(serve(config))
     except (ValueError, OSError) as exc:  # unusable settings or files: say so, no traceback
-        print(f"viper serve: error: {exc}", file=sys.stderr)
+        print(f"viper-server: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def configure_logging(level: str) -> None:
+    """Our log lines at `level`; the model libraries' warnings and progress bars only at debug."""
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    if level == "debug":
+        return
+    for name in _NOISY_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="(transformers|diffusers|huggingface_hub|accelerate|peft|torch)")
+    # Progress bars of from_pretrained and the pipelines.
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
 
 
 if __name__ == "__main__":

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any
+
+from .engine.presets import PRESET_NAMES
 
 MiB = 1024 * 1024
+IDEFICS2_DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass(frozen=True)
@@ -31,16 +35,19 @@ class Limits:
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
-    db_path: Path = Path("var/profiles.db")
-    models: Literal["tiny", "viper"] = "tiny"
-    # tiny: where the tiny checkpoints are built and cached (default var/tiny-models).
+    # The profile store: a SQLite file path (or sqlite:///path).
+    db: str = "var/profiles.db"
+    models: str = "tiny"
     # viper: a folder holding local copies of the model repos; unset = the HF cache.
+    # tiny: where the checkpoints are built and cached; unset = var/models/tiny.
     models_dir: Path | None = None
     device: str = "auto"
+    # auto = bfloat16 on CUDA, float32 elsewhere (the reference runs IDEFICS2 in float32).
+    idefics2_dtype: str = "auto"
     max_message_bytes: int = 64 * MiB
-    # Model jobs waiting per runtime before RESOURCE_EXHAUSTED.
+    # Model jobs waiting per model before RESOURCE_EXHAUSTED.
     max_queue: int = 16
-    # Tokens the VPE may generate; unset = 2000 for the real model, 64 for the tiny one.
+    # Tokens the VPE may generate; unset = the preset's (2000 for viper, 64 for tiny).
     vpe_max_new_tokens: int | None = None
     # Seconds in-flight calls get to finish after SIGTERM.
     grace_period: float = 30.0
@@ -63,11 +70,16 @@ class ServerConfig:
     tls_client_ca: Path | None = None
     # Prometheus metrics over HTTP on this port of the same host; 0 = off.
     metrics_port: int = 0
+    log_level: str = "info"
     limits: Limits = Limits()
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+# Where presets that the project builds itself (tiny) keep their checkpoints unless --models-dir says.
+BUILT_MODELS_ROOT = Path("var/models")
 
 
 def on_off(text: str) -> bool:
@@ -80,77 +92,106 @@ def on_off(text: str) -> bool:
     raise ValueError(f"expected on or off, not {text!r}")
 
 
-# flag -> (env var, type, help). Flags override env vars, which override defaults.
-_SERVE_FLAGS: dict[str, tuple[str, type, str]] = {
-    "host": ("VIPER_HOST", str, "address to bind"),
-    "port": ("VIPER_PORT", int, "port to bind; 0 picks a free one"),
-    "db_path": ("VIPER_DB", Path, "SQLite profile store"),
-    "models": ("VIPER_MODELS", str, "tiny (random-weight test models) or viper (the real weights)"),
-    "models_dir": ("VIPER_MODELS_DIR", Path, "folder of local model checkpoints"),
-    "device": ("VIPER_DEVICE", str, "auto, cpu, cuda or cuda:N"),
-    "max_message_bytes": ("VIPER_MAX_MESSAGE_BYTES", int, "largest gRPC message accepted"),
-    "max_queue": ("VIPER_MAX_QUEUE", int, "model jobs that may wait per runtime"),
-    "vpe_max_new_tokens": ("VIPER_VPE_MAX_NEW_TOKENS", int, "tokens the preference extractor may generate"),
-    "grace_period": ("VIPER_GRACE_PERIOD", float, "seconds to finish in-flight calls on SIGTERM"),
-    "cpu_offload": ("VIPER_CPU_OFFLOAD", on_off, "SDXL model CPU offload (on/off)"),
-    "vae_tiling": ("VIPER_VAE_TILING", on_off, "decode SDXL latents in tiles (on/off)"),
-    "metric_cache": ("VIPER_METRIC_CACHE", on_off, "per-user prefix cache for the metric (on/off)"),
-    "metric_cache_bytes": ("VIPER_METRIC_CACHE_BYTES", int, "bytes of cached metric prefixes"),
-    "metric_batch_size": ("VIPER_METRIC_BATCH_SIZE", int, "queries scored per model call"),
-    "metric_max_pairs": ("VIPER_METRIC_MAX_PAIRS", int, "liked/disliked pairs in a metric context"),
-    "auth_tokens": ("VIPER_AUTH_TOKENS", Path, "file of accepted bearer tokens, one a line (sha256:<hex> or plain)"),
-    "allow_unauthenticated": ("VIPER_ALLOW_UNAUTHENTICATED", on_off,
-                              "serve a non-loopback address without auth (on/off)"),
-    "reflection": ("VIPER_REFLECTION", on_off, "gRPC server reflection (on/off; behind auth when auth is on)"),
-    "tls_cert": ("VIPER_TLS_CERT", Path, "server certificate chain (PEM)"),
-    "tls_key": ("VIPER_TLS_KEY", Path, "server private key (PEM)"),
-    "tls_client_ca": ("VIPER_TLS_CLIENT_CA", Path, "CA whose client certificates are required (mTLS)"),
-    "metrics_port": ("VIPER_METRICS_PORT", int, "Prometheus metrics port; 0 = off"),
+@dataclass(frozen=True)
+class _Flag:
+    env: str
+    parse: Callable[[str], Any]
+    help: str
+    choices: tuple[str, ...] | None = None
+    # The default as --help shows it, where the field's own value would say less (None, True/False).
+    shown_default: str | None = None
+
+
+def _switch(env: str, help_text: str) -> _Flag:
+    return _Flag(env, on_off, help_text + " (on/off)")
+
+
+# flag -> how to read it. Flags override env vars, which override defaults.
+_SERVE_FLAGS: dict[str, _Flag] = {
+    "host": _Flag("VIPER_HOST", str, "address to bind"),
+    "port": _Flag("VIPER_PORT", int, "port to bind; 0 picks a free one"),
+    "db": _Flag("VIPER_DB", str, "profile store: a SQLite file path or sqlite:///path"),
+    "models": _Flag("VIPER_MODELS", str, "tiny (random-weight test models) or viper (the real weights)",
+                    choices=PRESET_NAMES),
+    "models_dir": _Flag("VIPER_MODELS_DIR", Path, "folder of local model checkpoints",
+                        shown_default="the HF cache for viper, var/models/tiny for tiny"),
+    "device": _Flag("VIPER_DEVICE", str, "auto, cpu, cuda or cuda:N"),
+    "idefics2_dtype": _Flag("VIPER_IDEFICS2_DTYPE", str,
+                            "IDEFICS2 precision: auto = bfloat16 on CUDA, float32 on CPU", choices=IDEFICS2_DTYPES),
+    "max_message_bytes": _Flag("VIPER_MAX_MESSAGE_BYTES", int, "largest gRPC message accepted"),
+    "max_queue": _Flag("VIPER_MAX_QUEUE", int, "model jobs that may wait per model"),
+    "vpe_max_new_tokens": _Flag("VIPER_VPE_MAX_NEW_TOKENS", int, "tokens the preference extractor may generate",
+                                shown_default="2000 for viper, 64 for tiny"),
+    "grace_period": _Flag("VIPER_GRACE_PERIOD", float, "seconds to finish in-flight calls on SIGTERM"),
+    "cpu_offload": _switch("VIPER_CPU_OFFLOAD", "SDXL model CPU offload"),
+    "vae_tiling": _switch("VIPER_VAE_TILING", "decode SDXL latents in tiles"),
+    "metric_cache": _switch("VIPER_METRIC_CACHE", "per-user prefix cache for the metric"),
+    "metric_cache_bytes": _Flag("VIPER_METRIC_CACHE_BYTES", int, "bytes of cached metric prefixes"),
+    "metric_batch_size": _Flag("VIPER_METRIC_BATCH_SIZE", int, "queries scored per model call"),
+    "metric_max_pairs": _Flag("VIPER_METRIC_MAX_PAIRS", int, "liked/disliked pairs in a metric context"),
+    "auth_tokens": _Flag("VIPER_AUTH_TOKENS", Path,
+                         "file of accepted bearer tokens, one a line (sha256:<hex> or plain)",
+                         shown_default="none: no auth, allowed on loopback only"),
+    "allow_unauthenticated": _switch("VIPER_ALLOW_UNAUTHENTICATED", "serve a non-loopback address without auth"),
+    "reflection": _switch("VIPER_REFLECTION", "gRPC server reflection (behind auth when auth is on)"),
+    "tls_cert": _Flag("VIPER_TLS_CERT", Path, "server certificate chain (PEM)", shown_default="none: no TLS"),
+    "tls_key": _Flag("VIPER_TLS_KEY", Path, "server private key (PEM)", shown_default="none"),
+    "tls_client_ca": _Flag("VIPER_TLS_CLIENT_CA", Path, "CA whose client certificates are required (mTLS)",
+                           shown_default="none: no client certificates"),
+    "metrics_port": _Flag("VIPER_METRICS_PORT", int, "Prometheus metrics port; 0 = off"),
+    "log_level": _Flag("VIPER_LOG_LEVEL", str, "log verbosity (debug shows the libraries' warnings and progress)",
+                       choices=LOG_LEVELS),
 }
-_LIMIT_FLAGS: dict[str, tuple[str, type, str]] = {
-    "max_images": ("VIPER_MAX_IMAGES", int, "images per extraction"),
-    "max_comment_chars": ("VIPER_MAX_COMMENT_CHARS", int, "characters per comment"),
-    "max_image_pixels": ("VIPER_MAX_IMAGE_PIXELS", int, "pixels per image (width x height)"),
-    "max_generate_images": ("VIPER_MAX_GENERATE_IMAGES", int, "images per Generate call"),
-    "min_generate_size": ("VIPER_MIN_GENERATE_SIZE", int, "smallest generated width / height"),
-    "max_generate_size": ("VIPER_MAX_GENERATE_SIZE", int, "largest generated width / height"),
-    "max_steps": ("VIPER_MAX_STEPS", int, "denoising steps per image"),
-    "max_score_queries": ("VIPER_MAX_SCORE_QUERIES", int, "query images per Score call"),
+_LIMIT_FLAGS: dict[str, _Flag] = {
+    "max_images": _Flag("VIPER_MAX_IMAGES", int, "images per extraction"),
+    "max_comment_chars": _Flag("VIPER_MAX_COMMENT_CHARS", int, "characters per comment"),
+    "max_image_pixels": _Flag("VIPER_MAX_IMAGE_PIXELS", int, "pixels per image (width x height)"),
+    "max_generate_images": _Flag("VIPER_MAX_GENERATE_IMAGES", int, "images per Generate call"),
+    "min_generate_size": _Flag("VIPER_MIN_GENERATE_SIZE", int, "smallest generated width / height"),
+    "max_generate_size": _Flag("VIPER_MAX_GENERATE_SIZE", int, "largest generated width / height"),
+    "max_steps": _Flag("VIPER_MAX_STEPS", int, "denoising steps per image"),
+    "max_score_queries": _Flag("VIPER_MAX_SCORE_QUERIES", int, "query images per Score call"),
 }
+
+
+def _shown(flag: _Flag, default: object) -> str:
+    if flag.shown_default is not None:
+        return flag.shown_default
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    return str(default)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ServerConfig()
     for flags, source in ((_SERVE_FLAGS, defaults), (_LIMIT_FLAGS, defaults.limits)):
-        for name, (env, kind, help_text) in flags.items():
-            default = getattr(source, name)
-            choices = ("tiny", "viper") if name == "models" else None
+        for name, flag in flags.items():
             parser.add_argument(
-                "--db" if name == "db_path" else "--" + name.replace("_", "-"),
+                "--" + name.replace("_", "-"),
                 dest=name,
-                type=kind,
-                choices=choices,
+                type=flag.parse,
+                choices=flag.choices,
                 default=None,
-                help=f"{help_text} (env {env}; default {default})",
+                metavar="on|off" if flag.parse is on_off else None,
+                help=f"{flag.help} (env {flag.env}; default {_shown(flag, getattr(source, name))})",
             )
 
 
 def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> ServerConfig:
-    def value(name: str, env: str, kind: type, default: object) -> object:
-        flag = getattr(args, name, None)
-        if flag is not None:
-            return flag
-        if env in environ:
-            return kind(environ[env])
+    def value(name: str, flag: _Flag, default: object) -> object:
+        given = getattr(args, name, None)
+        if given is not None:
+            return given
+        if flag.env in environ:
+            return flag.parse(environ[flag.env])
         return default
 
     defaults = ServerConfig()
     limits = Limits(**{
-        name: value(name, env, kind, getattr(defaults.limits, name))
-        for name, (env, kind, _) in _LIMIT_FLAGS.items()
+        name: value(name, flag, getattr(defaults.limits, name)) for name, flag in _LIMIT_FLAGS.items()
     })
     config = ServerConfig(
-        **{name: value(name, env, kind, getattr(defaults, name)) for name, (env, kind, _) in _SERVE_FLAGS.items()},
+        **{name: value(name, flag, getattr(defaults, name)) for name, flag in _SERVE_FLAGS.items()},
         limits=limits,
     )
     check_config(config)
@@ -163,8 +204,10 @@ def is_loopback(host: str) -> bool:
 
 def check_config(config: ServerConfig) -> None:
     """Refuses settings that cannot work or would be unsafe; raises ValueError."""
-    if config.models not in ("tiny", "viper"):
-        raise ValueError(f"models must be tiny or viper, not {config.models!r}")
+    for name in ("models", "idefics2_dtype", "log_level"):
+        choices = _SERVE_FLAGS[name].choices
+        if getattr(config, name) not in choices:
+            raise ValueError(f"{name} must be {' or '.join(choices)}, not {getattr(config, name)!r}")
     if (config.tls_cert is None) != (config.tls_key is None):
         raise ValueError("--tls-cert and --tls-key go together")
     if config.tls_client_ca is not None and config.tls_cert is None:
@@ -174,4 +217,3 @@ def check_config(config: ServerConfig) -> None:
             f"refusing to serve {config.host} without auth: pass --auth-tokens FILE "
             "(or --allow-unauthenticated on if something in front of the server authenticates)"
         )
-

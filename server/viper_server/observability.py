@@ -1,38 +1,55 @@
-"""Prometheus metrics of one server, in a registry of its own.
+"""Prometheus telemetry of one server, in a registry of its own.
 
-The metrics are always collected (cheap); they are exposed over HTTP only
-when a metrics port is configured.
+Counters and histograms are updated as RPCs and model work happen (cheap, always on); gauges that
+describe state (queue depths, the metric prefix cache, stored profiles) are read at scrape time. They
+are exposed over HTTP only when a metrics port is configured.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from viper_profiles import ProfileStore
+
+    from .engine.engine import ModelEngine
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
-class Metrics:
+class Telemetry:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.rpcs = Counter("viper_rpcs", "RPCs handled, by method and status code",
                             ["method", "code"], registry=self.registry)
         self.rpc_latency = Histogram("viper_rpc_latency_seconds", "RPC latency by method (whole stream)",
                                      ["method"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.queue_depth = Gauge("viper_queue_depth", "model jobs waiting, by runtime",
-                                 ["runtime"], registry=self.registry)
-        self.queue_wait = Histogram("viper_queue_wait_seconds", "time model jobs waited before running",
-                                    ["runtime"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.queue_wait = Histogram("viper_queue_wait_seconds", "time model jobs waited before running, by model",
+                                    ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.generation_steps = Counter("viper_generation_steps",
                                         "denoising steps run (rate() gives steps per second)",
                                         registry=self.registry)
 
-    def watch(self, collector: Collector) -> None:
-        """Adds a collector read at scrape time (profile count, cache statistics)."""
-        self.registry.register(collector)
+    # ModelEngine's observer.
+    def queue_waited(self, model: str, seconds: float) -> None:
+        self.queue_wait.labels(model).observe(seconds)
+
+    def generation_step(self) -> None:
+        self.generation_steps.inc()
+
+    def rpc_finished(self, method: str, code: str, seconds: float) -> None:
+        self.rpcs.labels(method, code).inc()
+        self.rpc_latency.labels(method).observe(seconds)
+
+    def watch(self, engine: ModelEngine, store: ProfileStore) -> None:
+        """Adds the gauges read at scrape time."""
+        self.registry.register(_ScrapeTime(lambda: _engine_families(engine)))
+        self.registry.register(_ScrapeTime(lambda: _store_families(store)))
 
     def serve(self, port: int, host: str) -> int:
         """Exposes the metrics over HTTP; returns the bound port."""
@@ -40,11 +57,30 @@ class Metrics:
         return server.server_port
 
 
-class ScrapeTimeCollector(Collector):
-    """Reads gauges and counters from callables when Prometheus scrapes."""
+Families = Iterator[CounterMetricFamily | GaugeMetricFamily]
 
-    def __init__(self, read: Callable[[], Iterator[CounterMetricFamily | GaugeMetricFamily]]) -> None:
+
+class _ScrapeTime(Collector):
+    def __init__(self, read: Callable[[], Families]) -> None:
         self._read = read
 
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    def collect(self) -> Families:
         yield from self._read()
+
+
+def _engine_families(engine: ModelEngine) -> Families:
+    depth = GaugeMetricFamily("viper_queue_depth", "model jobs waiting, by model", labels=["model"])
+    for model, waiting in engine.queue_depths.items():
+        depth.add_metric([model], waiting)
+    yield depth
+    stats = engine.cache_stats
+    if stats is None:  # models not loaded yet
+        return
+    yield CounterMetricFamily("viper_metric_cache_hits", "metric prefix-cache hits", value=stats.hits)
+    yield CounterMetricFamily("viper_metric_cache_misses", "metric prefix-cache misses", value=stats.misses)
+    yield GaugeMetricFamily("viper_metric_cache_bytes", "bytes held by the metric prefix cache", value=stats.bytes)
+    yield GaugeMetricFamily("viper_metric_cache_entries", "contexts in the metric prefix cache", value=stats.entries)
+
+
+def _store_families(store: ProfileStore) -> Families:
+    yield GaugeMetricFamily("viper_profiles", "stored profiles", value=store.count())

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bviper_proto/v1/metric.proto\x12\x08viper.v1\"Q\n\x0cScoreRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07queries\x18\x02 \x03(\x0c\x12\r\n\x05liked\x18\x03 \x03(\x0c\x12\x10\n\x08\x64isliked\x18\x04 \x03(\x0c\"+\n\x0bScoreResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05score\x18\x02 \x01(\x01\x32I\n\rMetricService\x12\x38\n\x05Score\x12\x16.viper.v1.ScoreRequest\x1a\x15.viper.v1.ScoreResult0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bviper_proto/v1/metric.proto\x12\x08viper.v1\"Q\n\x0cScoreRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07queries\x18\x02 \x03(\x0c\x12\r\n\x05liked\x18\x03 \x03(\x0c\x12\x10\n\x08\x64isliked\x18\x04 \x03(\x0c\"?\n\x0bScoreResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x12\n\npairs_used\x18\x03 \x01(\x05\x32I\n\rMetricService\x12\x38\n\x05Score\x12\x16.viper.v1.ScoreRequest\x1a\x15.viper.v1.ScoreResult0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,7 +34,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCOREREQUEST']._serialized_start=41
   _globals['_SCOREREQUEST']._serialized_end=122
   _globals['_SCORERESULT']._serialized_start=124
-  _globals['_SCORERESULT']._serialized_end=167
-  _globals['_METRICSERVICE']._serialized_start=169
-  _globals['_METRICSERVICE']._serialized_end=242
+  _globals['_SCORERESULT']._serialized_end=187
+  _globals['_METRICSERVICE']._serialized_start=189
+  _globals['_METRICSERVICE']._serialized_end=262
 # @@protoc_insertion_point(module_scope)

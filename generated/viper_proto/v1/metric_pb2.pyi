@@ -19,9 +19,11 @@ class ScoreRequest(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., queries: _Optional[_Iterable[bytes]] = ..., liked: _Optional[_Iterable[bytes]] = ..., disliked: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class ScoreResult(_message.Message):
-    __slots__ = ("index", "score")
+    __slots__ = ("index", "score", "pairs_used")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
+    PAIRS_USED_FIELD_NUMBER: _ClassVar[int]
     index: int
     score: float
-    def __init__(self, index: _Optional[int] = ..., score: _Optional[float] = ...) -> None: ...
+    pairs_used: int
+    def __init__(self, index: _Optional[int] = ..., score: _Optional[float] = ..., pairs_used: _Optional[int] = ...) -> None: ...

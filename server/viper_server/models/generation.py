@@ -7,68 +7,16 @@ import copy
 import random
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 from diffusers import StableDiffusionXLPipeline
 
+from ..domain import FinishedImage, GenerationEvent, GenerationParams, Preview, Progress
 from .guidance import ViperGuidedUNet, preference_kwargs
 from .preview import latent_preview_png, png_bytes
 from .sdxl import SdxlPipelines
 
 SEED_RANGE = 2**64  # seeds are uint64 on the wire
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    prompt: str
-    liked_features: Sequence[str]
-    disliked_features: Sequence[str]
-    negative_prompt: str = ""
-    num_images: int = 1
-    width: int = 1024
-    height: int = 1024
-    steps: int = 40
-    guidance_scale: float = 5.0
-    preference_strength: float = 0.85
-    refine: bool = True
-    high_noise_frac: float = 0.8  # share of the steps the base runs before the refiner takes over
-    seed: int = 0
-    preview_every: int = 0
-
-    def __post_init__(self) -> None:
-        if self.num_images < 1 or self.steps < 1 or self.preview_every < 0:
-            raise ValueError("num_images and steps must be positive, preview_every non-negative")
-        if self.width <= 0 or self.height <= 0 or self.width % 8 or self.height % 8:
-            raise ValueError("width and height must be positive multiples of 8")
-        if self.guidance_scale <= 1:
-            # At or below 1 the stock pipeline drops classifier-free guidance, which ViPer's terms ride on.
-            raise ValueError("guidance_scale must be above 1")
-        if not 0 < self.high_noise_frac < 1:
-            raise ValueError("high_noise_frac must be between 0 and 1")
-
-
-@dataclass(frozen=True)
-class Progress:
-    image_index: int
-    step: int  # steps done for this image, over base and refiner
-    total_steps: int
-
-
-@dataclass(frozen=True)
-class Preview:
-    image_index: int
-    step: int
-    png: bytes
-
-
-@dataclass(frozen=True)
-class FinishedImage:
-    image_index: int
-    png: bytes
-    seed: int
-    width: int
-    height: int
 
 
 class GenerationCancelled(Exception):
@@ -119,12 +67,16 @@ class PersonalizedGenerator:
     def generate(
         self,
         params: GenerationParams,
+        liked_features: Sequence[str],
+        disliked_features: Sequence[str],
         *,
-        emit: Callable[[object], None],
+        emit: Callable[[GenerationEvent], None],
         should_stop: Callable[[], bool] = lambda: False,
     ) -> None:
         """Emit, per image: Progress(step 0), Progress after every step with a Preview every
-        preview_every steps, then FinishedImage. Raises GenerationCancelled once should_stop() is true."""
+        preview_every steps, then FinishedImage. Raises GenerationCancelled once should_stop() is true.
+
+        params are taken as checked (rpc.validation checks every bound once)."""
         if params.refine and self._refiner is None:
             raise ValueError("refine=True needs a refiner pipeline")
         with self._lock, torch.inference_mode():
@@ -133,23 +85,23 @@ class PersonalizedGenerator:
                 if should_stop():
                     raise GenerationCancelled()
                 seed = image_seed(params, image_index)
+                rng = random.Random(seed)
+                features = shuffled_features(liked_features, rng), shuffled_features(disliked_features, rng)
                 steps = _StepEvents(image_index, params, emit, should_stop)
-                png = self._generate_image(params, prompt_embeds, seed, steps)
+                png = self._generate_image(params, prompt_embeds, features, seed, steps)
                 emit(FinishedImage(image_index, png, seed, params.width, params.height))
 
     def _generate_image(
         self,
         params: GenerationParams,
         prompt_embeds: tuple[torch.Tensor, ...],
+        features: tuple[str, str],
         seed: int,
         steps: _StepEvents,
     ) -> bytes:
         embeds, negative_embeds, pooled_embeds, negative_pooled_embeds = prompt_embeds
-        rng = random.Random(seed)
         # V+ and V- come from one encoder call, as the prompt and negative prompt do; pooled ones unused.
-        liked_embeds, disliked_embeds, _, _ = self._encode(
-            shuffled_features(params.liked_features, rng), shuffled_features(params.disliked_features, rng)
-        )
+        liked_embeds, disliked_embeds, _, _ = self._encode(*features)
         strength = params.preference_strength
         generator = torch.Generator(self._base._execution_device).manual_seed(seed)
         steps.started()
@@ -202,7 +154,7 @@ class _StepEvents:
         self,
         image_index: int,
         params: GenerationParams,
-        emit: Callable[[object], None],
+        emit: Callable[[GenerationEvent], None],
         should_stop: Callable[[], bool],
     ):
         self._image_index = image_index

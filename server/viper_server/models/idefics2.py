@@ -27,7 +27,9 @@ class ModelLoadError(OSError):
 
 
 @dataclass
-class Idefics2Runtime:
+class Idefics2Base:
+    """One loaded IDEFICS2 base with its processor and the LoRA adapters attached to it."""
+
     model: PeftModel  # ONE base model carrying named adapters, e.g. "vpe" and "metric"
     processor: ProcessorMixin
     device: torch.device
@@ -38,6 +40,12 @@ class Idefics2Runtime:
     def adapter_names(self) -> list[str]:
         return list(self.model.peft_config)
 
+    def require_adapter(self, name: str) -> str:
+        """name, if an adapter of that name is loaded; else ValueError naming the loaded ones."""
+        if name not in self.model.peft_config:
+            raise ValueError(f"unknown adapter {name!r}; loaded: {self.adapter_names}")
+        return name
+
     @contextmanager
     def use_adapter(self, name: str) -> Iterator[PeftModel]:
         """Holds the model exclusively with adapter `name` active, for one inference call.
@@ -47,8 +55,7 @@ class Idefics2Runtime:
         modality projection and perceiver run on a batch of images, not of prompts. So the
         active adapter is global, and callers on other threads must wait their turn.
         """
-        if name not in self.model.peft_config:
-            raise ValueError(f"unknown adapter {name!r}; loaded: {self.adapter_names}")
+        self.require_adapter(name)
         with self._lock:
             # inference_mode keeps the adapter frozen (set_adapter alone makes it trainable).
             self.model.set_adapter(name, inference_mode=True)
@@ -62,7 +69,7 @@ def load_idefics2(
     device: str = "cpu",
     dtype: torch.dtype | None = None,
     local_files_only: bool = True,
-) -> Idefics2Runtime:
+) -> Idefics2Base:
     """Loads `base` once and attaches every adapter in `adapters` (name -> folder or hub id).
 
     The first adapter is active after loading. dtype defaults to bfloat16 on CUDA, float32 elsewhere.
@@ -94,7 +101,7 @@ def load_idefics2(
         ) from error
 
     model.eval()
-    return Idefics2Runtime(model=model, processor=processor, device=torch_device, dtype=dtype)
+    return Idefics2Base(model=model, processor=processor, device=torch_device, dtype=dtype)
 
 
 def _resolve(name_or_path: str, local_files_only: bool) -> str:

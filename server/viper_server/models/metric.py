@@ -12,14 +12,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import PIL.Image
 import torch
 from transformers import BatchFeature, DynamicCache, PreTrainedTokenizerBase, ProcessorMixin
 from transformers.modeling_outputs import ModelOutput
 
-from .idefics2 import Idefics2Runtime
+from ..domain import ContextError, ScoringContext
+from .idefics2 import Idefics2Base
 from .prefix_cache import CacheStats, KVLayers, PrefixCache, kv_bytes
 from .prompt_ids import encode_as_trained, expand_image_tokens
 
@@ -35,20 +35,8 @@ DEFAULT_MAX_PAIRS = 8  # the reference uses 8 liked + 8 disliked images
 log = logging.getLogger(__name__)
 
 
-class ContextError(ValueError):
-    """The liked/disliked context images cannot form the reference prompt."""
-
-
 class ScoringCancelled(Exception):
     """should_stop returned True before every query was scored."""
-
-
-@dataclass(frozen=True)
-class ScoringContext:
-    liked: Sequence[PIL.Image.Image]
-    disliked: Sequence[PIL.Image.Image]
-    # (user_id, profile_version) keys the cached prefix; None = an inline context, not cached.
-    cache_key: tuple[str, int] | None = None
 
 
 def build_metric_prompt(num_pairs: int) -> str:
@@ -69,19 +57,17 @@ def resolve_score_token_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, in
     return plus, minus
 
 
-def validate_pairs(liked: Sequence, disliked: Sequence, max_pairs: int | None = None) -> None:
-    """Raises ContextError unless liked and disliked are equally many, at least one and at most max_pairs each."""
-    if not liked and not disliked:
-        raise ContextError("no context images: at least one liked and one disliked image are required")
-    if len(liked) != len(disliked):
-        fewer = "liked" if len(liked) < len(disliked) else "disliked"
-        missing = abs(len(liked) - len(disliked))
+def context_pairs(liked_count: int, disliked_count: int, max_pairs: int) -> int:
+    """How many (disliked, liked) pairs a context gives the prompt: min(liked, disliked, max_pairs).
+
+    The reference always has equal counts; with unequal ones the first images of the longer list are used.
+    Raises ContextError when there is no pair.
+    """
+    if not liked_count or not disliked_count:
         raise ContextError(
-            f"{len(liked)} liked and {len(disliked)} disliked images: {missing} more {fewer} "
-            f"image{'s' if missing > 1 else ''} needed (the counts must be equal)"
+            f"{liked_count} liked and {disliked_count} disliked images: scoring needs at least one of each"
         )
-    if max_pairs is not None and len(liked) > max_pairs:
-        raise ContextError(f"{len(liked)} liked/disliked pairs: at most {max_pairs} are allowed")
+    return min(liked_count, disliked_count, max_pairs)
 
 
 def interleave_pairs(liked: Sequence[PIL.Image.Image], disliked: Sequence[PIL.Image.Image]) -> list[PIL.Image.Image]:
@@ -90,23 +76,26 @@ def interleave_pairs(liked: Sequence[PIL.Image.Image], disliked: Sequence[PIL.Im
 
 
 def reference_scores(
-    runtime: Idefics2Runtime,
+    idefics2: Idefics2Base,
     liked: Sequence[PIL.Image.Image],
     disliked: Sequence[PIL.Image.Image],
     queries: Sequence[PIL.Image.Image],
     *,
     adapter: str = "metric",
 ) -> list[float]:
-    """The reference procedure: one forward pass over the whole prompt (all context images + query) per query."""
-    validate_pairs(liked, disliked)
-    processor = runtime.processor
-    input_ids = torch.tensor([metric_prompt_ids(processor, len(liked))], device=runtime.device)
+    """The reference procedure: one forward pass over the whole prompt (all context images + query) per query.
+
+    liked and disliked are the pairs to use: equally many."""
+    if len(liked) != len(disliked) or not liked:
+        raise ContextError(f"the reference procedure takes equal non-zero counts, not {len(liked)}, {len(disliked)}")
+    processor = idefics2.processor
+    input_ids = torch.tensor([metric_prompt_ids(processor, len(liked))], device=idefics2.device)
     plus, minus = resolve_score_token_ids(processor.tokenizer)
     context = interleave_pairs(liked, disliked)
     scores = []
     for query in queries:
         images = processor.image_processor(images=[[*context, query]], return_tensors="pt")
-        output = _forward(runtime, adapter, input_ids, images, use_cache=False)
+        output = _forward(idefics2, adapter, input_ids, images, use_cache=False)
         scores.extend(_plus_probability(output.logits[:, -1], plus, minus))
     return scores
 
@@ -116,7 +105,7 @@ class MetricScorer:
 
     def __init__(
         self,
-        runtime: Idefics2Runtime,
+        idefics2: Idefics2Base,
         *,
         adapter: str = "metric",
         max_pairs: int = DEFAULT_MAX_PAIRS,
@@ -125,16 +114,14 @@ class MetricScorer:
         use_prefix_cache: bool = True,
         expected_token_ids: tuple[int, int] | None = None,
     ):
-        if adapter not in runtime.adapter_names:
-            raise ValueError(f"unknown adapter {adapter!r}; loaded: {runtime.adapter_names}")
         if max_pairs < 1 or batch_size < 1:
             raise ValueError(f"max_pairs and batch_size must be positive, got {max_pairs} and {batch_size}")
-        self.runtime = runtime
-        self.adapter = adapter
+        self.idefics2 = idefics2
+        self.adapter = idefics2.require_adapter(adapter)
         self.max_pairs = max_pairs
         self.batch_size = batch_size
         self.use_prefix_cache = use_prefix_cache
-        self.plus_token_id, self.minus_token_id = resolve_score_token_ids(runtime.processor.tokenizer)
+        self.plus_token_id, self.minus_token_id = resolve_score_token_ids(idefics2.processor.tokenizer)
         if expected_token_ids is not None and (self.plus_token_id, self.minus_token_id) != tuple(expected_token_ids):
             raise ValueError(
                 f'the tokenizer gives "+" / "-" the ids {self.plus_token_id} / {self.minus_token_id}, but the '
@@ -142,7 +129,7 @@ class MetricScorer:
                 "the tokenizer does not belong to the adapter's base model"
             )
         self._cache = PrefixCache(cache_bytes)
-        processor = runtime.processor
+        processor = idefics2.processor
         self._suffix_ids = encode_as_trained(
             processor.tokenizer, expand_image_tokens(QUERY_SUFFIX, processor), add_bos=False
         )
@@ -152,7 +139,7 @@ class MetricScorer:
             for num_pairs in range(1, max_pairs + 1)
         }
         # A sliding-window layer keeps only its window's last tokens: a longer prefix would be cut short.
-        window = runtime.model.config.get_text_config().sliding_window
+        window = idefics2.model.config.get_text_config().sliding_window
         prompt_length = len(self._prefix_ids[max_pairs]) + len(self._suffix_ids)
         if window is not None and prompt_length >= window:
             raise ValueError(
@@ -160,8 +147,9 @@ class MetricScorer:
                 f"more than the text model's {window}-token attention window"
             )
 
-    def check_context(self, context: ScoringContext) -> None:
-        validate_pairs(context.liked, context.disliked, self.max_pairs)
+    def pairs_for(self, context: ScoringContext) -> int:
+        """How many pairs of context the prompt will use (ContextError when none)."""
+        return context_pairs(len(context.liked), len(context.disliked), self.max_pairs)
 
     def score(
         self,
@@ -176,7 +164,8 @@ class MetricScorer:
         on_batch receives each batch's (query index, score) pairs as soon as it is done; should_stop is
         polled before every batch and raises ScoringCancelled when it returns True.
         """
-        self.check_context(context)
+        pairs = self.pairs_for(context)
+        liked, disliked = context.liked[:pairs], context.disliked[:pairs]
         prefix: KVLayers | None = None
         scores: list[float] = []
         for start in range(0, len(queries), self.batch_size):
@@ -184,48 +173,49 @@ class MetricScorer:
                 raise ScoringCancelled()
             batch = queries[start : start + self.batch_size]
             if not self.use_prefix_cache:
-                batch_scores = reference_scores(
-                    self.runtime, context.liked, context.disliked, batch, adapter=self.adapter
-                )
+                batch_scores = reference_scores(self.idefics2, liked, disliked, batch, adapter=self.adapter)
             else:
                 if prefix is None:
-                    prefix = self._prefix(context)
+                    prefix = self._prefix(context, liked, disliked)
                 batch_scores = self._score_after_prefix(prefix, batch)
             scores.extend(batch_scores)
             if on_batch is not None:
                 on_batch(list(enumerate(batch_scores, start)))
         return scores
 
-    def invalidate(self, user_id: str) -> None:
-        """Forgets every cached prefix of user_id (e.g. after their profile changed). Safe from any thread."""
-        if dropped := self._cache.invalidate(user_id):
+    def invalidate(self, user_id: str, version: int) -> None:
+        """Forgets every cached prefix of user_id, whose profile is now at version (changed or deleted):
+        prefixes computed from older snapshots are not stored any more. Safe from any thread."""
+        if dropped := self._cache.invalidate(user_id, version):
             log.info("metric cache dropped %s (%d cached contexts)", user_id, dropped)
 
     @property
     def cache_stats(self) -> CacheStats:
         return self._cache.stats
 
-    def _prefix(self, context: ScoringContext) -> KVLayers:
+    def _prefix(
+        self, context: ScoringContext, liked: Sequence[PIL.Image.Image], disliked: Sequence[PIL.Image.Image]
+    ) -> KVLayers:
         if context.cache_key is not None:
             cached = self._cache.get(context.cache_key)
             if cached is not None:
                 return cached
         started = time.perf_counter()
-        input_ids = torch.tensor([self._prefix_ids[len(context.liked)]], device=self.runtime.device)
-        images = self.runtime.processor.image_processor(
-            images=[interleave_pairs(context.liked, context.disliked)], return_tensors="pt"
+        input_ids = torch.tensor([self._prefix_ids[len(liked)]], device=self.idefics2.device)
+        images = self.idefics2.processor.image_processor(
+            images=[interleave_pairs(liked, disliked)], return_tensors="pt"
         )
-        output = _forward(self.runtime, self.adapter, input_ids, images, use_cache=True)
+        output = _forward(self.idefics2, self.adapter, input_ids, images, use_cache=True)
         prefix = tuple((layer.keys, layer.values) for layer in output.cache.layers)
         if context.cache_key is None:
             log.info("metric inline context computed in %.0f ms", (time.perf_counter() - started) * 1e3)
             return prefix
-        user_id, version = context.cache_key
         log.info(
             "metric context computed for %s version %s in %.0f ms (%d tokens, %.1f MB)",
-            user_id, version, (time.perf_counter() - started) * 1e3, input_ids.shape[1], kv_bytes(prefix) / 1e6,
+            context.cache_key[0], context.version, (time.perf_counter() - started) * 1e3, input_ids.shape[1],
+            kv_bytes(prefix) / 1e6,
         )
-        self._cache.put(context.cache_key, prefix)
+        self._cache.put(context.cache_key, prefix, version=context.version)
         return prefix
 
     def _score_after_prefix(self, prefix: KVLayers, queries: Sequence[PIL.Image.Image]) -> list[float]:
@@ -235,21 +225,21 @@ class MetricScorer:
         cache = DynamicCache(
             ddp_cache_data=[(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1)) for keys, values in prefix]
         )
-        input_ids = torch.tensor([self._suffix_ids], device=self.runtime.device).expand(rows, -1)
+        input_ids = torch.tensor([self._suffix_ids], device=self.idefics2.device).expand(rows, -1)
         # The mask must cover prefix + suffix: one over the suffix alone is accepted but scores drift.
         prefix_length = prefix[0][0].shape[-2]
         attention_mask = torch.ones(
-            rows, prefix_length + input_ids.shape[1], dtype=torch.long, device=self.runtime.device
+            rows, prefix_length + input_ids.shape[1], dtype=torch.long, device=self.idefics2.device
         )
-        images = self.runtime.processor.image_processor(images=[[query] for query in queries], return_tensors="pt")
+        images = self.idefics2.processor.image_processor(images=[[query] for query in queries], return_tensors="pt")
         output = _forward(
-            self.runtime, self.adapter, input_ids, images, use_cache=True, cache=cache, attention_mask=attention_mask
+            self.idefics2, self.adapter, input_ids, images, use_cache=True, cache=cache, attention_mask=attention_mask
         )
         return _plus_probability(output.logits[:, -1], self.plus_token_id, self.minus_token_id)
 
 
 def _forward(
-    runtime: Idefics2Runtime,
+    idefics2: Idefics2Base,
     adapter: str,
     input_ids: torch.Tensor,
     images: BatchFeature,
@@ -259,12 +249,12 @@ def _forward(
     attention_mask: torch.Tensor | None = None,
 ) -> ModelOutput:
     """One forward pass with `adapter` active (logits of the last position only)."""
-    with runtime.use_adapter(adapter) as model, torch.inference_mode():
+    with idefics2.use_adapter(adapter) as model, torch.inference_mode():
         return model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            pixel_values=images["pixel_values"].to(device=runtime.device, dtype=runtime.dtype),
-            pixel_attention_mask=images["pixel_attention_mask"].to(device=runtime.device),
+            pixel_values=images["pixel_values"].to(device=idefics2.device, dtype=idefics2.dtype),
+            pixel_attention_mask=images["pixel_attention_mask"].to(device=idefics2.device),
             cache=cache,
             use_cache=use_cache,
             logits_to_keep=1,

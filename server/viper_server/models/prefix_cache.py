@@ -26,9 +26,11 @@ def kv_bytes(layers: KVLayers) -> int:
 
 
 class PrefixCache:
-    """Maps a key whose first element is a user id, e.g. (user_id, profile_version), to KV states.
+    """Maps a key whose first element is a user id, e.g. (user_id, context digest), to KV states.
 
     Entries are never mutated: users of an entry build their own cache object around its tensors.
+    Per user it remembers the newest profile version it was told about (invalidate), and refuses entries
+    computed from an older snapshot: a Score that read the profile before an update cannot cache it after.
     """
 
     def __init__(self, capacity_bytes: int):
@@ -37,6 +39,7 @@ class PrefixCache:
         self._bytes = 0
         self._hits = 0
         self._misses = 0
+        self._newest_version: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def get(self, key: Sequence[Hashable]) -> KVLayers | None:
@@ -49,21 +52,28 @@ class PrefixCache:
             self._entries.move_to_end(key)
             return layers
 
-    def put(self, key: Sequence[Hashable], layers: KVLayers) -> None:
-        """Stores `layers`, evicting least recently used entries; one larger than the capacity is not kept."""
+    def put(self, key: Sequence[Hashable], layers: KVLayers, *, version: int = 0) -> bool:
+        """Stores `layers`, computed from profile `version`, evicting least recently used entries.
+
+        Returns False, storing nothing, for an entry larger than the capacity or from a snapshot older than
+        the newest version invalidate() was given for the user."""
         size = kv_bytes(layers)
         with self._lock:
+            if version < self._newest_version.get(key[0], 0):
+                return False
             self._discard(key)
             if size > self.capacity_bytes:
-                return
+                return False
             self._entries[key] = layers
             self._bytes += size
             while self._bytes > self.capacity_bytes:
                 self._discard(next(iter(self._entries)))
+            return True
 
-    def invalidate(self, user_id: str) -> int:
-        """Drops every entry of `user_id`, whatever the rest of its key; returns how many there were."""
+    def invalidate(self, user_id: str, version: int = 0) -> int:
+        """Drops every entry of `user_id`, whose profile is now at `version`; returns how many there were."""
         with self._lock:
+            self._newest_version[user_id] = max(version, self._newest_version.get(user_id, 0))
             keys = [key for key in self._entries if key[0] == user_id]
             for key in keys:
                 self._discard(key)

@@ -18,7 +18,7 @@ _MARKER = "TINY_MODELS_REVISION"
 
 
 def build_tiny_models(out_dir: Path, *, seed: int = 0) -> None:
-    """Writes every tiny checkpoint (see catalog.TINY_LAYOUT) into out_dir."""
+    """Writes every tiny checkpoint (see engine.presets.BUILT_LAYOUT) into out_dir."""
     build_tiny_idefics2(out_dir, seed=seed)
     build_tiny_sdxl(out_dir, seed=seed)
     (out_dir / _MARKER).write_text(TINY_MODELS_REVISION)

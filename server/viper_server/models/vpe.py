@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from importlib import resources
 
 import PIL.Image
 import torch
 from transformers import BatchFeature, ProcessorMixin, StoppingCriteria, StoppingCriteriaList
 
-from .idefics2 import Idefics2Runtime
+from ..domain import Preferences
+from .idefics2 import Idefics2Base
 from .prompt_ids import encode_as_trained, expand_image_tokens
 
 # The prompt the VPE adapter was trained on; bytes must match the reference exactly.
@@ -26,13 +26,6 @@ ANSWER_MARKER = "\nAssistant:"
 LIKED_MARKER = "Liked Art Features:"
 DISLIKED_MARKER = "Disliked Art Features:"
 FEATURE_SEPARATOR = ", "
-
-
-@dataclass(frozen=True)
-class Preferences:
-    liked: list[str]
-    disliked: list[str]
-    raw_text: str  # the model's answer: the decoded text after the prompt's final "\nAssistant:"
 
 
 class ExtractionCancelled(Exception):
@@ -110,14 +103,19 @@ class _Cancellation(StoppingCriteria):
 
 
 class PreferenceExtractor:
-    """Runs the VPE adapter of a shared IDEFICS2 runtime with the reference's prompt and decoding."""
+    """Runs the VPE adapter of a shared IDEFICS2 base with the reference's prompt and decoding."""
 
-    def __init__(self, runtime: Idefics2Runtime, *, adapter: str = "vpe", max_new_tokens: int = 2000):
-        if adapter not in runtime.adapter_names:
-            raise ValueError(f"unknown adapter {adapter!r}; loaded: {runtime.adapter_names}")
-        self.runtime = runtime
-        self.adapter = adapter
+    def __init__(self, idefics2: Idefics2Base, *, adapter: str = "vpe", max_new_tokens: int = 2000):
+        self.idefics2 = idefics2
+        self.adapter = idefics2.require_adapter(adapter)
         self.max_new_tokens = max_new_tokens
+
+    @property
+    def control_tokens(self) -> frozenset[str]:
+        """The tokenizer's control tokens (<image>, <end_of_utterance>, <s>, ...): in a comment they would
+        not be text but structure (encode_as_trained splits on them)."""
+        tokenizer = self.idefics2.processor.tokenizer
+        return frozenset(tokenizer.all_special_tokens) | frozenset(tokenizer.get_added_vocab())
 
     def extract(
         self,
@@ -138,9 +136,10 @@ class PreferenceExtractor:
         cancellation = _Cancellation(should_stop or (lambda: False))
         cancellation.check()
 
-        processor = self.runtime.processor
-        inputs = build_vpe_inputs(processor, images, comments).to(device=self.runtime.device, dtype=self.runtime.dtype)
-        with self.runtime.use_adapter(self.adapter) as model, torch.inference_mode():
+        processor = self.idefics2.processor
+        inputs = build_vpe_inputs(processor, images, comments)
+        inputs = inputs.to(device=self.idefics2.device, dtype=self.idefics2.dtype)
+        with self.idefics2.use_adapter(self.adapter) as model, torch.inference_mode():
             cancellation.check()  # waiting for the shared model may have taken a while
             generated = model.generate(
                 **inputs,

@@ -1,4 +1,4 @@
-"""Assembles the gRPC server and runs it until SIGTERM / SIGINT.
+"""Assembles the server (store, engine, application, gRPC) and runs it until SIGTERM / SIGINT.
 
 Lifecycle: open the store, start listening with health NOT_SERVING, load the
 models off the event loop, then report SERVING. On the first signal: report
@@ -15,7 +15,6 @@ import signal
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client.core import GaugeMetricFamily
 
 from viper_profiles import ProfileStore
 from viper_proto.v1 import (
@@ -27,14 +26,15 @@ from viper_proto.v1 import (
     profile_pb2_grpc,
 )
 
-from .auth import TokenAuthenticator
-from .config import ServerConfig
-from .interceptors import RpcInterceptor
-from .observability import Metrics, ScrapeTimeCollector
-from .runtime import ModelRuntime
-from .services.generation import GenerationService
-from .services.metric import MetricService
-from .services.profiles import ProfileService
+from .application import ViperService
+from .config import BUILT_MODELS_ROOT, ServerConfig
+from .engine.engine import ModelEngine
+from .engine.loading import LoadSettings
+from .engine.presets import model_preset
+from .observability import Telemetry
+from .rpc.auth import TokenAuthenticator
+from .rpc.interceptor import RpcInterceptor
+from .rpc.servicers import GenerationServicer, MetricServicer, ProfileServicer
 
 log = logging.getLogger(__name__)
 
@@ -48,30 +48,32 @@ SERVICE_NAMES = (
 class ViperServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.metrics = Metrics()
-        self.store = ProfileStore(config.db_path)
-        self.runtime = ModelRuntime(config, self.metrics)
-        self.metrics.watch(ScrapeTimeCollector(self.runtime.collect_metrics))
-        self.metrics.watch(ScrapeTimeCollector(self._collect_store_metrics))
+        self.telemetry = Telemetry()
+        self.store = ProfileStore(config.db)
+        self.engine = ModelEngine(
+            model_preset(config.models, config.models_dir, BUILT_MODELS_ROOT),
+            load_settings(config),
+            max_queue=config.max_queue,
+            max_image_pixels=config.limits.max_image_pixels,
+            observer=self.telemetry,
+        )
+        self.telemetry.watch(self.engine, self.store)
+        service = ViperService(self.store, self.engine)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         authenticator = TokenAuthenticator.from_file(config.auth_tokens) if config.auth_tokens else None
         self._server = grpc.aio.server(
-            interceptors=[RpcInterceptor(self.metrics, authenticator)],
+            interceptors=[RpcInterceptor(self.telemetry, authenticator)],
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
             ],
         )
-        profile_pb2_grpc.add_ProfileServiceServicer_to_server(
-            ProfileService(self.store, self.runtime, config.limits), self._server
-        )
+        profile_pb2_grpc.add_ProfileServiceServicer_to_server(ProfileServicer(service, config.limits), self._server)
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(
-            GenerationService(self.store, self.runtime, config.limits), self._server
+            GenerationServicer(service, config.limits), self._server
         )
-        metric_pb2_grpc.add_MetricServiceServicer_to_server(
-            MetricService(self.store, self.runtime, config.limits), self._server
-        )
+        metric_pb2_grpc.add_MetricServiceServicer_to_server(MetricServicer(service, config.limits), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         if config.reflection:
             reflection.enable_server_reflection(
@@ -90,12 +92,12 @@ class ViperServer:
         log.info("viper-serve listening on %s:%d (models=%s, tls=%s, auth=%s)", self.config.host, self.port,
                  self.config.models, credentials is not None, self.config.auth_tokens is not None)
         if self.config.metrics_port:
-            metrics_port = self.metrics.serve(self.config.metrics_port, self.config.host)
+            metrics_port = self.telemetry.serve(self.config.metrics_port, self.config.host)
             log.info("metrics on http://%s:%d/metrics", self.config.host, metrics_port)
         return self.port
 
     async def load_models(self) -> None:
-        await asyncio.to_thread(self.runtime.load)
+        await asyncio.to_thread(self.engine.load)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("viper-serve ready")
 
@@ -109,16 +111,27 @@ class ViperServer:
         await self._server.stop(0)
 
     def close(self) -> None:
-        self.runtime.close()
+        self.engine.close()
         self.store.close()
         log.info("viper-serve stopped")
-
-    def _collect_store_metrics(self):
-        yield GaugeMetricFamily("viper_profiles", "stored profiles", value=self.store.count())
 
     async def _set_health(self, status: int) -> None:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, status)
+
+
+def load_settings(config: ServerConfig) -> LoadSettings:
+    return LoadSettings(
+        device=config.device,
+        idefics2_dtype=config.idefics2_dtype,
+        vpe_max_new_tokens=config.vpe_max_new_tokens,
+        cpu_offload=config.cpu_offload,
+        vae_tiling=config.vae_tiling,
+        metric_cache=config.metric_cache,
+        metric_cache_bytes=config.metric_cache_bytes,
+        metric_batch_size=config.metric_batch_size,
+        metric_max_pairs=config.metric_max_pairs,
+    )
 
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:

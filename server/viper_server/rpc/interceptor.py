@@ -21,12 +21,12 @@ from google.protobuf.message import DecodeError
 
 from viper_profiles import USER_ID_PATTERN, InvalidUserId, ProfileNotFound, VersionConflict, quote_user_id
 
+from ..domain import ContextError
+from ..engine.errors import ModelsNotReady
+from ..engine.workers import QueueFull, WorkerClosed
+from ..observability import Telemetry
 from .auth import TokenAuthenticator
-from .models.metric import ContextError
-from .observability import Metrics
-from .runtime import ModelsNotReady
 from .validation import InvalidRequest
-from .worker import QueueFull, WorkerClosed
 
 log = logging.getLogger("viper_server.rpc")
 
@@ -88,8 +88,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 class RpcInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, metrics: Metrics, authenticator: TokenAuthenticator | None = None) -> None:
-        self._metrics = metrics
+    def __init__(self, telemetry: Telemetry, authenticator: TokenAuthenticator | None = None) -> None:
+        self._telemetry = telemetry
         self._authenticator = authenticator
 
     async def intercept_service(
@@ -109,7 +109,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 or details.method.startswith(OPEN_METHOD_PREFIXES)
                 or self._authenticator.allows(metadata)
             ),
-            metrics=self._metrics,
+            telemetry=self._telemetry,
         )
         for kind, factory in _HANDLER_FACTORIES.items():
             behavior = getattr(handler, kind)
@@ -131,7 +131,7 @@ class _CallInfo:
     method: str
     request_id: str
     authenticated: bool
-    metrics: Metrics
+    telemetry: Telemetry
 
 
 class _Outcome:
@@ -165,10 +165,11 @@ class _Outcome:
 
     def finish(self) -> None:
         elapsed = time.monotonic() - self.started
-        self.call.metrics.rpcs.labels(self.call.method, self.code.name).inc()
-        self.call.metrics.rpc_latency.labels(self.call.method).observe(elapsed)
-        log.info("rpc method=%s user=%s status=%s ms=%.1f request_id=%s",
-                 self.call.method, self.user, self.code.name, elapsed * 1e3, self.call.request_id)
+        self.call.telemetry.rpc_finished(self.call.method, self.code.name, elapsed)
+        # Probes come every few seconds from every orchestrator: their lines only at debug.
+        level = logging.DEBUG if self.call.method.startswith(OPEN_METHOD_PREFIXES) else logging.INFO
+        log.log(level, "rpc method=%s user=%s status=%s ms=%.1f request_id=%s",
+                self.call.method, self.user, self.code.name, elapsed * 1e3, self.call.request_id)
 
 
 def _loggable_user(user_id: str) -> str:

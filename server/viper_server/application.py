@@ -1,0 +1,133 @@
+"""The service's operations, transport-free: what a ViPer user can do, in plain Python values.
+
+The gRPC servicers (rpc/) call these after validation; a second transport would call them unchanged.
+Each operation reads or writes the store (off the event loop) and hands model work to the engine.
+Errors are the domain's own exceptions (ProfileNotFound, VersionConflict, ContextError, QueueFull, ...);
+the RPC layer maps them to status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from PIL import Image
+
+from viper_profiles import ProfileStore, SourceImage, StoredProfile
+
+from .domain import GenerationEvent, GenerationParams, RatedUpload, ScoredQuery, ScoringContext
+from .engine.engine import ModelEngine
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A generation under way: the profile version it follows, and its events."""
+
+    profile_version: int
+    events: AsyncIterator[GenerationEvent]
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """A scoring under way: how many liked/disliked pairs of context it uses, and the scores as they come."""
+
+    pairs_used: int
+    results: AsyncIterator[ScoredQuery]
+
+
+@dataclass(frozen=True)
+class InlineContext:
+    """Liked and disliked images given with a Score request instead of a stored profile."""
+
+    liked: Sequence[Image.Image]
+    disliked: Sequence[Image.Image]
+
+
+class ViperService:
+    def __init__(self, store: ProfileStore, engine: ModelEngine) -> None:
+        self._store = store
+        self._engine = engine
+
+    # -- what the loaded models accept (rpc.validation.Vocabulary) -------------------------------------
+
+    @property
+    def control_tokens(self) -> frozenset[str]:
+        return self._engine.control_tokens
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        return self._engine.max_prompt_tokens
+
+    def prompt_token_count(self, text: str) -> int:
+        return self._engine.prompt_token_count(text)
+
+    @property
+    def default_image_size(self) -> int:
+        return self._engine.default_image_size
+
+    # -- profiles -------------------------------------------------------------------------------------
+
+    async def extract_profile(self, user_id: str, uploads: Sequence[RatedUpload]) -> StoredProfile:
+        """Runs the VPE over the rated images and stores the profile with them, replacing any earlier one."""
+        preferences = await self._engine.extract([u.image for u in uploads], [u.comment for u in uploads])
+        stored = await asyncio.to_thread(
+            self._store.save_extraction,
+            user_id,
+            liked_features=preferences.liked,
+            disliked_features=preferences.disliked,
+            raw_text=preferences.raw_text,
+            extractor_model=self._engine.extractor_name,
+            images=[SourceImage(data=u.data, comment=u.comment, rating=u.rating) for u in uploads],
+        )
+        self._engine.forget_user(user_id, stored.version)
+        return stored
+
+    async def get_profile(self, user_id: str) -> StoredProfile:
+        return await asyncio.to_thread(self._store.get, user_id)
+
+    async def list_profiles(self, page_size: int, after: str | None) -> tuple[list[StoredProfile], bool]:
+        """Up to page_size profiles after the user id `after`, and whether more follow."""
+        # One extra row tells whether another page follows.
+        rows = await asyncio.to_thread(self._store.list, page_size=page_size + 1, after=after)
+        return rows[:page_size], len(rows) > page_size
+
+    async def update_profile(self, user_id: str, *, liked_features: Sequence[str] | None,
+                             disliked_features: Sequence[str] | None, expected_version: int | None) -> StoredProfile:
+        """Replaces the feature lists given (None keeps one)."""
+        stored = await asyncio.to_thread(
+            self._store.update_features, user_id, liked_features=liked_features,
+            disliked_features=disliked_features, expected_version=expected_version,
+        )
+        self._engine.forget_user(user_id, stored.version)
+        return stored
+
+    async def delete_profile(self, user_id: str, *, expected_version: int | None) -> None:
+        deleted_version = await asyncio.to_thread(self._store.delete, user_id, expected_version=expected_version)
+        # Versions are never reused: a Score that read the deleted profile must not cache it afterwards.
+        self._engine.forget_user(user_id, deleted_version + 1)
+
+    # -- generation and scoring -----------------------------------------------------------------------
+
+    async def generate(self, user_id: str, params: GenerationParams) -> Generation:
+        """Starts generating images for the prompt, guided by the user's liked and disliked features."""
+        profile = await asyncio.to_thread(self._store.get, user_id)
+        events = self._engine.generate(params, profile.liked_features, profile.disliked_features)
+        return Generation(profile_version=profile.version, events=events)
+
+    async def score(self, user_id: str, queries: Sequence[Image.Image], inline: InlineContext | None = None) -> Scoring:
+        """Scores the queries for the user's stored liked / disliked images, or for an inline context."""
+        if inline is not None:
+            context = ScoringContext(liked=inline.liked, disliked=inline.disliked)
+        else:
+            # The profile and its images from one snapshot: the images are exactly that version's.
+            profile, images = await asyncio.to_thread(self._store.get_with_images, user_id)
+            context = self._engine.stored_context(user_id, profile.version, images)
+        pairs = self._engine.context_pairs(context)  # ContextError before any model work
+        return Scoring(pairs_used=pairs, results=self._flatten(self._engine.score(context, queries)))
+
+    @staticmethod
+    async def _flatten(batches: AsyncIterator[list[ScoredQuery]]) -> AsyncIterator[ScoredQuery]:
+        async for batch in batches:
+            for result in batch:
+                yield result

@@ -1,0 +1,105 @@
+"""The service's vocabulary: plain values passed between the layers (no gRPC, no torch).
+
+The RPC layer turns requests into these, the application passes them on, the model code takes and
+returns them. Each request kind has one shape: a GenerateRequest becomes one GenerationParams, checked
+once (rpc.validation), and nothing below copies or re-checks it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from viper_profiles import Rating
+
+# The share of the denoising steps the SDXL base runs before the refiner takes over (the reference's 0.8).
+HIGH_NOISE_FRAC = 0.8
+
+
+@dataclass(frozen=True)
+class RatedUpload:
+    """An uploaded image with the user's comment and rating: validated, decoded for the models."""
+
+    data: bytes = field(repr=False)  # as uploaded: stored byte for byte
+    image: Image.Image = field(repr=False)  # decoded, RGB (transparency on white)
+    comment: str
+    rating: Rating
+
+
+@dataclass(frozen=True)
+class Preferences:
+    """What the VPE extracted: liked and disliked features, and its answer as generated."""
+
+    liked: list[str]
+    disliked: list[str]
+    raw_text: str
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """One Generate request with its defaults filled in and every field in bounds."""
+
+    prompt: str
+    negative_prompt: str = ""
+    num_images: int = 1
+    width: int = 1024
+    height: int = 1024
+    steps: int = 40
+    guidance_scale: float = 5.0
+    preference_strength: float = 0.85
+    refine: bool = True
+    seed: int = 0
+    preview_every: int = 0
+    high_noise_frac: float = HIGH_NOISE_FRAC
+
+
+# Generation events, in the order a generation emits them per image.
+@dataclass(frozen=True)
+class Progress:
+    image_index: int
+    step: int  # steps done for this image, over base and refiner
+    total_steps: int
+
+
+@dataclass(frozen=True)
+class Preview:
+    image_index: int
+    step: int
+    png: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class FinishedImage:
+    image_index: int
+    png: bytes = field(repr=False)
+    seed: int
+    width: int
+    height: int
+
+
+GenerationEvent = Progress | Preview | FinishedImage
+
+
+@dataclass(frozen=True)
+class ScoringContext:
+    """A user's liked and disliked images; the first min(liked, disliked, max_pairs) pairs are used."""
+
+    liked: Sequence[Image.Image]
+    disliked: Sequence[Image.Image]
+    # Keys the cached prefix: (user_id, a digest naming exactly the images used, in order); None = not cached.
+    cache_key: tuple[str, str] | None = None
+    # The profile version the images were read at: a prefix from a snapshot older than one the cache
+    # has already been told about (PrefixCache.invalidate) is never stored.
+    version: int = 0
+
+
+class ContextError(ValueError):
+    """The liked/disliked context images cannot be scored (no pair of them)."""
+
+
+@dataclass(frozen=True)
+class ScoredQuery:
+    index: int  # position of the query in the request
+    score: float  # in [0, 1]; higher = liked more

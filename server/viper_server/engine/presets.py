@@ -1,0 +1,90 @@
+"""Model presets: which checkpoints a `--models` name means, and the settings that go with them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+# Folder names inside a directory of built checkpoints (written by models.tiny).
+BUILT_LAYOUT = {
+    "idefics2": "idefics2",
+    "vpe_adapter": "vpe-lora",
+    "metric_adapter": "metric-lora",
+    "sdxl_base": "sdxl-base",
+    "sdxl_refiner": "sdxl-refiner",
+}
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """Where each checkpoint is (a local folder, or a hub id resolved in the local HF cache) and the
+    settings that belong to those models."""
+
+    name: str
+    idefics2: str
+    vpe_adapter: str
+    metric_adapter: str
+    sdxl_base: str
+    sdxl_refiner: str
+    # Recorded in each profile: which extractor made it.
+    extractor_name: str
+    vpe_max_new_tokens: int
+    # Generated width and height when a request leaves them at 0.
+    default_image_size: int
+    # The metric's "+" / "-" token ids, checked at load; None = take the tokenizer's.
+    metric_token_ids: tuple[int, int] | None = None
+    # Builds the checkpoints into a folder when they are missing (the presets the project makes itself).
+    build: Callable[[], Path] | None = None
+
+
+VIPER = ModelPreset(
+    name="viper",
+    idefics2="HuggingFaceM4/idefics2-8b",
+    vpe_adapter="EPFL-VILAB/VPE-ViPer",
+    metric_adapter="EPFL-VILAB/Metric-ViPer",
+    sdxl_base="stabilityai/stable-diffusion-xl-base-1.0",
+    sdxl_refiner="stabilityai/stable-diffusion-xl-refiner-1.0",
+    extractor_name="EPFL-VILAB/VPE-ViPer",
+    vpe_max_new_tokens=2000,
+    default_image_size=1024,
+    metric_token_ids=(648, 387),
+)
+
+PRESET_NAMES = ("tiny", "viper")
+
+
+def model_preset(name: str, models_dir: Path | None, built_models_root: Path) -> ModelPreset:
+    """The preset called name. viper: folders of models_dir named like the repos (DIR/idefics2-8b) take
+    precedence over the HF cache. tiny: checkpoints built into models_dir, by default built_models_root/tiny."""
+    if name == "viper":
+        return _viper(models_dir)
+    if name == "tiny":
+        return _tiny(models_dir or built_models_root / "tiny")
+    raise ValueError(f"unknown model preset {name!r} (choose from {', '.join(PRESET_NAMES)})")
+
+
+def _viper(models_dir: Path | None) -> ModelPreset:
+    if models_dir is None:
+        return VIPER
+
+    def local_or_id(model_id: str) -> str:
+        folder = models_dir / model_id.split("/")[-1]
+        return str(folder) if folder.is_dir() else model_id
+
+    return replace(VIPER, **{name: local_or_id(getattr(VIPER, name)) for name in BUILT_LAYOUT})
+
+
+def _tiny(models_dir: Path) -> ModelPreset:
+    """The tiny random-weight checkpoints; their output is noise, their code path is the real one."""
+    # Imported here: this module is read by `--help` and the config, which should not wait for torch.
+    from ..models.tiny import ensure_tiny_models
+
+    return ModelPreset(
+        name="tiny",
+        **{name: str(models_dir / folder) for name, folder in BUILT_LAYOUT.items()},
+        extractor_name="tiny-vpe",
+        vpe_max_new_tokens=64,
+        default_image_size=64,
+        build=lambda: ensure_tiny_models(models_dir),
+    )

@@ -1,0 +1,74 @@
+"""The one place protobuf messages and domain values are converted into each other (server side)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+from viper_profiles import Rating, StoredProfile
+from viper_proto.v1 import generation_pb2, metric_pb2, profile_pb2
+
+from ..domain import FinishedImage, GenerationEvent, Preview, Progress, ScoredQuery
+
+RATING_FROM_PROTO = {profile_pb2.RATING_LIKED: Rating.LIKED, profile_pb2.RATING_DISLIKED: Rating.DISLIKED}
+_RATING_TO_PROTO = {rating: value for value, rating in RATING_FROM_PROTO.items()}
+
+
+def profile_to_proto(profile: StoredProfile) -> profile_pb2.Profile:
+    message = profile_pb2.Profile(
+        user_id=profile.user_id,
+        liked_features=profile.liked_features,
+        disliked_features=profile.disliked_features,
+        raw_text=profile.raw_text,
+        version=profile.version,
+        liked_image_count=profile.liked_image_count,
+        disliked_image_count=profile.disliked_image_count,
+        extractor_model=profile.extractor_model,
+        images=[
+            profile_pb2.ProfileImage(
+                sha256=image.sha256, comment=image.comment, rating=_RATING_TO_PROTO[image.rating],
+                position=image.position,
+            )
+            for image in profile.images
+        ],
+    )
+    message.create_time.FromDatetime(profile.created_at)
+    message.update_time.FromDatetime(profile.updated_at)
+    return message
+
+
+def profiles_page_to_proto(profiles: list[StoredProfile], more: bool) -> profile_pb2.ListProfilesResponse:
+    return profile_pb2.ListProfilesResponse(
+        profiles=[profile_to_proto(profile) for profile in profiles],
+        next_page_token=encode_page_token(profiles[-1].user_id) if more and profiles else "",
+    )
+
+
+def encode_page_token(last_user_id: str) -> str:
+    return base64.urlsafe_b64encode(last_user_id.encode()).decode()
+
+
+def decode_page_token(token: str) -> str:
+    """The last user id of the previous page; ValueError when token is not one encode_page_token made."""
+    try:
+        return base64.urlsafe_b64decode(token.encode()).decode()
+    except (binascii.Error, UnicodeDecodeError) as exc:
+        raise ValueError(str(exc)) from None
+
+
+def event_to_proto(event: GenerationEvent, profile_version: int) -> generation_pb2.GenerateEvent:
+    if isinstance(event, Progress):
+        return generation_pb2.GenerateEvent(progress=generation_pb2.GenerateProgress(
+            image_index=event.image_index, step=event.step, total_steps=event.total_steps))
+    if isinstance(event, Preview):
+        return generation_pb2.GenerateEvent(preview=generation_pb2.GeneratePreview(
+            image_index=event.image_index, step=event.step, png=event.png))
+    if isinstance(event, FinishedImage):
+        return generation_pb2.GenerateEvent(image=generation_pb2.GeneratedImage(
+            image_index=event.image_index, png=event.png, seed=event.seed, width=event.width, height=event.height,
+            profile_version=profile_version))
+    raise TypeError(f"not a generation event: {event!r}")
+
+
+def score_to_proto(result: ScoredQuery, pairs_used: int) -> metric_pb2.ScoreResult:
+    return metric_pb2.ScoreResult(index=result.index, score=result.score, pairs_used=pairs_used)

@@ -1,0 +1,89 @@
+"""The gRPC servicers: each RPC is validation -> application -> conversion, and nothing else.
+
+Errors are raised as domain exceptions and mapped to status codes by the interceptor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from google.protobuf import empty_pb2
+
+from viper_proto.v1 import (
+    generation_pb2,
+    generation_pb2_grpc,
+    metric_pb2,
+    metric_pb2_grpc,
+    profile_pb2,
+    profile_pb2_grpc,
+)
+
+from ..application import InlineContext, ViperService
+from ..config import Limits
+from . import validation
+from .convert import event_to_proto, profile_to_proto, profiles_page_to_proto, score_to_proto
+
+
+class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
+    def __init__(self, service: ViperService, limits: Limits) -> None:
+        self._service = service
+        self._limits = limits
+
+    async def ExtractProfile(self, request: profile_pb2.ExtractProfileRequest,
+                             context: grpc.aio.ServicerContext) -> profile_pb2.Profile:
+        # Decoding dozens of images is CPU work: keep it off the event loop.
+        user_id, uploads = await asyncio.to_thread(validation.check_extract, request, self._limits, self._service)
+        return profile_to_proto(await self._service.extract_profile(user_id, uploads))
+
+    async def GetProfile(self, request: profile_pb2.GetProfileRequest,
+                         context: grpc.aio.ServicerContext) -> profile_pb2.Profile:
+        user_id = validation.check_user_id(request.user_id)
+        return profile_to_proto(await self._service.get_profile(user_id))
+
+    async def ListProfiles(self, request: profile_pb2.ListProfilesRequest,
+                           context: grpc.aio.ServicerContext) -> profile_pb2.ListProfilesResponse:
+        page_size, after = validation.check_list(request)
+        return profiles_page_to_proto(*await self._service.list_profiles(page_size, after))
+
+    async def UpdateProfile(self, request: profile_pb2.UpdateProfileRequest,
+                            context: grpc.aio.ServicerContext) -> profile_pb2.Profile:
+        update = validation.check_update(request)
+        stored = await self._service.update_profile(
+            update.user_id, liked_features=update.liked_features, disliked_features=update.disliked_features,
+            expected_version=update.expected_version,
+        )
+        return profile_to_proto(stored)
+
+    async def DeleteProfile(self, request: profile_pb2.DeleteProfileRequest,
+                            context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
+        user_id, expected_version = validation.check_delete(request)
+        await self._service.delete_profile(user_id, expected_version=expected_version)
+        return empty_pb2.Empty()
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
+    def __init__(self, service: ViperService, limits: Limits) -> None:
+        self._service = service
+        self._limits = limits
+
+    async def Generate(self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        user_id, params = validation.check_generate(
+            request, self._limits, default_size=self._service.default_image_size, vocabulary=self._service
+        )
+        generation = await self._service.generate(user_id, params)
+        async for event in generation.events:
+            yield event_to_proto(event, generation.profile_version)
+
+
+class MetricServicer(metric_pb2_grpc.MetricServiceServicer):
+    def __init__(self, service: ViperService, limits: Limits) -> None:
+        self._service = service
+        self._limits = limits
+
+    async def Score(self, request: metric_pb2.ScoreRequest, context: grpc.aio.ServicerContext):
+        checked = await asyncio.to_thread(validation.check_score, request, self._limits)
+        inline = InlineContext(checked.liked, checked.disliked) if checked.liked is not None else None
+        scoring = await self._service.score(checked.user_id, checked.queries, inline)
+        async for result in scoring.results:
+            yield score_to_proto(result, scoring.pairs_used)

@@ -1,0 +1,252 @@
+"""Request validation: untrusted request messages -> checked domain values, every bound checked here once.
+
+Everything here raises InvalidRequest with a message naming the offending field; the interceptor maps
+it to INVALID_ARGUMENT. Nothing is stored or sent to a model before validation has passed.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from PIL import Image
+
+from viper_profiles import InvalidUserId, validate_user_id
+from viper_proto.v1 import generation_pb2, metric_pb2, profile_pb2
+
+from ..config import Limits
+from ..domain import GenerationParams, RatedUpload
+from ..imaging import ImageDecodeError, decode_image
+from .convert import RATING_FROM_PROTO, decode_page_token
+
+UPDATABLE_FIELDS = ("liked_features", "disliked_features")
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+MAX_FEATURES = 256
+MAX_FEATURE_CHARS = 200
+MAX_SEED = 2**63 - 1
+# Far above what fits in CLIP's 77 tokens; only there to bound the tokenizer's work.
+MAX_PROMPT_CHARS = 2000
+DEFAULT_STEPS = 40
+DEFAULT_GUIDANCE_SCALE = 5.0
+MAX_GUIDANCE_SCALE = 30.0
+DEFAULT_PREFERENCE_STRENGTH = 0.85
+MAX_PREFERENCE_STRENGTH = 2.0
+
+
+class InvalidRequest(ValueError):
+    """A request field is missing, malformed or out of bounds."""
+
+
+class Vocabulary(Protocol):
+    """What the loaded models' tokenizers accept; read last, since it needs the models (UNAVAILABLE while
+    they load) and a request that is wrong anyway should hear so first."""
+
+    @property
+    def control_tokens(self) -> frozenset[str]:
+        """The IDEFICS2 tokenizer's special tokens: in a comment they would be read as prompt structure."""
+
+    @property
+    def max_prompt_tokens(self) -> int: ...
+
+    def prompt_token_count(self, text: str) -> int:
+        """The text encoders' token count, start and end tokens included."""
+
+
+def check_user_id(user_id: str, field: str = "user_id") -> str:
+    try:
+        validate_user_id(user_id)
+    except InvalidUserId as exc:
+        raise InvalidRequest(f"{field}: {exc}") from None
+    return user_id
+
+
+def check_image(data: bytes, field: str, limits: Limits) -> Image.Image:
+    """An uploaded image, decoded to RGB; a bad one is the caller's fault."""
+    try:
+        return decode_image(data, max_pixels=limits.max_image_pixels)
+    except ImageDecodeError as exc:
+        raise InvalidRequest(f"{field}: {exc}") from None
+
+
+# -- ProfileService ---------------------------------------------------------------------------------
+
+
+def check_extract(request: profile_pb2.ExtractProfileRequest, limits: Limits,
+                  vocabulary: Vocabulary) -> tuple[str, list[RatedUpload]]:
+    """The user id and the rated images in order."""
+    user_id = check_user_id(request.user_id)
+    if not request.images:
+        raise InvalidRequest("images: at least one rated image is required")
+    if len(request.images) > limits.max_images:
+        raise InvalidRequest(f"images: {len(request.images)} given, at most {limits.max_images} allowed")
+    uploads = []
+    for index, rated in enumerate(request.images):
+        field = f"images[{index}]"
+        if len(rated.comment) > limits.max_comment_chars:
+            raise InvalidRequest(
+                f"{field}.comment: {len(rated.comment)} characters, at most {limits.max_comment_chars} allowed"
+            )
+        rating = RATING_FROM_PROTO.get(rated.rating)
+        if rating is None:
+            raise InvalidRequest(f"{field}.rating: must be RATING_LIKED or RATING_DISLIKED")
+        image = check_image(rated.data, f"{field}.data", limits)
+        uploads.append(RatedUpload(data=rated.data, image=image, comment=rated.comment, rating=rating))
+    control_tokens = sorted(vocabulary.control_tokens)
+    for index, upload in enumerate(uploads):
+        for token in control_tokens:
+            if token in upload.comment:
+                raise InvalidRequest(
+                    f"images[{index}].comment: contains the control token {token!r}, which comments may not contain"
+                )
+    return user_id, uploads
+
+
+def check_list(request: profile_pb2.ListProfilesRequest) -> tuple[int, str | None]:
+    """(page size, the user id the page starts after)."""
+    if request.page_size < 0:
+        raise InvalidRequest("page_size: must not be negative")
+    page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+    if not request.page_token:
+        return page_size, None
+    try:
+        after = decode_page_token(request.page_token)
+        validate_user_id(after)
+    except ValueError:
+        raise InvalidRequest("page_token: not a token returned by ListProfiles") from None
+    return page_size, after
+
+
+@dataclass(frozen=True)
+class ProfileUpdate:
+    user_id: str
+    liked_features: list[str] | None  # None: keep the stored list
+    disliked_features: list[str] | None
+    expected_version: int | None  # None: no check
+
+
+def check_update(request: profile_pb2.UpdateProfileRequest) -> ProfileUpdate:
+    user_id = check_user_id(request.user_id)
+    paths = set(request.update_mask.paths) or set(UPDATABLE_FIELDS)
+    unknown = paths - set(UPDATABLE_FIELDS)
+    if unknown:
+        raise InvalidRequest(
+            f"update_mask: cannot update {', '.join(sorted(unknown))} (only {', '.join(UPDATABLE_FIELDS)})"
+        )
+    lists = {field: check_features(getattr(request, field), field) if field in paths else None
+             for field in UPDATABLE_FIELDS}
+    return ProfileUpdate(user_id=user_id, **lists, expected_version=check_expected_version(request.expected_version))
+
+
+def check_delete(request: profile_pb2.DeleteProfileRequest) -> tuple[str, int | None]:
+    return check_user_id(request.user_id), check_expected_version(request.expected_version)
+
+
+def check_expected_version(version: int) -> int | None:
+    if version < 0:
+        raise InvalidRequest("expected_version: must not be negative")
+    return version or None
+
+
+def check_features(features: Sequence[str], field: str) -> list[str]:
+    """Feature keywords as a user may edit them: non-empty, short, and not too many."""
+    if len(features) > MAX_FEATURES:
+        raise InvalidRequest(f"{field}: {len(features)} features, at most {MAX_FEATURES} allowed")
+    cleaned = [feature.strip() for feature in features]
+    for index, feature in enumerate(cleaned):
+        if not feature:
+            raise InvalidRequest(f"{field}[{index}]: empty feature")
+        if len(feature) > MAX_FEATURE_CHARS:
+            raise InvalidRequest(f"{field}[{index}]: longer than {MAX_FEATURE_CHARS} characters")
+    return cleaned
+
+
+# -- GenerationService -----------------------------------------------------------------------------
+
+
+def check_generate(request: generation_pb2.GenerateRequest, limits: Limits, *, default_size: int,
+                   vocabulary: Vocabulary) -> tuple[str, GenerationParams]:
+    """The user id and the generation's parameters, defaults filled in. Prompts over the text encoders'
+    token limit are refused, never silently truncated."""
+    user_id = check_user_id(request.user_id)
+    if not request.prompt.strip():
+        raise InvalidRequest("prompt: must not be empty")
+    prompts = {"prompt": request.prompt, "negative_prompt": request.negative_prompt}
+    for field, text in prompts.items():
+        # The cheap bound first: the tokenizer only ever sees bounded text.
+        if len(text) > MAX_PROMPT_CHARS:
+            raise InvalidRequest(f"{field}: {len(text)} characters, at most {MAX_PROMPT_CHARS}")
+    num_images = request.num_images or 1
+    _check_range("num_images", num_images, 1, limits.max_generate_images)
+    width = request.width or default_size
+    height = request.height or default_size
+    for field, size in (("width", width), ("height", height)):
+        _check_range(field, size, limits.min_generate_size, limits.max_generate_size)
+        if size % 8:
+            raise InvalidRequest(f"{field}: {size} is not a multiple of 8")
+    steps = request.steps or DEFAULT_STEPS
+    _check_range("steps", steps, 1, limits.max_steps)
+    guidance_scale = request.guidance_scale if request.HasField("guidance_scale") else DEFAULT_GUIDANCE_SCALE
+    # At or below 1 the pipeline drops classifier-free guidance, which ViPer's terms ride on.
+    if not 1.0 < guidance_scale <= MAX_GUIDANCE_SCALE:
+        raise InvalidRequest(f"guidance_scale: {guidance_scale:g} is out of range (1, {MAX_GUIDANCE_SCALE:g}]")
+    strength = (request.preference_strength if request.HasField("preference_strength")
+                else DEFAULT_PREFERENCE_STRENGTH)
+    _check_range("preference_strength", strength, 0.0, MAX_PREFERENCE_STRENGTH)
+    _check_range("preview_every", request.preview_every, 0, steps * 2)
+    _check_range("seed", request.seed, 0, MAX_SEED)
+    for field, text in prompts.items():
+        if (count := vocabulary.prompt_token_count(text)) > vocabulary.max_prompt_tokens:
+            raise InvalidRequest(
+                f"{field}: {count} tokens, the text encoders take at most {vocabulary.max_prompt_tokens}"
+            )
+    return user_id, GenerationParams(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        num_images=num_images,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        preference_strength=strength,
+        refine=request.refine if request.HasField("refine") else True,
+        seed=request.seed or secrets.randbelow(MAX_SEED) + 1,
+        preview_every=request.preview_every,
+    )
+
+
+# -- MetricService ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScoreCheck:
+    user_id: str  # "" with an inline context
+    queries: list[Image.Image]
+    # The inline context, when given instead of the stored profile.
+    liked: list[Image.Image] | None
+    disliked: list[Image.Image] | None
+
+
+def check_score(request: metric_pb2.ScoreRequest, limits: Limits) -> ScoreCheck:
+    """Every query (and inline context image) decoded before any scoring starts."""
+    if not request.queries:
+        raise InvalidRequest("queries: at least one image to score is required")
+    queries = _check_images(request.queries, limits, "queries")
+    if request.liked or request.disliked:
+        return ScoreCheck(user_id=request.user_id, queries=queries,
+                          liked=_check_images(request.liked, limits, "liked"),
+                          disliked=_check_images(request.disliked, limits, "disliked"))
+    return ScoreCheck(user_id=check_user_id(request.user_id), queries=queries, liked=None, disliked=None)
+
+
+def _check_images(images: Sequence[bytes], limits: Limits, field: str) -> list[Image.Image]:
+    if len(images) > limits.max_score_queries:
+        raise InvalidRequest(f"{field}: {len(images)} given, at most {limits.max_score_queries} allowed")
+    return [check_image(data, f"{field}[{index}]", limits) for index, data in enumerate(images)]
+
+
+def _check_range(field: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise InvalidRequest(f"{field}: {value:g} is out of range [{low:g}, {high:g}]")
