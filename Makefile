@@ -4,14 +4,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install serve test test-soak lint protos bench
+.PHONY: install serve test test-soak lint protos bench web
 
 install: $(INSTALLED)
 
-# The client (this folder) and the server (server/), editable; re-installs only when a pyproject.toml changes.
-$(INSTALLED): pyproject.toml server/pyproject.toml
+# The client (this folder), the server (server/) and the web gateway (web/), editable; re-installs only when a
+# pyproject.toml changes.
+$(INSTALLED): pyproject.toml server/pyproject.toml web/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]' -e ./server
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]' -e ./server -e ./web
 	touch $@
 
 serve: install
@@ -33,3 +34,10 @@ protos: install
 bench: install
 	$(BIN)/python bench/generation.py
 	$(BIN)/python bench/metric.py
+
+# The web page in one command: `viper serve` on its defaults (127.0.0.1:50051, tiny models) and the gateway
+# in front of it at http://127.0.0.1:8080. Ctrl-C stops both.
+web: install
+	@$(BIN)/viper serve & server=$$!; \
+	trap 'kill $$server 2>/dev/null' EXIT INT TERM; \
+	$(BIN)/viper-web --backend 127.0.0.1:50051 --port 8080

@@ -10,3 +10,32 @@ def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from viper_server.models.tiny import ensure_tiny_models
 
     return ensure_tiny_models(tmp_path_factory.mktemp("models") / "tiny-models")
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL server (viper_server.testing.postgres) for the whole session, stopped at its end.
+
+    Missing PostgreSQL is installed when we are root on Debian; elsewhere the tests that need it skip,
+    except in CI (CI=true), where they fail instead.
+    """
+    import os
+
+    from viper_server.testing.postgres import PostgresNotFound, PostgresServer, find_postgres_bin
+
+    try:
+        bin_dir = find_postgres_bin(install=True)
+    except PostgresNotFound as missing:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the PostgreSQL tests: {missing}")
+        pytest.skip(str(missing))
+    with PostgresServer(bin_dir) as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """A URL to a fresh, empty database on the session's PostgreSQL server, dropped after the test."""
+    url = postgres_server.create_database()
+    yield url
+    postgres_server.drop_database(url.rsplit("/", 1)[1])

@@ -82,8 +82,8 @@ GIF = encode(Image.new("RGB", (8, 8)), "GIF")
 PDF = b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj << /Type /Catalog >> endobj\n"
 
 
-def rated(data: bytes, rating: int = profile_pb2.RATING_LIKED) -> profile_pb2.RatedImage:
-    return profile_pb2.RatedImage(data=data, comment="noted", rating=rating)
+def rated(data: bytes, rating: int = profile_pb2.RATING_LIKED, comment: str = "noted") -> profile_pb2.RatedImage:
+    return profile_pb2.RatedImage(data=data, comment=comment, rating=rating)
 
 
 def extract(*images: profile_pb2.RatedImage, user_id: str = "newcomer") -> profile_pb2.ExtractProfileRequest:
@@ -154,6 +154,15 @@ REFUSALS = {
         "ExtractProfile", extract(rated(GOOD, 7)), INVALID, r"images\[0\]\.rating"),
     "extract empty user id": Refusal("ExtractProfile", extract(rated(GOOD), user_id=""), INVALID, "user_id"),
     "extract non-ascii user id": Refusal("ExtractProfile", extract(rated(GOOD), user_id="josé"), INVALID, "user_id"),
+    # Control tokens would be read as prompt structure (a literal <image> breaks the image count).
+    **{
+        f"extract comment with {token}": Refusal(
+            "ExtractProfile", extract(rated(GOOD), rated(GOOD, comment=f"so soft {token} and warm")), INVALID,
+            rf"images\[1\]\.comment: contains the control token '{token}'")
+        for token in ("<image>", "<end_of_utterance>", "<fake_token_around_image>", "<s>", "</s>", "<unk>")
+    },
+    "extract comment with a NUL character": Refusal(
+        "ExtractProfile", extract(rated(GOOD, comment="a\x00b")), INVALID, r"images\[0\]\.comment: contains a NUL"),
 
     "get empty user id": Refusal("GetProfile", profile_pb2.GetProfileRequest(user_id=""), INVALID, "user_id"),
     "get path-like user id": Refusal(
@@ -187,6 +196,8 @@ REFUSALS = {
         "UpdateProfile",
         update(disliked_features=["x" * 201], update_mask=FieldMask(paths=["disliked_features"])),
         INVALID, r"disliked_features\[0\]: longer than 200"),
+    "update feature with a NUL character": Refusal(
+        "UpdateProfile", update(liked_features=["soft\x00light"]), INVALID, r"liked_features\[0\]: contains a NUL"),
     "update too many features": Refusal(
         "UpdateProfile", update(liked_features=["f"] * 257), INVALID, "liked_features: 257 features"),
     "update invalid user id": Refusal("UpdateProfile", update(user_id="known user"), INVALID, "user_id"),

@@ -1,13 +1,19 @@
-"""The `viper` command against an in-process fake server holding profiles in memory."""
+"""The `viper` command against an in-process fake server holding profiles in memory (and, for `viper health`,
+against a real server)."""
 
 from __future__ import annotations
 
+import _thread
+import argparse
 import importlib.util
 import io
 import json
 import os
 import shutil
+import socket
 import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,7 +21,8 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf import empty_pb2
-from PIL import Image
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from PIL import Image, UnidentifiedImageError
 
 from viper_client import cli
 from viper_proto.v1 import (
@@ -26,6 +33,7 @@ from viper_proto.v1 import (
     profile_pb2,
     profile_pb2_grpc,
 )
+from viper_server.testing import ServerProcess
 
 FIXTURES = Path(__file__).parent / "fixtures" / "viper_examples"
 CREATED = datetime(2024, 7, 1, 12, 0, tzinfo=timezone.utc)
@@ -47,12 +55,19 @@ class FakeServer(
     def __init__(self) -> None:
         self.profiles: dict[str, profile_pb2.Profile] = {}
         self.requests: list[object] = []
+        # False: extractions parse no features (as with the tiny random models).
+        self.features_parsed = True
+        # After the first preview of the last image, Generate "fails" (INTERNAL) or "hangs" until cancelled.
+        self.generate_then: str | None = None
+        self.generate_cancelled = threading.Event()
 
-    def add(self, user_id: str) -> profile_pb2.Profile:
+    def add(self, user_id: str, features: bool = True) -> profile_pb2.Profile:
         self.profiles[user_id] = profile_pb2.Profile(
             user_id=user_id,
-            liked_features=["pastel pinks", "soft light"],
-            disliked_features=["gloom"],
+            liked_features=["pastel pinks", "soft light"] if features else [],
+            disliked_features=["gloom"] if features else [],
+            raw_text="Liked Art Features: pastel pinks, soft light\nDisliked Art Features: gloom" if features
+            else "#@ lorem zzk",
             version=1,
             liked_image_count=8,
             disliked_image_count=8,
@@ -73,10 +88,17 @@ class FakeServer(
 
     def ExtractProfile(self, request, context):
         self.requests.append(request)
-        return self.add(request.user_id)
+        for index, image in enumerate(request.images):  # as the real server words it
+            if "<image>" in image.comment:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"images[{index}].comment: contains the control token '<image>', which comments may "
+                              "not contain")
+        return self.add(request.user_id, features=self.features_parsed)
 
     def GetProfile(self, request, context):
         self.requests.append(request)
+        if request.user_id == "loading":
+            context.abort(grpc.StatusCode.UNAVAILABLE, "models are still loading")
         return self._stored(request.user_id, 0, context)
 
     def ListProfiles(self, request, context):
@@ -104,6 +126,7 @@ class FakeServer(
 
     def Generate(self, request, context):
         self.requests.append(request)
+        self._stored(request.user_id, 0, context)
         for index in range(request.num_images):
             for step in range(1, request.steps + 1):
                 yield generation_pb2.GenerateEvent(
@@ -112,13 +135,30 @@ class FakeServer(
                 if request.preview_every and step % request.preview_every == 0:
                     preview = generation_pb2.GeneratePreview(image_index=index, step=step, png=png_bytes((0, 0, 0), 2))
                     yield generation_pb2.GenerateEvent(preview=preview)
+                    if self.generate_then and index == request.num_images - 1:
+                        self._fail_or_hang(context)
+                        return
             image = generation_pb2.GeneratedImage(
                 image_index=index, png=png_bytes((index * 100, 0, 0)), seed=request.seed + index, width=8, height=8
             )
             yield generation_pb2.GenerateEvent(image=image)
 
+    def _fail_or_hang(self, context: grpc.ServicerContext) -> None:
+        if self.generate_then == "fails":
+            context.abort(grpc.StatusCode.INTERNAL, "the GPU fell off the bus")
+        deadline = time.monotonic() + 30
+        while context.is_active() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not context.is_active():
+            self.generate_cancelled.set()
+
     def Score(self, request, context):
         self.requests.append(request)
+        for index, query in enumerate(request.queries):  # queries first, as the real server checks them
+            try:
+                Image.open(io.BytesIO(query))
+            except UnidentifiedImageError:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"queries[{index}]: not a decodable image")
         self._stored(request.user_id, 0, context)
         # Last query first, as a server may stream them; query i scores (i + 1) / 10.
         for index in reversed(range(len(request.queries))):
@@ -277,7 +317,7 @@ def test_generate_writes_each_image_and_prints_its_path(server, tmp_path, capsys
     assert (request.steps, request.seed, request.preview_every) == (3, 7, 2)
     assert request.HasField("refine") and not request.refine
     assert not request.HasField("guidance_scale")
-    assert capsys.readouterr().out.splitlines() == [str(out / "0.png"), str(out / "1.png")]
+    assert capsys.readouterr().out.splitlines() == [f"{out / '0.png'}  (seed 7)", f"{out / '1.png'}  (seed 8)"]
     assert sorted(path.name for path in out.iterdir()) == ["0.png", "1.png"]  # previews replaced
     assert Image.open(out / "1.png").getpixel((0, 0)) == (100, 0, 0)
 
@@ -339,9 +379,25 @@ def test_target_comes_from_viper_target(server, monkeypatch, capsys):
     assert json.loads(capsys.readouterr().out)["user_id"] == "alice"
 
 
-def test_an_unreachable_server_is_reported(capsys):
-    assert cli.main(["--target", "127.0.0.1:1", "--timeout", "5", "profile", "get", "--user", "alice"]) == 1
-    assert capsys.readouterr().err.startswith("error: UNAVAILABLE: ")
+def free_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_an_unreachable_server_is_reported_with_a_hint(capsys):
+    target = f"127.0.0.1:{free_port()}"
+    assert cli.main(["--target", target, "--timeout", "5", "profile", "get", "--user", "alice"]) == 1
+    error, hint = capsys.readouterr().err.splitlines()
+    assert error.startswith("error: UNAVAILABLE: ")
+    assert hint.startswith(f"hint: is a server running at {target}? `make serve` starts one")
+    assert "viper serve" in hint
+
+
+def test_an_unavailable_answer_from_a_running_server_gets_no_connection_hint(server, capsys):
+    assert viper(server, "profile", "get", "--user", "loading") == 1
+    assert capsys.readouterr().err == "error: UNAVAILABLE: models are still loading\n"
 
 
 def test_unknown_options_are_usage_errors():
@@ -350,14 +406,23 @@ def test_unknown_options_are_usage_errors():
     assert caught.value.code == 2
 
 
-@pytest.mark.parametrize("command", ["serve", "build-tiny-models"])
-def test_server_commands_need_the_server_package(monkeypatch, capsys, command):
+@pytest.mark.parametrize(
+    ("command", "package", "hint"),
+    [
+        ("serve", "viper_server", "viper serve needs the server, a separate package: from a viper-serve checkout run "
+                                  "`pip install . ./server`"),
+        ("build-tiny-models", "viper_server", "viper build-tiny-models needs the server"),
+        ("web", "viper_web", "viper web needs the web gateway, a separate package: from a viper-serve checkout run "
+                             "`pip install ./web`"),
+    ],
+)
+def test_delegated_commands_say_what_to_install(monkeypatch, capsys, command, package, hint):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *args: None if name == "viper_server" else real_find_spec(name, *args)
+        importlib.util, "find_spec", lambda name, *args: None if name == package else real_find_spec(name, *args)
     )
     assert cli.main([command, "--port", "1"]) == 2
-    assert f"viper {command} needs the server" in capsys.readouterr().err
+    assert hint in capsys.readouterr().err
 
 
 def test_server_commands_are_handed_to_the_server_with_their_arguments_untouched(monkeypatch):
@@ -367,3 +432,244 @@ def test_server_commands_are_handed_to_the_server_with_their_arguments_untouched
     cli.main(["--target", "x:1", "serve", "--port", "1", "-h", "--", "--target"])
     assert received == [(sys.executable, [sys.executable, "-m", "viper_server", "serve", "--port", "1", "-h", "--",
                                           "--target"])]
+
+
+def test_web_is_handed_to_the_gateway_with_its_arguments_untouched(monkeypatch):
+    received = []
+    monkeypatch.setattr(os, "execv", lambda path, argv: received.append((path, argv)))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: object())
+    cli.main(["--target", "x:1", "web", "--backend", "127.0.0.1:50051", "--port", "0", "--help", "--", "--token"])
+    assert received == [(sys.executable, [sys.executable, "-m", "viper_web", "--backend", "127.0.0.1:50051",
+                                          "--port", "0", "--help", "--", "--token"])]
+
+
+def test_viper_web_reaches_the_installed_gateway(tmp_path):
+    """Not mocked: `viper web --help` runs viper_web's own command line."""
+    import subprocess
+
+    command = "import sys; from viper_client.cli import main; sys.exit(main())"
+    result = subprocess.run([sys.executable, "-c", command, "web", "--help"], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: viper web") and "--backend" in result.stdout
+
+
+# -- item 10: a profile without features says where the model's output is --------------------------------------
+
+
+def test_a_profile_with_no_parsed_features_says_where_the_raw_output_is(server, capsys):
+    server.features_parsed = False
+    code = viper(
+        server, "profile", "extract", "--user", "alice",
+        "--liked", FIXTURES / "liked", "--disliked", FIXTURES / "disliked", "--comments", FIXTURES / "comments.json",
+    )  # fmt: skip
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "liked      (none)" in lines and "disliked   (none)" in lines
+    assert lines[-1] == ("note: no features were parsed from the model's output; its raw text is in --json "
+                         "(field raw_text)")
+    assert viper(server, "profile", "get", "--user", "alice") == 0
+    note = capsys.readouterr().out.splitlines()[-1]
+    assert note.startswith("note: no features: none were parsed from the model's output, or an update removed them")
+    assert "--json (field raw_text)" in note
+    assert viper(server, "profile", "get", "--user", "alice", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["raw_text"] == "#@ lorem zzk"
+
+
+def test_a_profile_with_features_has_no_note(server, capsys):
+    server.add("alice")
+    assert viper(server, "profile", "get", "--user", "alice") == 0
+    assert "note:" not in capsys.readouterr().out
+
+
+# -- item 11: errors name the files, not the request's indexes -----------------------------------------------
+
+
+def test_score_errors_name_the_file_sent_as_the_query(server, tmp_path, capsys):
+    server.add("alice")
+    broken = tmp_path / "broken.png"
+    broken.write_text("not a PNG")
+    assert viper(server, "score", "--user", "alice", FIXTURES / "query1.png", broken) == 1
+    assert capsys.readouterr().err == f"error: INVALID_ARGUMENT: {broken}: not a decodable image\n"
+
+
+def test_extract_errors_name_the_file_whose_comment_was_refused(server, tmp_path, capsys):
+    shutil.copytree(FIXTURES, tmp_path, dirs_exist_ok=True)
+    comments = json.loads((tmp_path / "comments.json").read_text())
+    comments["liked/3.png"] = "I love the <image> of it"
+    (tmp_path / "comments.json").write_text(json.dumps(comments))
+    code = viper(
+        server, "profile", "extract", "--user", "alice",
+        "--liked", tmp_path / "liked", "--disliked", tmp_path / "disliked", "--comments", tmp_path / "comments.json",
+    )  # fmt: skip
+    assert code == 1
+    assert capsys.readouterr().err == (
+        f"error: INVALID_ARGUMENT: the comment on {tmp_path / 'liked' / '3.png'}: contains the control token "
+        "'<image>', which comments may not contain\n"
+    )
+
+
+# -- item 12: generate leaves nothing behind after a failure or Ctrl-C -----------------------------------------
+
+
+def test_generate_creates_no_folder_when_the_call_fails(server, tmp_path, capsys):
+    out = tmp_path / "nested" / "out"
+    assert viper(server, "generate", "--user", "nobody", "--prompt", "a cat", "--out", out, "--steps", 2) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_generate_removes_its_previews_and_empty_folders_when_the_stream_fails(server, tmp_path, capsys):
+    server.add("alice")
+    server.generate_then = "fails"
+    out = tmp_path / "nested" / "out"
+    code = viper(server, "generate", "--user", "alice", "--prompt", "a cat", "--out", out, "--steps", 2,
+                 "--preview-every", 1)
+    assert code == 1
+    assert capsys.readouterr().err.endswith("error: INTERNAL: the GPU fell off the bus\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_generate_refuses_an_out_that_is_a_file(server, tmp_path, capsys):
+    server.add("alice")
+    (tmp_path / "out").write_text("")
+    assert viper(server, "generate", "--user", "alice", "--prompt", "a cat", "--out", tmp_path / "out") == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert server.requests == []
+
+
+def test_ctrl_c_cancels_the_generation_and_removes_the_previews(server, tmp_path, capsys):
+    server.add("alice")
+    server.generate_then = "hangs"  # after image 1's first preview, until the client cancels
+    out = tmp_path / "out"
+
+    def press_ctrl_c() -> None:
+        deadline = time.monotonic() + 30
+        while not (out / "1.preview.png").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if (out / "1.preview.png").exists():
+            _thread.interrupt_main()  # what Ctrl-C does: SIGINT's KeyboardInterrupt in the main thread
+
+    presser = threading.Thread(target=press_ctrl_c)
+    presser.start()
+    try:
+        code = viper(server, "generate", "--user", "alice", "--prompt", "a cat", "--out", out, "--num-images", 2,
+                     "--steps", 3, "--preview-every", 1)
+    finally:
+        presser.join()
+    assert code == 130
+    captured = capsys.readouterr()
+    assert captured.err.splitlines()[-1] == f"generation cancelled; kept 1 finished image(s) in {out}"
+    assert captured.out.splitlines() == [f"{out / '0.png'}  (seed 0)"]
+    assert sorted(path.name for path in out.iterdir()) == ["0.png"]
+    assert server.generate_cancelled.wait(10), "the server's call was not cancelled"
+
+
+# -- item 14: every option says what it does and its default ------------------------------------------------
+
+
+def all_parsers(parser: argparse.ArgumentParser, name: str = "viper"):
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help for choice in action._choices_actions}
+            for command, subparser in action.choices.items():
+                assert helps.get(command), f"{name} {command} has no help line"
+                yield from all_parsers(subparser, f"{name} {command}")
+
+
+def test_every_option_of_every_command_has_help_with_its_default():
+    parsers = list(all_parsers(cli.build_parser()))
+    assert {"viper generate", "viper health", "viper profile list", "viper web"} <= {name for name, _ in parsers}
+    for name, parser in parsers:
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            label = f"{name} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help and action.help != argparse.SUPPRESS, f"{label} has no help"
+            takes_value = action.option_strings and action.nargs != 0
+            if takes_value and not action.required:
+                assert "default" in action.help, f"{label} does not say its default"
+        text = parser.format_help()
+        for placeholder in ("default None", "default: None", "default False", "default True"):
+            assert placeholder not in text, f"{name} --help shows {placeholder!r}"
+
+
+def test_generate_help_names_the_server_defaults(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("1024 for the real SDXL models, 64 for the tiny ones", "the server's 40", "the server's 5.0",
+                    "the server's 0.85", "0 = not personalized", "0 = random", "no previews"):
+        assert default in text
+
+
+# -- item 15: viper health -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def health_server():
+    """A gRPC server with only the standard health service, its status set by the test (NOT_SERVING at first)."""
+    servicer = health.HealthServicer()
+    servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    grpc_server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, grpc_server)
+    servicer.target = f"127.0.0.1:{grpc_server.add_insecure_port('127.0.0.1:0')}"
+    grpc_server.start()
+    yield servicer
+    grpc_server.stop(grace=None)
+
+
+def test_health_of_a_real_server_is_serving(tiny_models_dir, tmp_path, capsys):
+    with ServerProcess(tmp_path / "profiles.db", tiny_models_dir) as server:
+        assert cli.main(["--target", server.target, "health"]) == 0
+        assert capsys.readouterr().out == "SERVING\n"
+        assert cli.main(["--target", server.target, "health", "--wait", "5"]) == 0
+        assert capsys.readouterr().out == "SERVING\n"
+        # The real server's messages name queries[N]: the CLI names the file instead.
+        text = tmp_path / "notes.png"
+        text.write_text("not an image")
+        assert cli.main(["--target", server.target, "score", "--user", "alice", str(FIXTURES / "query1.png"),
+                         str(text)]) == 1
+        error = capsys.readouterr().err
+        assert error.startswith(f"error: INVALID_ARGUMENT: {text}: ") and "queries[" not in error
+
+
+def test_health_not_serving_prints_the_status_and_exits_1(health_server, capsys):
+    assert cli.main(["--target", health_server.target, "health"]) == 1
+    assert capsys.readouterr().out == "NOT_SERVING\n"
+
+
+def test_health_wait_polls_until_serving(health_server, capsys):
+    timer = threading.Timer(0.5, health_server.set, ("", health_pb2.HealthCheckResponse.SERVING))
+    timer.start()
+    try:
+        assert cli.main(["--target", health_server.target, "health", "--wait", "60"]) == 0
+    finally:
+        timer.cancel()
+    assert capsys.readouterr().out == "SERVING\n"
+
+
+def test_health_wait_gives_up_when_the_time_is_up(health_server, capsys):
+    assert cli.main(["--target", health_server.target, "health", "--wait", "0.5"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (f"error: {health_server.target} was not SERVING after 0.5 s "
+                            "(last answer: NOT_SERVING)\n")
+
+
+def test_health_with_nothing_listening_fails_with_the_hint(capsys):
+    target = f"127.0.0.1:{free_port()}"
+    assert cli.main(["--target", target, "health"]) == 1
+    error, hint = capsys.readouterr().err.splitlines()
+    assert error.startswith("error: UNAVAILABLE: ") and hint.startswith(f"hint: is a server running at {target}?")
+    assert cli.main(["--target", target, "health", "--wait", "0.5"]) == 1
+    error, hint = capsys.readouterr().err.splitlines()
+    assert error.startswith(f"error: {target} was not SERVING after 0.5 s (last answer: UNAVAILABLE: ")
+    assert hint.startswith(f"hint: is a server running at {target}?")
+
+
+def test_health_wait_must_not_be_negative(capsys):
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["health", "--wait", "-1"])
+    assert caught.value.code == 2

@@ -59,3 +59,10 @@ def test_idefics2_dtype_is_a_setting():
     assert parse(["--idefics2-dtype", "float32"]).idefics2_dtype == "float32"
     with pytest.raises(ValueError, match="idefics2_dtype must be"):
         parse([], {"VIPER_IDEFICS2_DTYPE": "int8"})
+
+
+def test_warnings_from_our_own_code_fail_the_tests():
+    import warnings
+
+    with pytest.raises(UserWarning):
+        warnings.warn_explicit("a notice", UserWarning, "viper_server/x.py", 1, module="viper_server.x")

@@ -121,3 +121,18 @@ def test_missing_real_weights_stop_start_up_with_a_clear_error(tmp_path):
     assert "viper-server: error: 'HuggingFaceM4/idefics2-8b' is neither a local folder nor a model in the local " \
            "Hugging Face cache" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_second_server_on_a_busy_port_exits_with_a_clear_error(tiny_models_dir, tmp_path):
+    with ServerProcess(tmp_path / "first.db", tiny_models_dir) as first:
+        second = subprocess.run(
+            [sys.executable, "-m", "viper_server", "serve", "--port", str(first.port), "--models", "tiny",
+             "--models-dir", str(tiny_models_dir), "--db", str(tmp_path / "second.db")],
+            capture_output=True, text=True, timeout=120,
+        )
+        with ViperClient(first.target) as client:
+            with pytest.raises(ViperError, match="NOT_FOUND"):
+                client.get_profile("nobody")  # the first one still serves alone
+    assert second.returncode == 2
+    assert f"viper-server: error: cannot listen on 127.0.0.1:{first.port}" in second.stderr
+    assert "Traceback" not in second.stderr

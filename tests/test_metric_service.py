@@ -79,3 +79,25 @@ def test_too_many_queries_are_refused(client):
 def test_no_queries_is_invalid_argument(client):
     with pytest.raises(InvalidArgument, match="queries: at least one image to score is required"):
         client.score("critic", [])
+
+
+def test_unequal_counts_use_the_first_pairs_and_say_how_many(client):
+    images = fixture_images()  # 8 liked, then 8 disliked
+    liked, disliked = images[:8], images[8:]
+    client.extract_profile("eight-and-three", liked + disliked[:3])
+    results = list(client.score_stream("eight-and-three", QUERIES))
+    assert [result.pairs_used for result in results] == [3, 3]
+    first_pairs = client.score("", QUERIES, liked=[image.image for image in liked[:3]],
+                               disliked=[image.image for image in disliked[:3]])
+    assert [result.score for result in results] == pytest.approx(first_pairs, abs=1e-5)
+    other_pairs = client.score("", QUERIES, liked=[image.image for image in liked[5:]],
+                               disliked=[image.image for image in disliked[:3]])
+    assert max(abs(a - b) for a, b in zip(first_pairs, other_pairs)) > 1e-3  # which pairs matters
+
+
+def test_nine_pairs_like_the_reference_readme_are_scored_with_the_first_eight(client):
+    images = fixture_images()
+    liked, disliked = images[:8] + images[:1], images[8:] + images[8:9]
+    client.extract_profile("nine-and-nine", liked + disliked)
+    assert {result.pairs_used for result in client.score_stream("nine-and-nine", QUERIES)} == {8}
+    assert {result.pairs_used for result in client.score_stream("critic", QUERIES)} == {8}

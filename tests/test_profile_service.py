@@ -101,6 +101,17 @@ def test_list_profiles_pages_through_every_user(client):
         client.delete_profile(user)
 
 
+def test_start_up_says_which_models_and_precision(server):
+    server.wait_for_log(r"models \(tiny\) loaded on cpu in [0-9.]+ s; IDEFICS2 in float32")
+
+
+def test_start_up_is_quiet(server):
+    # The libraries' notices, warnings and loading bars: only with --log-level debug.
+    noise = [line for line in server.logs
+             if any(word in line for word in ("torchvision", "Warning", "Loading weights", "it/s]"))]
+    assert noise == []
+
+
 def test_each_rpc_is_logged_with_method_user_status_and_time(server, client):
     with pytest.raises(NotFound):
         client.get_profile("nobody-here")

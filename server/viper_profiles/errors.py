@@ -7,6 +7,20 @@ class StoreError(Exception):
     """Base class of every error the profile store raises on purpose."""
 
 
+class StoreUnavailable(StoreError):
+    """The database cannot be reached right now (down, refusing connections, no pooled connection free, or
+    locked past the timeout). Nothing was changed, or the outcome is unknown if it broke during a commit;
+    the call may be retried. The server answers UNAVAILABLE."""
+
+
+class InvalidText(StoreError, ValueError):
+    """A text field holds a character the store cannot keep on every backend (NUL: PostgreSQL refuses it)."""
+
+    def __init__(self, field: str) -> None:
+        super().__init__(f"{field} contains a NUL character, which cannot be stored")
+        self.field = field
+
+
 class ProfileNotFound(StoreError):
     def __init__(self, user_id: str) -> None:
         super().__init__(f"no profile for user {user_id!r}")

@@ -1,4 +1,4 @@
-"""Immutable values going into and coming out of the profile store."""
+"""Immutable values going into and coming out of the profile store (the same for every backend)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ class StoredProfile:
     liked_features: tuple[str, ...]
     disliked_features: tuple[str, ...]
     raw_text: str
-    version: int  # 1 on first save, +1 on every change
+    version: int  # goes up on every change; never repeats for a user, even after a delete
     extractor_model: str
     created_at: datetime  # UTC; kept across re-extractions
     updated_at: datetime  # UTC

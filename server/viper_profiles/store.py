@@ -1,58 +1,99 @@
-"""ProfileStore: users' preference profiles and their source images in one SQLite file."""
+"""ProfileStore: users' preference profiles and their source images, in SQLite or PostgreSQL.
+
+The facade holds what the operations mean (validation, versions, optimistic concurrency); a backend
+(sqlite/, postgres/) holds how its database stores rows and isolates transactions. `open_store(url)`
+picks the backend from the URL.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
 import os
-import threading
-from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+import re
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from urllib.parse import unquote, urlsplit
 
-from sqlite_utils import Database
-from sqlite_utils.db import NotFoundError
-
-from .database import open_database, transaction
-from .errors import ProfileNotFound, VersionConflict
-from .records import ImageRef, Rating, SourceImage, StoredImage, StoredProfile
-from .schema import migrate
+from .backend import Backend, Transaction
+from .errors import InvalidText, ProfileNotFound, VersionConflict
+from .records import Rating, SourceImage, StoredImage, StoredProfile
 from .user_ids import validate_user_id
+
+# How long an operation waits for the database (SQLite: another process's write lock; PostgreSQL: a
+# pooled connection or a row lock) before raising StoreUnavailable.
+DEFAULT_TIMEOUT = 5.0
+# Most PostgreSQL connections one store opens (SQLite: always one).
+DEFAULT_POOL_SIZE = 10
+
+_URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def open_store(url: str | os.PathLike[str], *, timeout: float = DEFAULT_TIMEOUT,
+               pool_size: int = DEFAULT_POOL_SIZE) -> ProfileStore:
+    """Opens (creating and migrating if needed) the store at url.
+
+    - a plain path, or `sqlite:///relative/path`, `sqlite:////absolute/path` -> SQLite;
+    - `postgresql://user:password@host:port/dbname` (or `postgres://`, any libpq URL) -> PostgreSQL.
+
+    Raises StoreUnavailable if the database cannot be reached within `timeout` seconds, StoreError if
+    its schema is newer than this code, ValueError for a URL of another kind.
+    """
+    return ProfileStore(url, timeout=timeout, pool_size=pool_size)
+
+
+def _open_backend(url: str | os.PathLike[str], *, timeout: float, pool_size: int) -> Backend:
+    if isinstance(url, os.PathLike) or not (match := _URL_SCHEME.match(url)):
+        return _sqlite(Path(url), timeout)
+    scheme = match.group(1).lower()
+    if scheme == "sqlite":
+        # As SQLAlchemy spells it: the path is what follows the third slash.
+        parts = urlsplit(url)
+        if parts.netloc or len(parts.path) < 2:
+            raise ValueError("a SQLite URL is sqlite:///relative/path or sqlite:////absolute/path")
+        return _sqlite(Path(unquote(parts.path[1:])), timeout)
+    if scheme in ("postgresql", "postgres"):
+        from .postgres import PostgresBackend  # psycopg is imported only when used
+
+        return PostgresBackend(url, timeout=timeout, pool_size=pool_size)
+    raise ValueError(f"unsupported database URL scheme {scheme!r}: use a path, sqlite:/// or postgresql://")
+
+
+def _sqlite(path: Path, timeout: float) -> Backend:
+    from .sqlite import SqliteBackend
+
+    return SqliteBackend(path, timeout=timeout)
 
 
 class ProfileStore:
     """Stores one profile per user, with the images it was extracted from.
 
-    Every method is one transaction. Thread safety: a single connection guarded by a
-    lock. SQLite admits one writer at a time anyway and the reads are a few small
-    rows, so per-thread connections would mostly add connections to track for
-    asyncio.to_thread's changing pool threads, plus SQLITE_BUSY waits between our
-    own threads.
+    Every method is one transaction, and safe to call from several threads and processes at once.
+    A user's versions only ever go up, across deletes and processes: after a delete, the next
+    extraction continues above the last version the user was given, so a version (and an
+    expected_version) always names one content. Database unreachable -> StoreUnavailable.
+    `ProfileStore(url)` is `open_store(url)`.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = open_database(path)
-        try:
-            migrate(self._db)
-        except BaseException:
-            self._db.close()
-            raise
+    def __init__(self, url: str | os.PathLike[str], *, timeout: float = DEFAULT_TIMEOUT,
+                 pool_size: int = DEFAULT_POOL_SIZE) -> None:
+        self._backend = _open_backend(url, timeout=timeout, pool_size=pool_size)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()  # closing a closed sqlite3 connection is a no-op
+        self._backend.close()
 
     def __enter__(self) -> ProfileStore:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    def ping(self, timeout: float | None = None) -> None:
+        """Raises StoreUnavailable unless the database answers a trivial query; for health checks.
+
+        timeout: how long to wait for a pooled PostgreSQL connection (default: the store's timeout).
+        """
+        self._backend.ping(timeout)
 
     def save_extraction(
         self,
@@ -66,67 +107,54 @@ class ProfileStore:
     ) -> StoredProfile:
         """Creates the user's profile, or replaces all of it (features, text, images).
 
-        The version goes up by one; created_at is kept from the first save.
+        The version goes one above the last the user was ever given; created_at is kept from the
+        first save of the current profile.
         """
         validate_user_id(user_id)
-        liked, disliked = _json_list(liked_features), _json_list(disliked_features)
-        # Hash outside the lock: it is the only per-byte work of a save.
-        image_rows = [
-            {"sha256": hashlib.sha256(image.data).hexdigest(), "data": bytes(image.data)}
-            for image in images
-        ]
-        reference_rows = [
-            {
-                "user_id": user_id,
-                "position": position,
-                "sha256": image_row["sha256"],
-                "comment": image.comment,
-                "rating": Rating(image.rating).value,
-            }
-            for position, (image, image_row) in enumerate(zip(images, image_rows))
-        ]
-        now = _timestamp(_utc_now())
-        with self._transaction(write=True) as db:
-            previous = _find_profile_row(db, user_id)
-            dropped = _drop_image_references(db, user_id)
-            db["profiles"].upsert(
-                {
-                    "user_id": user_id,
-                    "liked_features": liked,
-                    "disliked_features": disliked,
-                    "raw_text": raw_text,
-                    "version": previous["version"] + 1 if previous else 1,
-                    "extractor_model": extractor_model,
-                    "created_at": previous["created_at"] if previous else now,
-                    "updated_at": now,
-                },
-                pk="user_id",
+        liked, disliked = _feature_list(liked_features, "liked"), _feature_list(disliked_features, "disliked")
+        _check_text(raw_text, "raw_text")
+        _check_text(extractor_model, "extractor_model")
+        # Hash outside the transaction: it is the only per-byte work of a save.
+        stored = [
+            StoredImage(
+                sha256=hashlib.sha256(image.data).hexdigest(),
+                comment=_check_text(image.comment, f"images[{position}].comment"),
+                rating=Rating(image.rating),
+                position=position,
+                data=bytes(image.data),
             )
-            # Identical bytes are already stored, whoever uploaded them.
-            db["images"].insert_all(image_rows, ignore=True)
-            db["profile_images"].insert_all(reference_rows)
-            _delete_unreferenced_images(db, dropped)
-            return _read_profile(db, user_id)
+            for position, image in enumerate(images)
+        ]
+        now = _utc_now()
+
+        def save(tx: Transaction) -> StoredProfile:
+            version = tx.claim_version(user_id)
+            previous = tx.find_profile(user_id)
+            tx.put_profile(
+                user_id,
+                liked_features=liked,
+                disliked_features=disliked,
+                raw_text=raw_text,
+                version=version,
+                extractor_model=extractor_model,
+                created_at=previous.created_at if previous else now,
+                updated_at=now,
+            )
+            tx.replace_images(user_id, stored)
+            return tx.find_profile(user_id)
+
+        return self._backend.write(save)
 
     def get(self, user_id: str) -> StoredProfile:
         validate_user_id(user_id)
-        with self._transaction(write=False) as db:
-            return _read_profile(db, user_id)
+        return self._backend.read(lambda tx: _found(tx.find_profile(user_id), user_id))
 
     def list(self, *, page_size: int, after: str | None = None) -> list[StoredProfile]:
-        """Up to page_size profiles ordered by user_id, starting after the given user_id."""
+        """Up to page_size profiles in byte order of user_id, starting after the given user_id."""
         if page_size < 1:
             raise ValueError(f"page_size must be at least 1, got {page_size}")
         # `after` is only a bound to compare with, so it needs no user_id validation.
-        where, where_args = ("user_id > ?", [after]) if after is not None else (None, [])
-        with self._transaction(write=False) as db:
-            rows = list(
-                db["profiles"].rows_where(
-                    where, where_args, order_by="user_id", limit=page_size
-                )
-            )
-            refs = _image_refs(db, [row["user_id"] for row in rows])
-        return [_profile(row, refs[row["user_id"]]) for row in rows]
+        return self._backend.read(lambda tx: tx.list_profiles(after, page_size))
 
     def update_features(
         self,
@@ -138,167 +166,76 @@ class ProfileStore:
     ) -> StoredProfile:
         """Replaces the given feature lists (None keeps one); the version goes up by one."""
         validate_user_id(user_id)
-        updates = {"updated_at": _timestamp(_utc_now())}
-        if liked_features is not None:
-            updates["liked_features"] = _json_list(liked_features)
-        if disliked_features is not None:
-            updates["disliked_features"] = _json_list(disliked_features)
-        with self._transaction(write=True) as db:
-            version = _checked_version(db, user_id, expected_version)
-            db["profiles"].update(user_id, {**updates, "version": version + 1})
-            return _read_profile(db, user_id)
+        liked = None if liked_features is None else _feature_list(liked_features, "liked")
+        disliked = None if disliked_features is None else _feature_list(disliked_features, "disliked")
+        now = _utc_now()
+
+        def update(tx: Transaction) -> StoredProfile:
+            _checked_version(tx, user_id, expected_version)
+            tx.update_profile(
+                user_id,
+                version=tx.claim_version(user_id),
+                updated_at=now,
+                liked_features=liked,
+                disliked_features=disliked,
+            )
+            return tx.find_profile(user_id)
+
+        return self._backend.write(update)
 
     def delete(self, user_id: str, *, expected_version: int | None = None) -> int:
         """Deletes the profile, and every image of it that no other profile uses; returns the deleted version."""
         validate_user_id(user_id)
-        with self._transaction(write=True) as db:
-            version = _checked_version(db, user_id, expected_version)
-            dropped = _drop_image_references(db, user_id)
-            db["profiles"].delete(user_id)
-            _delete_unreferenced_images(db, dropped)
+
+        def delete(tx: Transaction) -> int:
+            version = _checked_version(tx, user_id, expected_version)
+            tx.delete_profile(user_id)
             return version
 
-    def images(self, user_id: str) -> list[StoredImage]:
-        """The profile's source images with their bytes, ordered by position."""
-        validate_user_id(user_id)
-        with self._transaction(write=False) as db:
-            _require_profile_row(db, user_id)
-            return _read_images(db, user_id)
+        return self._backend.write(delete)
 
     def get_with_images(self, user_id: str) -> tuple[StoredProfile, list[StoredImage]]:
-        """The profile and its images from one snapshot: the images are exactly those of that version."""
+        """The profile and its images (with their bytes, by position) from one snapshot: the images are
+        exactly those of that version."""
         validate_user_id(user_id)
-        with self._transaction(write=False) as db:
-            return _read_profile(db, user_id), _read_images(db, user_id)
+        return self._backend.read(lambda tx: (_found(tx.find_profile(user_id), user_id), tx.read_images(user_id)))
 
     def count(self) -> int:
-        with self._transaction(write=False) as db:
-            return db["profiles"].count
-
-    @contextlib.contextmanager
-    def _transaction(self, *, write: bool) -> Iterator[Database]:
-        with self._lock, transaction(self._db, write=write) as db:
-            yield db
+        return self._backend.read(lambda tx: tx.count_profiles())
 
 
-def _read_images(db: Database, user_id: str) -> list[StoredImage]:
-    rows = db.query(
-        """
-        SELECT profile_images.sha256, comment, rating, position, data
-        FROM profile_images JOIN images USING (sha256)
-        WHERE user_id = ?
-        ORDER BY position
-        """,
-        [user_id],
-    )
-    return [
-        StoredImage(
-            sha256=row["sha256"],
-            comment=row["comment"],
-            rating=Rating(row["rating"]),
-            position=row["position"],
-            data=row["data"],
-        )
-        for row in rows
-    ]
+def _checked_version(tx: Transaction, user_id: str, expected_version: int | None) -> int:
+    """Locks the user, then returns the stored version after checking it against expected_version."""
+    tx.lock_user(user_id)
+    version = tx.find_version(user_id)
+    if version is None:
+        raise ProfileNotFound(user_id)
+    if expected_version is not None and expected_version != version:
+        raise VersionConflict(user_id, expected=expected_version, actual=version)
+    return version
+
+
+def _found(profile: StoredProfile | None, user_id: str) -> StoredProfile:
+    if profile is None:
+        raise ProfileNotFound(user_id)
+    return profile
 
 
 def _utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _timestamp(moment: datetime) -> str:
-    return moment.isoformat(timespec="microseconds")
+def _check_text(text: str, field: str) -> str:
+    if "\x00" in text:
+        raise InvalidText(field)
+    return text
 
 
-def _json_list(features: Sequence[str]) -> str:
+def _feature_list(features: Iterable[str], name: str) -> tuple[str, ...]:
     # A bare string is a Sequence[str] too; storing its characters would be a silent bug.
     if isinstance(features, str):
         raise TypeError("feature lists must be sequences of strings, not a string")
-    return json.dumps(list(features))
-
-
-def _find_profile_row(db: Database, user_id: str) -> dict[str, Any] | None:
-    try:
-        return db["profiles"].get(user_id)
-    except NotFoundError:
-        return None
-
-
-def _require_profile_row(db: Database, user_id: str) -> dict[str, Any]:
-    row = _find_profile_row(db, user_id)
-    if row is None:
-        raise ProfileNotFound(user_id)
-    return row
-
-
-def _checked_version(db: Database, user_id: str, expected_version: int | None) -> int:
-    """The stored version, after checking it against expected_version (None: no check)."""
-    version = _require_profile_row(db, user_id)["version"]
-    if expected_version is not None and expected_version != version:
-        raise VersionConflict(user_id, expected=expected_version, actual=version)
-    return version
-
-
-def _drop_image_references(db: Database, user_id: str) -> list[str]:
-    """Deletes the user's image references; returns the sha256s they pointed to."""
-    rows = db.query(
-        "DELETE FROM profile_images WHERE user_id = ? RETURNING sha256", [user_id]
-    )
-    return [row["sha256"] for row in rows]
-
-
-def _delete_unreferenced_images(db: Database, candidates: Iterable[str]) -> None:
-    # Only images this write stopped referencing can have become orphans, so only
-    # those are checked: a write costs its own images, not the whole table.
-    db.execute(
-        """
-        DELETE FROM images
-        WHERE sha256 IN (SELECT value FROM json_each(?))
-          AND NOT EXISTS (
-            SELECT 1 FROM profile_images WHERE profile_images.sha256 = images.sha256
-          )
-        """,
-        [json.dumps(sorted(set(candidates)))],
-    )
-
-
-def _image_refs(db: Database, user_ids: Sequence[str]) -> defaultdict[str, list[ImageRef]]:
-    rows = db.query(
-        """
-        SELECT user_id, sha256, comment, rating, position FROM profile_images
-        WHERE user_id IN (SELECT value FROM json_each(?))
-        ORDER BY user_id, position
-        """,
-        [json.dumps(list(user_ids))],
-    )
-    refs: defaultdict[str, list[ImageRef]] = defaultdict(list)
-    for row in rows:
-        refs[row["user_id"]].append(
-            ImageRef(
-                sha256=row["sha256"],
-                comment=row["comment"],
-                rating=Rating(row["rating"]),
-                position=row["position"],
-            )
-        )
-    return refs
-
-
-def _read_profile(db: Database, user_id: str) -> StoredProfile:
-    row = _require_profile_row(db, user_id)
-    return _profile(row, _image_refs(db, [user_id])[user_id])
-
-
-def _profile(row: dict[str, Any], images: Sequence[ImageRef]) -> StoredProfile:
-    return StoredProfile(
-        user_id=row["user_id"],
-        liked_features=tuple(json.loads(row["liked_features"])),
-        disliked_features=tuple(json.loads(row["disliked_features"])),
-        raw_text=row["raw_text"],
-        version=row["version"],
-        extractor_model=row["extractor_model"],
-        created_at=datetime.fromisoformat(row["created_at"]),
-        updated_at=datetime.fromisoformat(row["updated_at"]),
-        images=tuple(images),
-    )
+    features = tuple(features)
+    for index, feature in enumerate(features):
+        _check_text(feature, f"{name}_features[{index}]")
+    return features

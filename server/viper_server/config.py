@@ -35,7 +35,7 @@ class Limits:
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
-    # The profile store: a SQLite file path (or sqlite:///path).
+    # The profile store: a SQLite file path (or sqlite:///path), or postgresql://user:password@host/db.
     db: str = "var/profiles.db"
     models: str = "tiny"
     # viper: a folder holding local copies of the model repos; unset = the HF cache.
@@ -110,7 +110,8 @@ def _switch(env: str, help_text: str) -> _Flag:
 _SERVE_FLAGS: dict[str, _Flag] = {
     "host": _Flag("VIPER_HOST", str, "address to bind"),
     "port": _Flag("VIPER_PORT", int, "port to bind; 0 picks a free one"),
-    "db": _Flag("VIPER_DB", str, "profile store: a SQLite file path or sqlite:///path"),
+    "db": _Flag("VIPER_DB", str, "profile store: a SQLite file path (or sqlite:///path) or a "
+                "postgresql://user:password@host:port/database URL"),
     "models": _Flag("VIPER_MODELS", str, "tiny (random-weight test models) or viper (the real weights)",
                     choices=PRESET_NAMES),
     "models_dir": _Flag("VIPER_MODELS_DIR", Path, "folder of local model checkpoints",

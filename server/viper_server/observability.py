@@ -14,6 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from viper_profiles import StoreUnavailable
+
 if TYPE_CHECKING:
     from viper_profiles import ProfileStore
 
@@ -83,4 +85,8 @@ def _engine_families(engine: ModelEngine) -> Families:
 
 
 def _store_families(store: ProfileStore) -> Families:
-    yield GaugeMetricFamily("viper_profiles", "stored profiles", value=store.count())
+    try:
+        count = store.count()
+    except StoreUnavailable:  # the database is down: health says so; the scrape goes on without the gauge
+        return
+    yield GaugeMetricFamily("viper_profiles", "stored profiles", value=count)

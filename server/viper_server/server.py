@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from viper_profiles import ProfileStore
+from viper_profiles import StoreUnavailable, open_store
 from viper_proto.v1 import (
     generation_pb2,
     generation_pb2_grpc,
@@ -38,6 +38,10 @@ from .rpc.servicers import GenerationServicer, MetricServicer, ProfileServicer
 
 log = logging.getLogger(__name__)
 
+# How often health asks the profile store whether it answers, and how long it waits for the answer.
+DATABASE_CHECK_SECONDS = 2.0
+DATABASE_CHECK_TIMEOUT = 1.0
+
 SERVICE_NAMES = (
     profile_pb2.DESCRIPTOR.services_by_name["ProfileService"].full_name,
     generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name,
@@ -49,7 +53,7 @@ class ViperServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.telemetry = Telemetry()
-        self.store = ProfileStore(config.db)
+        self.store = open_store(config.db)
         self.engine = ModelEngine(
             model_preset(config.models, config.models_dir, BUILT_MODELS_ROOT),
             load_settings(config),
@@ -61,12 +65,16 @@ class ViperServer:
         service = ViperService(self.store, self.engine)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
+        self._database_ok = True
+        self._watching: asyncio.Task | None = None
         authenticator = TokenAuthenticator.from_file(config.auth_tokens) if config.auth_tokens else None
         self._server = grpc.aio.server(
             interceptors=[RpcInterceptor(self.telemetry, authenticator)],
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
+                # Bind exclusively: with SO_REUSEPORT a second server on a busy port would start and share it.
+                ("grpc.so_reuseport", 0),
             ],
         )
         profile_pb2_grpc.add_ProfileServiceServicer_to_server(ProfileServicer(service, config.limits), self._server)
@@ -84,11 +92,16 @@ class ViperServer:
         """Starts listening (NOT_SERVING until the models are loaded); returns the bound port."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         credentials = server_credentials(self.config)
-        if credentials is None:
-            self.port = self._server.add_insecure_port(self.config.address)
-        else:
-            self.port = self._server.add_secure_port(self.config.address, credentials)
+        try:
+            if credentials is None:
+                self.port = self._server.add_insecure_port(self.config.address)
+            else:
+                self.port = self._server.add_secure_port(self.config.address, credentials)
+        except RuntimeError as exc:  # grpc's way of saying the address cannot be bound
+            raise OSError(f"cannot listen on {self.config.address}: in use by another process, or not "
+                          f"an address of this machine ({exc})") from None
         await self._server.start()
+        self._watching = asyncio.create_task(self._watch_database())
         log.info("viper-serve listening on %s:%d (models=%s, tls=%s, auth=%s)", self.config.host, self.port,
                  self.config.models, credentials is not None, self.config.auth_tokens is not None)
         if self.config.metrics_port:
@@ -98,12 +111,12 @@ class ViperServer:
 
     async def load_models(self) -> None:
         await asyncio.to_thread(self.engine.load)
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        await self._update_health()
         log.info("viper-serve ready")
 
     async def drain(self, grace: float | None) -> None:
         """Reports NOT_SERVING, refuses new calls, waits up to grace seconds for in-flight ones."""
-        await self.health.enter_graceful_shutdown()
+        await self.health.enter_graceful_shutdown()  # health stays NOT_SERVING from here on
         await self._server.stop(grace)
 
     async def stop_now(self) -> None:
@@ -111,9 +124,33 @@ class ViperServer:
         await self._server.stop(0)
 
     def close(self) -> None:
+        if self._watching is not None:
+            self._watching.cancel()
         self.engine.close()
         self.store.close()
         log.info("viper-serve stopped")
+
+    async def _watch_database(self) -> None:
+        """Keeps health NOT_SERVING while the profile store does not answer (a PostgreSQL restart, say)."""
+        while True:
+            try:
+                await asyncio.to_thread(self.store.ping, timeout=DATABASE_CHECK_TIMEOUT)
+                database_ok = True
+            except StoreUnavailable as exc:
+                database_ok = False
+                if self._database_ok:
+                    log.warning("profile store unreachable: %s", exc)
+            if database_ok and not self._database_ok:
+                log.info("profile store reachable again")
+            self._database_ok = database_ok
+            await self._update_health()
+            await asyncio.sleep(DATABASE_CHECK_SECONDS)
+
+    async def _update_health(self) -> None:
+        serving = self.engine.ready and self._database_ok
+        await self._set_health(
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
 
     async def _set_health(self, status: int) -> None:
         for name in ("", *SERVICE_NAMES):

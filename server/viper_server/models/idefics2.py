@@ -15,7 +15,7 @@ import torch
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 from peft import PeftModel
-from transformers import AutoModelForImageTextToText, AutoProcessor, ProcessorMixin
+from transformers import AutoModelForImageTextToText, AutoProcessor, Idefics2ImageProcessorPil, ProcessorMixin
 
 # The processor settings of both ViPer uses of IDEFICS2. Passed explicitly when loading, because
 # the real checkpoint's own processor config differs (it splits images and allows 980 px).
@@ -85,6 +85,11 @@ def load_idefics2(
 
     try:
         processor = AutoProcessor.from_pretrained(
+            base_source, local_files_only=local_files_only, **VIPER_PROCESSOR_SETTINGS
+        )
+        # transformers 5 picks the torchvision image processor whenever torchvision imports (usual on a
+        # GPU host); only the PIL one resizes as the adapters' training-time processor (4.40) did.
+        processor.image_processor = Idefics2ImageProcessorPil.from_pretrained(
             base_source, local_files_only=local_files_only, **VIPER_PROCESSOR_SETTINGS
         )
         base_model = AutoModelForImageTextToText.from_pretrained(

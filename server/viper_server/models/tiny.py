@@ -13,7 +13,7 @@ from .tiny_sdxl import build_tiny_sdxl
 log = logging.getLogger(__name__)
 
 # Bump when the builders change so cached checkpoints are rebuilt.
-TINY_MODELS_REVISION = "1"
+TINY_MODELS_REVISION = "2"
 _MARKER = "TINY_MODELS_REVISION"
 
 

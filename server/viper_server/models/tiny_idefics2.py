@@ -111,10 +111,19 @@ def _build_processor() -> Idefics2Processor:
     )
 
 
+# Weights drawn wider than transformers' 0.02: with the default, attention is nearly uniform and a
+# metric score barely depends on its context (swapping liked and disliked moved it by ~1e-6), so a test
+# comparing two scoring paths could not tell a wrong context from the right one. At 0.35 the swap moves
+# scores by ~0.5 and the query matters too.
+INIT_STD = 0.35
+
+
 def _build_config(processor: Idefics2Processor) -> Idefics2Config:
     special_ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
     return Idefics2Config(
+        initializer_range=INIT_STD,
         vision_config=dict(
+            initializer_range=INIT_STD,
             hidden_size=32,
             intermediate_size=64,
             num_hidden_layers=1,
@@ -123,6 +132,7 @@ def _build_config(processor: Idefics2Processor) -> Idefics2Config:
             image_size=980,  # the real value: position buckets for images up to 980 px
         ),
         perceiver_config=dict(
+            initializer_range=INIT_STD,
             hidden_size=64,
             rms_norm_eps=1e-5,
             resampler_n_latents=IMAGE_SEQ_LEN,
@@ -133,6 +143,7 @@ def _build_config(processor: Idefics2Processor) -> Idefics2Config:
         ),
         text_config=dict(
             model_type="mistral",
+            initializer_range=INIT_STD,
             vocab_size=len(processor.tokenizer),
             hidden_size=64,
             intermediate_size=128,

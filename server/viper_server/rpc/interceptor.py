@@ -19,7 +19,15 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.message import DecodeError
 
-from viper_profiles import USER_ID_PATTERN, InvalidUserId, ProfileNotFound, VersionConflict, quote_user_id
+from viper_profiles import (
+    USER_ID_PATTERN,
+    InvalidText,
+    InvalidUserId,
+    ProfileNotFound,
+    StoreUnavailable,
+    VersionConflict,
+    quote_user_id,
+)
 
 from ..domain import ContextError
 from ..engine.errors import ModelsNotReady
@@ -42,12 +50,14 @@ class Unauthenticated(Exception):
 _STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (InvalidUserId, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidText, grpc.StatusCode.INVALID_ARGUMENT),
     (ProfileNotFound, grpc.StatusCode.NOT_FOUND),
     (VersionConflict, grpc.StatusCode.ABORTED),
     (ContextError, grpc.StatusCode.FAILED_PRECONDITION),
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ModelsNotReady, grpc.StatusCode.UNAVAILABLE),
     (WorkerClosed, grpc.StatusCode.UNAVAILABLE),
+    (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
 )
 
@@ -81,6 +91,9 @@ def _tolerant(deserializer: Callable[[bytes], object] | None) -> Callable[[bytes
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, StoreUnavailable):  # its message may name the database's host: that stays in the log
+        log.warning("profile store unavailable: %s", exc)
+        return grpc.StatusCode.UNAVAILABLE, "the profile store is unavailable; retry shortly"
     for kind, code in _STATUS_OF:
         if isinstance(exc, kind):
             return code, str(exc)

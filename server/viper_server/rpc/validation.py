@@ -89,6 +89,7 @@ def check_extract(request: profile_pb2.ExtractProfileRequest, limits: Limits,
             raise InvalidRequest(
                 f"{field}.comment: {len(rated.comment)} characters, at most {limits.max_comment_chars} allowed"
             )
+        _check_no_nul(rated.comment, f"{field}.comment")
         rating = RATING_FROM_PROTO.get(rated.rating)
         if rating is None:
             raise InvalidRequest(f"{field}.rating: must be RATING_LIKED or RATING_DISLIKED")
@@ -160,7 +161,14 @@ def check_features(features: Sequence[str], field: str) -> list[str]:
             raise InvalidRequest(f"{field}[{index}]: empty feature")
         if len(feature) > MAX_FEATURE_CHARS:
             raise InvalidRequest(f"{field}[{index}]: longer than {MAX_FEATURE_CHARS} characters")
+        _check_no_nul(feature, f"{field}[{index}]")
     return cleaned
+
+
+def _check_no_nul(text: str, field: str) -> None:
+    # Stored text: PostgreSQL cannot hold a NUL character, so no backend takes one.
+    if "\x00" in text:
+        raise InvalidRequest(f"{field}: contains a NUL character")
 
 
 # -- GenerationService -----------------------------------------------------------------------------

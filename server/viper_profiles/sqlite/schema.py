@@ -1,7 +1,8 @@
-"""The store's tables and the ordered migrations that build them.
+"""The SQLite tables and the ordered migrations that build them.
 
 PRAGMA user_version holds how many of MIGRATIONS a database has had. Append new
-migrations at the end; never edit or reorder released ones.
+migrations at the end; never edit or reorder released ones. postgres/schema.py
+keeps the same list, numbered alike.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from collections.abc import Callable, Sequence
 
 from sqlite_utils import Database
 
-from .database import transaction
-from .errors import StoreError
+from ..errors import StoreError
+from .connection import transaction
 
 Migration = Callable[[Database], None]
 
@@ -55,7 +56,14 @@ def _create_profile_tables(db: Database) -> None:
     db["profile_images"].create_index(["sha256"])
 
 
-MIGRATIONS: tuple[Migration, ...] = (_create_profile_tables,)
+def _create_last_versions(db: Database) -> None:
+    # The last version each user was given, kept when the profile is deleted: versions never repeat.
+    db["last_versions"].create({"user_id": str, "version": int}, pk="user_id", not_null=["version"], strict=True)
+    # Deletes made before this migration left no trace: those users start again above nothing.
+    db.execute("INSERT INTO last_versions (user_id, version) SELECT user_id, version FROM profiles")
+
+
+MIGRATIONS: tuple[Migration, ...] = (_create_profile_tables, _create_last_versions)
 
 
 def schema_version(db: Database) -> int:

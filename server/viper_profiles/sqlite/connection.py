@@ -9,14 +9,12 @@ from pathlib import Path
 
 from sqlite_utils import Database
 
-# How long a write waits for another process holding the write lock before failing.
-BUSY_TIMEOUT_SECONDS = 5.0
 
-
-def open_database(path: Path) -> Database:
-    # check_same_thread=False: ProfileStore hands this one connection between
+def open_database(path: Path, *, timeout: float) -> Database:
+    """timeout: how long a write waits for another connection's write lock before SQLITE_BUSY."""
+    # check_same_thread=False: the backend hands this one connection between
     # asyncio.to_thread workers, serialised by its own lock.
-    connection = sqlite3.connect(path, timeout=BUSY_TIMEOUT_SECONDS, check_same_thread=False)
+    connection = sqlite3.connect(path, timeout=timeout, check_same_thread=False)
     db = Database(connection)
     db.enable_wal()
     # Off by default in SQLite, and per connection.

@@ -1,0 +1,94 @@
+"""What a database backend gives the store: transactions with a few row-level steps.
+
+ProfileStore writes each operation once, against `Transaction`; a backend (sqlite/, postgres/) says how
+each step is done in its database and how transactions are isolated:
+
+- a read sees one snapshot from its first statement to its end;
+- a write starts with `lock_user` or `claim_version`, which hold off every other write of that user (in
+  any process) until the transaction ends, so a check-then-write cannot interleave with another one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Protocol, TypeVar
+
+from .records import StoredImage, StoredProfile
+
+T = TypeVar("T")
+
+
+class Transaction(Protocol):
+    # --- reads
+    def find_profile(self, user_id: str) -> StoredProfile | None: ...
+
+    def find_version(self, user_id: str) -> int | None:
+        """The profile's current version; None if the user has no profile."""
+
+    def list_profiles(self, after: str | None, limit: int) -> list[StoredProfile]:
+        """Up to limit profiles in byte order of user_id, after the given one."""
+
+    def read_images(self, user_id: str) -> list[StoredImage]:
+        """The profile's images with their bytes, by position; [] if there is no profile."""
+
+    def count_profiles(self) -> int: ...
+
+    # --- writes
+    def lock_user(self, user_id: str) -> None:
+        """Holds off every other write of this user until the transaction ends."""
+
+    def claim_version(self, user_id: str) -> int:
+        """One above the last version the user was ever given (deletes included), recorded as given.
+
+        Also locks the user, like lock_user.
+        """
+
+    def put_profile(
+        self,
+        user_id: str,
+        *,
+        liked_features: Sequence[str],
+        disliked_features: Sequence[str],
+        raw_text: str,
+        version: int,
+        extractor_model: str,
+        created_at: datetime,
+        updated_at: datetime,
+    ) -> None:
+        """Inserts the profile row, or replaces every field of an existing one."""
+
+    def update_profile(
+        self,
+        user_id: str,
+        *,
+        version: int,
+        updated_at: datetime,
+        liked_features: Sequence[str] | None,
+        disliked_features: Sequence[str] | None,
+    ) -> None:
+        """Sets the version and updated_at, and each feature list that is not None."""
+
+    def replace_images(self, user_id: str, images: Sequence[StoredImage]) -> None:
+        """Makes `images` the profile's images: stores bytes not stored yet (content-addressed, shared
+        between profiles), and deletes the images that no profile uses any more."""
+
+    def delete_profile(self, user_id: str) -> None:
+        """Deletes the profile row, its image references and the images no other profile uses."""
+
+
+class Backend(Protocol):
+    def read(self, operation: Callable[[Transaction], T]) -> T:
+        """Runs operation in a read-only transaction."""
+
+    def write(self, operation: Callable[[Transaction], T]) -> T:
+        """Runs operation in a write transaction: committed if it returns, rolled back if it raises.
+
+        May run it again after a transient conflict, so it must have no effect outside the transaction.
+        """
+
+    def ping(self, timeout: float | None) -> None:
+        """Raises StoreUnavailable unless the database answers a trivial query (within timeout, if given)."""
+
+    def close(self) -> None:
+        """Releases the connections; idempotent. Later calls raise StoreUnavailable."""

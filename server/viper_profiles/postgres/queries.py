@@ -1,0 +1,248 @@
+"""The store's steps as PostgreSQL statements, inside a transaction opened by the backend.
+
+Writes run at READ COMMITTED, so each statement sees what was committed before it started, and take row
+locks where a check must hold until commit:
+- a user's writes serialise on the user's last_versions row (lock_user / claim_version take it first);
+- shared images: a write that references an image locks its row (the upsert), and a write that may
+  delete an orphan locks the candidates first (sorted, so two writers lock in the same order) and only
+  then looks for remaining references, in a new statement that sees every reference committed meanwhile.
+  Without the lock, a delete could miss a reference committed after its snapshot and fail on the
+  foreign key.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from ..records import ImageRef, Rating, StoredImage, StoredProfile
+
+_PROFILE_COLUMNS = (
+    "user_id, liked_features, disliked_features, raw_text, version, extractor_model, created_at, updated_at"
+)
+
+
+class PostgresTransaction:
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self._conn = conn
+
+    # --- reads
+
+    def find_profile(self, user_id: str) -> StoredProfile | None:
+        rows = self._rows(f"SELECT {_PROFILE_COLUMNS} FROM profiles WHERE user_id = %s", [user_id])
+        return _profile(rows[0], self._image_refs([user_id])[user_id]) if rows else None
+
+    def find_version(self, user_id: str) -> int | None:
+        row = self._conn.execute("SELECT version FROM profiles WHERE user_id = %s", [user_id]).fetchone()
+        return None if row is None else row[0]
+
+    def list_profiles(self, after: str | None, limit: int) -> list[StoredProfile]:
+        if after is None:
+            rows = self._rows(f"SELECT {_PROFILE_COLUMNS} FROM profiles ORDER BY user_id LIMIT %s", [limit])
+        else:
+            rows = self._rows(
+                f"SELECT {_PROFILE_COLUMNS} FROM profiles WHERE user_id > %s ORDER BY user_id LIMIT %s",
+                [after, limit],
+            )
+        refs = self._image_refs([row["user_id"] for row in rows])
+        return [_profile(row, refs[row["user_id"]]) for row in rows]
+
+    def read_images(self, user_id: str) -> list[StoredImage]:
+        # Binary results: the image bytes arrive as they are, not hex-encoded.
+        with self._conn.cursor(row_factory=dict_row, binary=True) as cursor:
+            cursor.execute(
+                """
+                SELECT profile_images.sha256, comment, rating, position, data
+                FROM profile_images JOIN images USING (sha256)
+                WHERE user_id = %s
+                ORDER BY position
+                """,
+                [user_id],
+            )
+            return [
+                StoredImage(
+                    sha256=row["sha256"],
+                    comment=row["comment"],
+                    rating=Rating(row["rating"]),
+                    position=row["position"],
+                    data=bytes(row["data"]),
+                )
+                for row in cursor
+            ]
+
+    def count_profiles(self) -> int:
+        return self._conn.execute("SELECT count(*) FROM profiles").fetchone()[0]
+
+    # --- writes
+
+    def lock_user(self, user_id: str) -> None:
+        # No row: the user never had a profile, and the caller's next read says so.
+        self._conn.execute("SELECT 1 FROM last_versions WHERE user_id = %s FOR UPDATE", [user_id])
+
+    def claim_version(self, user_id: str) -> int:
+        return self._conn.execute(
+            """
+            INSERT INTO last_versions (user_id, version) VALUES (%s, 1)
+            ON CONFLICT (user_id) DO UPDATE SET version = last_versions.version + 1
+            RETURNING version
+            """,
+            [user_id],
+        ).fetchone()[0]
+
+    def put_profile(
+        self,
+        user_id: str,
+        *,
+        liked_features: Sequence[str],
+        disliked_features: Sequence[str],
+        raw_text: str,
+        version: int,
+        extractor_model: str,
+        created_at: datetime,
+        updated_at: datetime,
+    ) -> None:
+        self._conn.execute(
+            f"""
+            INSERT INTO profiles ({_PROFILE_COLUMNS}) VALUES (%s, %s::text[], %s::text[], %s, %s, %s, %s, %s)
+            ON CONFLICT (user_id) DO UPDATE SET
+                liked_features = EXCLUDED.liked_features,
+                disliked_features = EXCLUDED.disliked_features,
+                raw_text = EXCLUDED.raw_text,
+                version = EXCLUDED.version,
+                extractor_model = EXCLUDED.extractor_model,
+                created_at = EXCLUDED.created_at,
+                updated_at = EXCLUDED.updated_at
+            """,
+            [
+                user_id,
+                list(liked_features),
+                list(disliked_features),
+                raw_text,
+                version,
+                extractor_model,
+                created_at,
+                updated_at,
+            ],
+        )
+
+    def update_profile(
+        self,
+        user_id: str,
+        *,
+        version: int,
+        updated_at: datetime,
+        liked_features: Sequence[str] | None,
+        disliked_features: Sequence[str] | None,
+    ) -> None:
+        # COALESCE keeps a list passed as NULL.
+        self._conn.execute(
+            """
+            UPDATE profiles SET
+                version = %s,
+                updated_at = %s,
+                liked_features = COALESCE(%s::text[], liked_features),
+                disliked_features = COALESCE(%s::text[], disliked_features)
+            WHERE user_id = %s
+            """,
+            [
+                version,
+                updated_at,
+                None if liked_features is None else list(liked_features),
+                None if disliked_features is None else list(disliked_features),
+                user_id,
+            ],
+        )
+
+    def replace_images(self, user_id: str, images: Sequence[StoredImage]) -> None:
+        dropped = self._drop_image_references(user_id)
+        with self._conn.cursor() as cursor:
+            # Locks each image row, existing or new, until commit (see the module docstring); sorted and
+            # deduplicated, as one command may not update a row twice.
+            cursor.executemany(
+                """
+                INSERT INTO images (sha256, data) VALUES (%s, %b)
+                ON CONFLICT (sha256) DO UPDATE SET sha256 = EXCLUDED.sha256
+                """,
+                sorted({image.sha256: image.data for image in images}.items()),
+            )
+            cursor.executemany(
+                "INSERT INTO profile_images (user_id, position, sha256, comment, rating) VALUES (%s, %s, %s, %s, %s)",
+                [(user_id, image.position, image.sha256, image.comment, image.rating.value) for image in images],
+            )
+        self._delete_unreferenced_images(set(dropped) - {image.sha256 for image in images})
+
+    def delete_profile(self, user_id: str) -> None:
+        dropped = self._drop_image_references(user_id)
+        self._conn.execute("DELETE FROM profiles WHERE user_id = %s", [user_id])
+        self._delete_unreferenced_images(dropped)
+
+    # --- helpers
+
+    def _rows(self, query: str, params: Sequence[Any]) -> list[dict[str, Any]]:
+        with self._conn.cursor(row_factory=dict_row) as cursor:
+            return cursor.execute(query, params).fetchall()
+
+    def _drop_image_references(self, user_id: str) -> list[str]:
+        """Deletes the user's image references; returns the sha256s they pointed to."""
+        rows = self._conn.execute("DELETE FROM profile_images WHERE user_id = %s RETURNING sha256", [user_id])
+        return [sha for (sha,) in rows]
+
+    def _delete_unreferenced_images(self, candidates: Iterable[str]) -> None:
+        # Only images this write stopped referencing can have become orphans, so only those are checked.
+        candidates = sorted(set(candidates))
+        if not candidates:
+            return
+        self._conn.execute(
+            "SELECT 1 FROM images WHERE sha256 = ANY(%s) ORDER BY sha256 FOR UPDATE", [candidates]
+        ).fetchall()
+        self._conn.execute(
+            """
+            DELETE FROM images
+            WHERE sha256 = ANY(%s)
+              AND NOT EXISTS (SELECT 1 FROM profile_images WHERE profile_images.sha256 = images.sha256)
+            """,
+            [candidates],
+        )
+
+    def _image_refs(self, user_ids: Sequence[str]) -> defaultdict[str, list[ImageRef]]:
+        refs: defaultdict[str, list[ImageRef]] = defaultdict(list)
+        if not user_ids:
+            return refs
+        rows = self._rows(
+            """
+            SELECT user_id, sha256, comment, rating, position FROM profile_images
+            WHERE user_id = ANY(%s)
+            ORDER BY user_id, position
+            """,
+            [list(user_ids)],
+        )
+        for row in rows:
+            refs[row["user_id"]].append(
+                ImageRef(
+                    sha256=row["sha256"],
+                    comment=row["comment"],
+                    rating=Rating(row["rating"]),
+                    position=row["position"],
+                )
+            )
+        return refs
+
+
+def _profile(row: dict[str, Any], images: Sequence[ImageRef]) -> StoredProfile:
+    return StoredProfile(
+        user_id=row["user_id"],
+        liked_features=tuple(row["liked_features"]),
+        disliked_features=tuple(row["disliked_features"]),
+        raw_text=row["raw_text"],
+        version=row["version"],
+        extractor_model=row["extractor_model"],
+        # In the session's time zone as read; the store speaks UTC.
+        created_at=row["created_at"].astimezone(timezone.utc),
+        updated_at=row["updated_at"].astimezone(timezone.utc),
+        images=tuple(images),
+    )

@@ -1,0 +1,208 @@
+"""The store's steps as SQLite statements, inside a transaction opened by the backend.
+
+Writes run under BEGIN IMMEDIATE, which already excludes every other writer of the file: lock_user
+has nothing left to do. Lists travel as JSON arrays read back with json_each.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlite_utils import Database
+from sqlite_utils.db import NotFoundError
+
+from ..records import ImageRef, Rating, StoredImage, StoredProfile
+
+
+class SqliteTransaction:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    # --- reads
+
+    def find_profile(self, user_id: str) -> StoredProfile | None:
+        row = self._profile_row(user_id)
+        return None if row is None else _profile(row, self._image_refs([user_id])[user_id])
+
+    def find_version(self, user_id: str) -> int | None:
+        row = self._db.execute("SELECT version FROM profiles WHERE user_id = ?", [user_id]).fetchone()
+        return None if row is None else row[0]
+
+    def list_profiles(self, after: str | None, limit: int) -> list[StoredProfile]:
+        # SQLite compares TEXT with memcmp: byte order, like PostgreSQL's COLLATE "C".
+        where, where_args = ("user_id > ?", [after]) if after is not None else (None, [])
+        rows = list(self._db["profiles"].rows_where(where, where_args, order_by="user_id", limit=limit))
+        refs = self._image_refs([row["user_id"] for row in rows])
+        return [_profile(row, refs[row["user_id"]]) for row in rows]
+
+    def read_images(self, user_id: str) -> list[StoredImage]:
+        rows = self._db.query(
+            """
+            SELECT profile_images.sha256, comment, rating, position, data
+            FROM profile_images JOIN images USING (sha256)
+            WHERE user_id = ?
+            ORDER BY position
+            """,
+            [user_id],
+        )
+        return [
+            StoredImage(
+                sha256=row["sha256"],
+                comment=row["comment"],
+                rating=Rating(row["rating"]),
+                position=row["position"],
+                data=row["data"],
+            )
+            for row in rows
+        ]
+
+    def count_profiles(self) -> int:
+        return self._db["profiles"].count
+
+    # --- writes
+
+    def lock_user(self, user_id: str) -> None:
+        """Nothing to do: BEGIN IMMEDIATE holds the file's write lock already."""
+
+    def claim_version(self, user_id: str) -> int:
+        return self._db.execute(
+            """
+            INSERT INTO last_versions (user_id, version) VALUES (?, 1)
+            ON CONFLICT (user_id) DO UPDATE SET version = version + 1
+            RETURNING version
+            """,
+            [user_id],
+        ).fetchone()[0]
+
+    def put_profile(
+        self,
+        user_id: str,
+        *,
+        liked_features: Sequence[str],
+        disliked_features: Sequence[str],
+        raw_text: str,
+        version: int,
+        extractor_model: str,
+        created_at: datetime,
+        updated_at: datetime,
+    ) -> None:
+        self._db["profiles"].upsert(
+            {
+                "user_id": user_id,
+                "liked_features": json.dumps(list(liked_features)),
+                "disliked_features": json.dumps(list(disliked_features)),
+                "raw_text": raw_text,
+                "version": version,
+                "extractor_model": extractor_model,
+                "created_at": _timestamp(created_at),
+                "updated_at": _timestamp(updated_at),
+            },
+            pk="user_id",
+        )
+
+    def update_profile(
+        self,
+        user_id: str,
+        *,
+        version: int,
+        updated_at: datetime,
+        liked_features: Sequence[str] | None,
+        disliked_features: Sequence[str] | None,
+    ) -> None:
+        updates: dict[str, Any] = {"version": version, "updated_at": _timestamp(updated_at)}
+        if liked_features is not None:
+            updates["liked_features"] = json.dumps(list(liked_features))
+        if disliked_features is not None:
+            updates["disliked_features"] = json.dumps(list(disliked_features))
+        self._db["profiles"].update(user_id, updates)
+
+    def replace_images(self, user_id: str, images: Sequence[StoredImage]) -> None:
+        dropped = self._drop_image_references(user_id)
+        # Identical bytes are already stored, whoever uploaded them.
+        self._db["images"].insert_all(({"sha256": image.sha256, "data": image.data} for image in images), ignore=True)
+        self._db["profile_images"].insert_all(
+            {
+                "user_id": user_id,
+                "position": image.position,
+                "sha256": image.sha256,
+                "comment": image.comment,
+                "rating": image.rating.value,
+            }
+            for image in images
+        )
+        self._delete_unreferenced_images(dropped)
+
+    def delete_profile(self, user_id: str) -> None:
+        dropped = self._drop_image_references(user_id)
+        self._db["profiles"].delete(user_id)
+        self._delete_unreferenced_images(dropped)
+
+    # --- helpers
+
+    def _profile_row(self, user_id: str) -> dict[str, Any] | None:
+        try:
+            return self._db["profiles"].get(user_id)
+        except NotFoundError:
+            return None
+
+    def _drop_image_references(self, user_id: str) -> list[str]:
+        """Deletes the user's image references; returns the sha256s they pointed to."""
+        rows = self._db.query("DELETE FROM profile_images WHERE user_id = ? RETURNING sha256", [user_id])
+        return [row["sha256"] for row in rows]
+
+    def _delete_unreferenced_images(self, candidates: Iterable[str]) -> None:
+        # Only images this write stopped referencing can have become orphans, so only
+        # those are checked: a write costs its own images, not the whole table.
+        self._db.execute(
+            """
+            DELETE FROM images
+            WHERE sha256 IN (SELECT value FROM json_each(?))
+              AND NOT EXISTS (
+                SELECT 1 FROM profile_images WHERE profile_images.sha256 = images.sha256
+              )
+            """,
+            [json.dumps(sorted(set(candidates)))],
+        )
+
+    def _image_refs(self, user_ids: Sequence[str]) -> defaultdict[str, list[ImageRef]]:
+        rows = self._db.query(
+            """
+            SELECT user_id, sha256, comment, rating, position FROM profile_images
+            WHERE user_id IN (SELECT value FROM json_each(?))
+            ORDER BY user_id, position
+            """,
+            [json.dumps(list(user_ids))],
+        )
+        refs: defaultdict[str, list[ImageRef]] = defaultdict(list)
+        for row in rows:
+            refs[row["user_id"]].append(
+                ImageRef(
+                    sha256=row["sha256"],
+                    comment=row["comment"],
+                    rating=Rating(row["rating"]),
+                    position=row["position"],
+                )
+            )
+        return refs
+
+
+def _timestamp(moment: datetime) -> str:
+    return moment.isoformat(timespec="microseconds")
+
+
+def _profile(row: dict[str, Any], images: Sequence[ImageRef]) -> StoredProfile:
+    return StoredProfile(
+        user_id=row["user_id"],
+        liked_features=tuple(json.loads(row["liked_features"])),
+        disliked_features=tuple(json.loads(row["disliked_features"])),
+        raw_text=row["raw_text"],
+        version=row["version"],
+        extractor_model=row["extractor_model"],
+        created_at=datetime.fromisoformat(row["created_at"]),
+        updated_at=datetime.fromisoformat(row["updated_at"]),
+        images=tuple(images),
+    )

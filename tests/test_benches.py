@@ -1,0 +1,46 @@
+"""The benches run, and leave nothing behind: no server process, no temp folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def processes_marked(marker: str) -> list[int]:
+    """Processes whose environment carries marker (inherited from the bench by everything it starts)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:  # gone, or not ours to read
+                pass
+    return found
+
+
+@pytest.mark.parametrize("bench, args", [
+    ("metric.py", ["--repeats", "1"]),
+    ("generation.py", ["--repeats", "1", "--steps", "4", "--images", "1"]),
+])
+def test_a_bench_leaves_no_process_or_temp_folder_behind(tmp_path, bench, args):
+    marker = f"VIPER_BENCH_MARKER={uuid.uuid4().hex}"
+    name, value = marker.split("=")
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / bench), *args], capture_output=True, text=True, timeout=600,
+        env={**os.environ, name: value, "TMPDIR": str(temp)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "speedup: " in result.stdout
+    assert processes_marked(marker) == []
+    # torch keeps its compiler cache in TMPDIR on purpose (torchinductor_<user>); anything else is ours.
+    assert [path.name for path in temp.iterdir() if not path.name.startswith("torchinductor_")] == []

@@ -1,0 +1,249 @@
+"""The gateway as an ASGI application: RPC paths go to the back ends, everything else is the web page.
+
+An RPC is POST /viper.v1.<Service>/<Method>; its Content-Type picks the protocol:
+application/json or application/proto (Connect unary), application/connect+json or application/connect+proto
+(Connect server streaming), application/grpc-web[+proto] or application/grpc-web-text[+proto] (gRPC-Web).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+# The per-user routing header the SDK sends too: a proxy in front of several replicas hashes it.
+from viper_client.channel import USER_HEADER
+
+from . import codecs
+from .backends import Backends
+from .codes import RpcError
+from .connect import ConnectStream, ConnectUnary, connect_timeout
+from .exchange import Exchange, HttpHeaders, Send
+from .forward import Outcome, forward
+from .grpcweb import GrpcWeb, GrpcWebText, grpc_timeout
+from .registry import METHODS, Method
+from .static_files import STATIC_DIR, plain_response, serve_static
+
+log = logging.getLogger("viper_web.rpc")
+
+REQUEST_ID = "x-request-id"
+# Caller headers passed on to the back end as metadata; nothing else is (no cookies, no host).
+_PASSED_THROUGH = ("authorization",)
+_PRINTABLE = re.compile(r"[\x20-\x7e]{1,4096}")
+_SAFE_USER = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+
+# content type -> (exchange class, codec, for streaming methods (True), unary ones (False) or both (None))
+_PROTOCOLS: dict[str, tuple[type[Exchange], object, bool | None]] = {
+    "application/json": (ConnectUnary, codecs.JSON, False),
+    "application/proto": (ConnectUnary, codecs.PROTO, False),
+    "application/connect+json": (ConnectStream, codecs.JSON, True),
+    "application/connect+proto": (ConnectStream, codecs.PROTO, True),
+    "application/grpc-web": (GrpcWeb, codecs.PROTO, None),
+    "application/grpc-web+proto": (GrpcWeb, codecs.PROTO, None),
+    "application/grpc-web-text": (GrpcWebText, codecs.PROTO, None),
+    "application/grpc-web-text+proto": (GrpcWebText, codecs.PROTO, None),
+}
+_CORS_REQUEST_HEADERS = (
+    b"content-type, authorization, x-request-id, connect-protocol-version, connect-timeout-ms, "
+    b"connect-content-encoding, connect-accept-encoding, content-encoding, grpc-timeout, grpc-encoding, "
+    b"grpc-accept-encoding, x-grpc-web, x-user-agent"
+)
+_CORS_EXPOSED_HEADERS = b"x-request-id, grpc-status, grpc-message, grpc-status-details-bin"
+
+
+@dataclass
+class Settings:
+    max_message_bytes: int = 64 * 1024 * 1024
+    # Origins of other sites whose pages may call the API (CORS); "*" for any. The gateway's own page needs none.
+    allow_origins: frozenset[str] = field(default_factory=frozenset)
+    static_dir: Path = STATIC_DIR
+
+
+class Gateway:
+    def __init__(self, backends: Backends, settings: Settings | None = None) -> None:
+        self.backends = backends
+        self.settings = settings or Settings()
+
+    async def __call__(self, scope: dict, receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        elif scope["type"] == "http":
+            method = METHODS.get(scope["path"])
+            if method is None and scope["method"] == "POST":
+                await plain_response(send, 404, f"no RPC at {scope['path'][:200]}\n")
+            elif method is None:
+                await serve_static(scope, send, self.settings.static_dir)
+            elif scope["method"] == "OPTIONS":
+                await self._preflight(scope, send)
+            elif scope["method"] != "POST":
+                await plain_response(send, 405, "RPCs are POST requests\n", [(b"allow", b"POST, OPTIONS")])
+            else:
+                await self._rpc(scope, receive, send, method)
+
+    async def _lifespan(self, receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+                logging.getLogger("viper_web").info("viper-web ready")
+            elif message["type"] == "lifespan.shutdown":
+                await self.backends.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def _cors(self, headers: dict[str, str]) -> HttpHeaders:
+        origin = headers.get("origin")
+        allowed = self.settings.allow_origins
+        if origin is None or not ("*" in allowed or origin in allowed):
+            return []
+        return [
+            (b"access-control-allow-origin", origin.encode("latin-1")),
+            (b"vary", b"origin"),
+            (b"access-control-expose-headers", _CORS_EXPOSED_HEADERS),
+        ]
+
+    async def _preflight(self, scope: dict, send: Send) -> None:
+        cors = self._cors(_headers(scope))
+        if not cors:
+            await plain_response(send, 403, "origin not allowed\n")
+            return
+        await send({"type": "http.response.start", "status": 204, "headers": cors + [
+            (b"access-control-allow-methods", b"POST"),
+            (b"access-control-allow-headers", _CORS_REQUEST_HEADERS),
+            (b"access-control-max-age", b"7200"),
+        ]})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def _rpc(self, scope: dict, receive, send: Send, method: Method) -> None:
+        started = time.monotonic()
+        headers = _headers(scope)
+        content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        protocol = _PROTOCOLS.get(content_type)
+        if protocol is None or protocol[2] not in (None, method.server_streaming):
+            # Connect's answer to a content type it does not serve for this method (unary vs streaming).
+            accepted = [name for name, (_, _, streaming) in _PROTOCOLS.items()
+                        if streaming is None or streaming == method.server_streaming]
+            await plain_response(send, 415, f"unsupported content type {content_type!r}\n",
+                                 [(b"accept-post", ", ".join(accepted).encode())])
+            return
+        exchange_class, codec, _ = protocol
+        request_id = headers.get(REQUEST_ID) or uuid.uuid4().hex[:16]
+        response_headers = self._cors(headers)
+        if _PRINTABLE.fullmatch(request_id):
+            response_headers.append((REQUEST_ID.encode(), request_id.encode()))
+        exchange = exchange_class(send, method, codec, _response_type(content_type), response_headers)
+        outcome = Outcome()
+        user_id = ""
+        try:
+            try:
+                body = await _read_body(receive, headers, 2 * self.settings.max_message_bytes + 1024)
+                if body is None:  # the caller left before sending its whole request
+                    outcome.code = grpc.StatusCode.CANCELLED
+                    return
+                request, wire = exchange.decode(body, headers, self.settings.max_message_bytes)
+                user_id = request.user_id if "user_id" in request.DESCRIPTOR.fields_by_name else ""
+                metadata = _backend_metadata(headers, request_id, user_id)
+                timeout = grpc_timeout(headers) if isinstance(exchange, GrpcWeb) else connect_timeout(headers)
+            except RpcError as error:  # the gateway's own refusal: nothing reaches a back end
+                outcome.code = error.code
+                await exchange.finish(error, ())
+                return
+            try:
+                await _until_disconnect(receive, forward(
+                    method, wire, user_id, metadata, timeout, self.backends, exchange, outcome,
+                ), outcome)
+            except Exception as exc:  # a gateway bug: say so in the log, answer INTERNAL where still possible
+                log.error("rpc method=%s request_id=%s failed in the gateway", method.path, request_id, exc_info=exc)
+                outcome.code = grpc.StatusCode.INTERNAL
+                with contextlib.suppress(Exception):
+                    await exchange.finish(RpcError(grpc.StatusCode.INTERNAL,
+                                                   f"gateway error (request_id {request_id})"), ())
+        finally:
+            log.info("rpc method=%s protocol=%s/%s user=%s backend=%s status=%s ms=%.1f request_id=%s",
+                     method.path.lstrip("/"), exchange.protocol, codec.name, _loggable(user_id),
+                     outcome.backend, outcome.code.name, (time.monotonic() - started) * 1e3,
+                     _loggable(request_id))
+
+
+def _headers(scope: dict) -> dict[str, str]:
+    # Repeated headers: the last one wins, which is all the gateway needs.
+    return {key.decode("latin-1"): value.decode("latin-1") for key, value in scope["headers"]}
+
+
+def _response_type(content_type: str) -> str:
+    if content_type == "application/grpc-web":
+        return "application/grpc-web+proto"
+    if content_type == "application/grpc-web-text":
+        return "application/grpc-web-text+proto"
+    return content_type
+
+
+def _loggable(value: str) -> str:
+    if not value:
+        return "-"
+    return value if _SAFE_USER.fullmatch(value) else repr(value[:40])
+
+
+def _backend_metadata(headers: dict[str, str], request_id: str, user_id: str) -> list[tuple[str, str]]:
+    metadata = []
+    for key, value in [(REQUEST_ID, request_id), *((key, headers.get(key)) for key in _PASSED_THROUGH)]:
+        if value is None:
+            continue
+        if not _PRINTABLE.fullmatch(value):
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"header {key}: expected 1-4096 printable ASCII characters")
+        metadata.append((key, value))
+    # A user id that is not a valid header value is not a valid user id either: the server says so.
+    if user_id and _PRINTABLE.fullmatch(user_id):
+        metadata.append((USER_HEADER, user_id))
+    return metadata
+
+
+async def _read_body(receive, headers: dict[str, str], limit: int) -> bytes | None:
+    """The whole request body; None if the caller disconnected first."""
+    declared = headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request body of {declared} bytes is over the limit")
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request body over the limit of {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _until_disconnect(receive, call, outcome: Outcome) -> None:
+    """Runs the forwarded call; if the caller disconnects first, cancels it (and with it the back-end call)."""
+    task = asyncio.ensure_future(call)
+    watcher = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            task.cancel()
+            outcome.code = grpc.StatusCode.CANCELLED
+        try:
+            await task
+        except asyncio.CancelledError:
+            if not watcher.done():  # the gateway itself is being cancelled (shutdown): pass it on
+                raise
+    finally:
+        watcher.cancel()
+        task.cancel()
+
+
+async def _disconnected(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,53 @@
+"""The RPCs the gateway serves, read from the generated viper.v1 descriptors (nothing listed by hand)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from google.protobuf import message_factory
+from google.protobuf.message import Message
+
+from viper_proto.v1 import generation_pb2, metric_pb2, profile_pb2
+
+_MODULES = (profile_pb2, generation_pb2, metric_pb2)
+
+# Calls that change nothing on the server: when their back end is unavailable before answering anything,
+# the gateway may try the next one (see backends.Backends.order).
+_READ_ONLY = frozenset({
+    "/viper.v1.ProfileService/GetProfile",
+    "/viper.v1.ProfileService/ListProfiles",
+    "/viper.v1.GenerationService/Generate",
+    "/viper.v1.MetricService/Score",
+})
+
+
+@dataclass(frozen=True)
+class Method:
+    path: str  # "/viper.v1.ProfileService/GetProfile", the HTTP path and the gRPC method alike
+    input: type[Message]
+    output: type[Message]
+    server_streaming: bool
+
+    @property
+    def read_only(self) -> bool:
+        return self.path in _READ_ONLY
+
+
+def _methods() -> dict[str, Method]:
+    methods = {}
+    for module in _MODULES:
+        for service in module.DESCRIPTOR.services_by_name.values():
+            for rpc in service.methods:
+                if rpc.client_streaming:  # none today; Connect over HTTP/1.1 could not carry them anyway
+                    continue
+                path = f"/{service.full_name}/{rpc.name}"
+                methods[path] = Method(
+                    path=path,
+                    input=message_factory.GetMessageClass(rpc.input_type),
+                    output=message_factory.GetMessageClass(rpc.output_type),
+                    server_streaming=rpc.server_streaming,
+                )
+    return methods
+
+
+METHODS: dict[str, Method] = _methods()
