@@ -39,3 +39,22 @@ def postgres_url(postgres_server) -> str:
     url = postgres_server.create_database()
     yield url
     postgres_server.drop_database(url.rsplit("/", 1)[1])
+
+
+@pytest.fixture(scope="session")
+def nginx_bin():
+    """Debian's nginx binary (viper_server.testing.nginx), for the proxy in front of several replicas.
+
+    Installed when missing and we are root on Debian; elsewhere the tests that need it skip, except in CI
+    (CI=true), where they fail instead.
+    """
+    import os
+
+    from viper_server.testing.nginx import NginxNotFound, find_nginx
+
+    try:
+        return find_nginx(install=True)
+    except NginxNotFound as missing:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the nginx tests: {missing}")
+        pytest.skip(str(missing))

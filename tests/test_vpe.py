@@ -183,3 +183,10 @@ def test_extract_needs_one_comment_per_image(extractor, examples):
 def test_extractor_rejects_unknown_adapter(runtime):
     with pytest.raises(ValueError, match="unknown adapter"):
         PreferenceExtractor(runtime, adapter="nope")
+
+
+def test_parse_drops_nul_characters_a_model_may_emit():
+    answer = "Liked Art Features: soft\x00 light\nDisliked Art Features: dark\x00"
+    parsed = parse_preferences(f"User: x\nAssistant: {answer}")
+    assert (parsed.liked, parsed.disliked) == (["soft light"], ["dark"])
+    assert "\x00" not in parsed.raw_text

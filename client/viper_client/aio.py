@@ -34,24 +34,25 @@ T = TypeVar("T")
 class AsyncViperClient:
     """ViperClient for asyncio: create it inside the running event loop; `async with` it or await close().
 
-    Deadlines, token and tls are as in ViperClient. Closing a stream's async iterator (aclose(), or
-    `async with contextlib.aclosing(...)`) cancels the RPC on the server.
+    Deadlines, token, tls, several targets and retries are as in ViperClient. Closing a stream's async
+    iterator (aclose(), or `async with contextlib.aclosing(...)`) cancels the RPC on the server.
     """
 
     def __init__(
         self,
-        target: str = DEFAULT_TARGET,
+        target: str | Sequence[str] = DEFAULT_TARGET,
         *,
         timeout: float | None = DEFAULT_TIMEOUT,
         long_timeout: float | None = DEFAULT_LONG_TIMEOUT,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         token: str | None = None,
         tls: Tls | None = None,
+        retries: bool = True,
     ) -> None:
         self._timeout = timeout
         self._long_timeout = long_timeout
         self._connection = connect(target, max_message_bytes=max_message_bytes, token=token, tls=tls,
-                                   asynchronous=True)
+                                   asynchronous=True, retries=retries)
 
     async def close(self) -> None:
         await self._connection.channel.close()

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import enum
+import json
+import os
+import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -21,6 +25,29 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Metadata of every per-user call: the user id, so a proxy can route each user to the replica that
 # caches their metric context (nginx: hash $http_x_viper_user consistent).
 USER_HEADER = "x-viper-user"
+# grpcio (C-core, 1.85 included) ignores ring_hash's requestHashHeader unless this is true in the process's
+# environment, and then fails every call with INTERNAL "hash attribute not present". A client over several
+# targets sets it when it is unset.
+RING_HASH_SWITCH = "GRPC_EXPERIMENTAL_RING_HASH_SET_REQUEST_HASH_KEY"
+_TRUE_VALUES = ("1", "t", "true", "y", "yes")  # what C-core's gpr_parse_bool_value reads as true
+
+# The calls sent again after UNAVAILABLE (a replica gone, draining or still loading, the database down):
+# the reads, and the two streams, which gRPC retries only until the first response arrives (a Generate
+# or Score whose first event has reached the client fails instead). Writes are never sent twice: an
+# UNAVAILABLE write may have been committed.
+RETRIED_METHODS = (
+    ("viper.v1.ProfileService", "GetProfile"),
+    ("viper.v1.ProfileService", "ListProfiles"),
+    ("viper.v1.MetricService", "Score"),
+    ("viper.v1.GenerationService", "Generate"),
+)
+RETRY_POLICY = {
+    "maxAttempts": 5,  # gRPC's ceiling
+    "initialBackoff": "0.2s",
+    "maxBackoff": "2s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
 
 
 class _Unset(enum.Enum):
@@ -62,19 +89,93 @@ def _pem(source: bytes | str | Path | None) -> bytes | None:
     return Path(source).read_bytes()
 
 
+def split_targets(target: str | Sequence[str]) -> list[str]:
+    """The targets of `target`: a list of "host:port", or one string of them separated by commas."""
+    pieces = [target] if isinstance(target, str) else list(target)
+    targets = [each.strip() for piece in pieces for each in piece.split(",")]
+    if not targets or not all(targets):
+        raise ValueError(f"no target, or an empty one, in {target!r}")
+    return targets
+
+
+def service_config(*, ring_hash: bool, retries: bool) -> dict:
+    """The channel's gRPC service config: ring_hash keyed on the user header, and the retry policy."""
+    config: dict = {}
+    if ring_hash:
+        config["loadBalancingConfig"] = [{"ring_hash_experimental": {"requestHashHeader": USER_HEADER}}]
+    if retries:
+        names = [{"service": service, "method": method} for service, method in RETRIED_METHODS]
+        config["methodConfig"] = [{"name": names, "retryPolicy": RETRY_POLICY}]
+    return config
+
+
+def resolve_targets(targets: Sequence[str]) -> str:
+    """One gRPC target naming every replica's address, in order: `ipv4:a:p,b:p` (or ipv6:), as ring_hash needs.
+
+    Host names are resolved here, once: the first address of one family (IPv4 if every host has one)."""
+    hosts = [_host_port(target) for target in targets]
+    for family, scheme in ((socket.AF_INET, "ipv4"), (socket.AF_INET6, "ipv6")):
+        try:
+            addresses = [socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)[0][4][0] for host, port in hosts]
+        except socket.gaierror:
+            continue
+        if family == socket.AF_INET6:
+            addresses = [f"[{address}]" for address in addresses]
+        return f"{scheme}:" + ",".join(f"{address}:{port}" for address, (_, port) in zip(addresses, hosts))
+    raise ValueError(f"cannot resolve all of {', '.join(targets)} to addresses of one family (IPv4 or IPv6)")
+
+
+def _host_port(target: str) -> tuple[str, int]:
+    """("host", port) of "host:port" or "[v6 address]:port"."""
+    host, colon, port = target.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        host = ""  # an IPv6 address needs its brackets
+    if not colon or not host or not port.isdigit() or "/" in host:
+        raise ValueError(f"each of several targets is host:port (or [IPv6]:port), got {target!r}")
+    return host, int(port)
+
+
+def enable_ring_hash() -> None:
+    """Turns grpcio's request-hash-header switch on for this process, or says why it cannot."""
+    value = os.environ.setdefault(RING_HASH_SWITCH, "true")
+    if value.strip().lower() not in _TRUE_VALUES:
+        raise ValueError(f"a client over several targets needs {RING_HASH_SWITCH}=true in the environment "
+                         f"(grpcio routes by the user header only then), but it is {value!r}")
+
+
 def create_channel(
-    target: str, *, max_message_bytes: int, tls: Tls | None = None, asynchronous: bool = False
+    target: str | Sequence[str], *, max_message_bytes: int, tls: Tls | None = None, asynchronous: bool = False,
+    retries: bool = True,
 ) -> grpc.Channel | grpc.aio.Channel:
     """A channel (sync, or grpc.aio when asynchronous), TLS when tls is given, allowing messages up to
-    max_message_bytes."""
+    max_message_bytes.
+
+    Several targets (a list, or commas): one channel over all of them with the ring_hash policy, so each
+    user's calls go to one of them (consistent hashing of the user header) and move to the next one on the
+    ring while theirs is down. retries: the safe calls (RETRIED_METHODS) are retried after UNAVAILABLE.
+    """
+    targets = split_targets(target)
+    several = len(targets) > 1
+    if several:
+        enable_ring_hash()
     options = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.service_config", json.dumps(service_config(ring_hash=several, retries=retries))),
+        ("grpc.enable_retries", int(retries)),
+        # A request bigger than this is never retried (gRPC keeps a copy of it until the call is committed).
+        ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
     ]
+    if several:
+        # The first target names the service, e.g. for TLS: the replicas' certificate must be valid for it.
+        options.append(("grpc.default_authority", targets[0]))
+    channel_target = resolve_targets(targets) if several else targets[0]
     api = grpc.aio if asynchronous else grpc
     if tls is None:
-        return api.insecure_channel(target, options=options)
-    return api.secure_channel(target, tls.credentials(), options=options)
+        return api.insecure_channel(channel_target, options=options)
+    return api.secure_channel(channel_target, tls.credentials(), options=options)
 
 
 Metadata = tuple[tuple[str, str], ...]
@@ -95,9 +196,10 @@ class Connection:
         return self.metadata if user_id is None else (*self.metadata, (USER_HEADER, user_id))
 
 
-def connect(target: str, *, max_message_bytes: int, token: str | None, tls: Tls | None,
-            asynchronous: bool = False) -> Connection:
-    channel = create_channel(target, max_message_bytes=max_message_bytes, tls=tls, asynchronous=asynchronous)
+def connect(target: str | Sequence[str], *, max_message_bytes: int, token: str | None, tls: Tls | None,
+            asynchronous: bool = False, retries: bool = True) -> Connection:
+    channel = create_channel(target, max_message_bytes=max_message_bytes, tls=tls, asynchronous=asynchronous,
+                             retries=retries)
     return Connection(
         channel=channel,
         profiles=profile_pb2_grpc.ProfileServiceStub(channel),

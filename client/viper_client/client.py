@@ -40,21 +40,32 @@ class ViperClient:
     Each method's timeout= overrides the default for that call; None means no deadline.
     `token` is sent as `authorization: Bearer <token>` with every call; `tls` (a Tls) makes the
     channel TLS, verifying the server and, with a client certificate, authenticating the client.
+
+    `target` is one address ("host:port", or any gRPC target such as a proxy's), or several replicas' (a list,
+    or "host1:port,host2:port"): then each user's calls go to one replica, chosen by consistent hashing of the
+    user id (gRPC's ring_hash policy on the x-viper-user header; this sets
+    GRPC_EXPERIMENTAL_RING_HASH_SET_REQUEST_HASH_KEY=true in the process's environment, which grpcio needs
+    for it), and move to the next replica on the ring while theirs is down.
+    With `retries` (default on), a call that fails with UNAVAILABLE is sent again with backoff, up to 5
+    attempts within its deadline, when that is safe: get_profile, list_profiles, and generate and score
+    until their first event. Writes (extract, update, delete) are never sent twice.
     """
 
     def __init__(
         self,
-        target: str = DEFAULT_TARGET,
+        target: str | Sequence[str] = DEFAULT_TARGET,
         *,
         timeout: float | None = DEFAULT_TIMEOUT,
         long_timeout: float | None = DEFAULT_LONG_TIMEOUT,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         token: str | None = None,
         tls: Tls | None = None,
+        retries: bool = True,
     ) -> None:
         self._timeout = timeout
         self._long_timeout = long_timeout
-        self._connection = connect(target, max_message_bytes=max_message_bytes, token=token, tls=tls)
+        self._connection = connect(target, max_message_bytes=max_message_bytes, token=token, tls=tls,
+                                   retries=retries)
 
     def close(self) -> None:
         self._connection.channel.close()

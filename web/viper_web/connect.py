@@ -87,10 +87,7 @@ class ConnectStream(Exchange):
         return self._decoded(data, max_bytes)
 
     async def start(self, metadata: Metadata) -> None:
-        headers = self.extra_headers + self._metadata_headers(metadata)
-        headers.append((b"content-type", self.content_type.encode()))
-        await self.send({"type": "http.response.start", "status": 200, "headers": headers})
-        self._started = True
+        await self._start_streaming(metadata)
 
     async def message(self, data: bytes) -> None:
         frame = envelope(0, self.codec.encode(data, self.method.output))

@@ -66,6 +66,13 @@ class Exchange:
     async def finish(self, error: RpcError | None, trailers: Metadata) -> None:
         raise NotImplementedError
 
+    async def _start_streaming(self, metadata: Metadata) -> None:
+        """Streaming protocols answer 200 at once with the back end's headers; the outcome comes at the end."""
+        headers = self.extra_headers + self._metadata_headers(metadata)
+        headers.append((b"content-type", self.content_type.encode()))
+        await self.send({"type": "http.response.start", "status": 200, "headers": headers})
+        self._started = True
+
     def _decoded(self, data: bytes, max_bytes: int) -> tuple[Message, bytes]:
         request = self.codec.decode(data, self.method.input)
         wire = data if isinstance(self.codec, ProtoCodec) else request.SerializeToString()

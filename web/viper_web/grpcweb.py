@@ -52,10 +52,7 @@ class GrpcWeb(Exchange):
         return self._decoded(data, max_bytes)
 
     async def start(self, metadata: Metadata) -> None:
-        headers = self.extra_headers + self._metadata_headers(metadata)
-        headers.append((b"content-type", self.content_type.encode()))
-        await self.send({"type": "http.response.start", "status": 200, "headers": headers})
-        self._started = True
+        await self._start_streaming(metadata)
 
     async def message(self, data: bytes) -> None:
         await self._write(envelope(0, data), more=True)

@@ -68,32 +68,31 @@ def load_idefics2(
     *,
     device: str = "cpu",
     dtype: torch.dtype | None = None,
-    local_files_only: bool = True,
 ) -> Idefics2Base:
     """Loads `base` once and attaches every adapter in `adapters` (name -> folder or hub id).
 
     The first adapter is active after loading. dtype defaults to bfloat16 on CUDA, float32 elsewhere.
-    Raises ModelLoadError when a model is not available locally (with local_files_only) or is unreadable.
+    Never downloads: raises ModelLoadError when a model is not available locally or is unreadable.
     """
     if not adapters:
         raise ValueError("at least one adapter is required")
     torch_device = torch.device(device)
     if dtype is None:
         dtype = torch.bfloat16 if torch_device.type == "cuda" else torch.float32
-    base_source = _resolve(base, local_files_only)
-    adapter_sources = {name: _resolve(source, local_files_only) for name, source in adapters.items()}
+    base_source = _resolve(base)
+    adapter_sources = {name: _resolve(source) for name, source in adapters.items()}
 
     try:
         processor = AutoProcessor.from_pretrained(
-            base_source, local_files_only=local_files_only, **VIPER_PROCESSOR_SETTINGS
+            base_source, local_files_only=True, **VIPER_PROCESSOR_SETTINGS
         )
         # transformers 5 picks the torchvision image processor whenever torchvision imports (usual on a
         # GPU host); only the PIL one resizes as the adapters' training-time processor (4.40) did.
         processor.image_processor = Idefics2ImageProcessorPil.from_pretrained(
-            base_source, local_files_only=local_files_only, **VIPER_PROCESSOR_SETTINGS
+            base_source, local_files_only=True, **VIPER_PROCESSOR_SETTINGS
         )
         base_model = AutoModelForImageTextToText.from_pretrained(
-            base_source, dtype=dtype, device_map=str(torch_device), local_files_only=local_files_only
+            base_source, dtype=dtype, device_map=str(torch_device), local_files_only=True
         )
         (first_name, first_source), *other_adapters = adapter_sources.items()
         model = PeftModel.from_pretrained(base_model, first_source, adapter_name=first_name)
@@ -109,13 +108,11 @@ def load_idefics2(
     return Idefics2Base(model=model, processor=processor, device=torch_device, dtype=dtype)
 
 
-def _resolve(name_or_path: str, local_files_only: bool) -> str:
-    """A local folder as is; a hub id as its folder in the local HF cache (or as is, if downloads are allowed)."""
+def _resolve(name_or_path: str) -> str:
+    """A local folder as is; a hub id as its folder in the local HF cache."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return str(path)
-    if not local_files_only:
-        return name_or_path
     try:
         return snapshot_download(name_or_path, local_files_only=True)
     except (LocalEntryNotFoundError, HFValidationError) as error:

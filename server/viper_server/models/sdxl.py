@@ -8,9 +8,6 @@ from dataclasses import dataclass
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
-SDXL_REFINER = "stabilityai/stable-diffusion-xl-refiner-1.0"
-
 
 @dataclass
 class SdxlPipelines:
@@ -26,12 +23,12 @@ def load_sdxl(
     dtype: torch.dtype | None = None,
     cpu_offload: bool = False,
     vae_tiling: bool = False,
-    local_files_only: bool = True,
 ) -> SdxlPipelines:
-    """Load from hub ids or local directories; raises FileNotFoundError when weights are not on disk."""
+    """Load from local directories or hub ids in the local HF cache (never downloads); raises
+    FileNotFoundError when weights are not on disk."""
     if dtype is None:
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    options = {"dtype": dtype, "local_files_only": local_files_only}
+    options = {"dtype": dtype, "local_files_only": True}
     base_pipeline = _from_pretrained(StableDiffusionXLPipeline, base, **options)
     refiner_pipeline = None
     if refiner is not None:

@@ -58,9 +58,10 @@ def build_vpe_inputs(processor: ProcessorMixin, images: Sequence[PIL.Image.Image
 def parse_preferences(decoded: str) -> Preferences:
     """Parses the decoded output (prompt + answer) like the reference, keeping the model's order.
 
-    A feature named in both lists is dropped from both; a missing marker gives an empty list.
+    A feature named in both lists is dropped from both; a missing marker gives an empty list. NUL characters
+    are dropped: text cannot carry them (PostgreSQL refuses them), and a model's NUL byte means nothing.
     """
-    answer = decoded.split(ANSWER_MARKER)[-1].strip()
+    answer = decoded.replace("\x00", "").split(ANSWER_MARKER)[-1].strip()
     liked = _features(_section(answer, LIKED_MARKER, DISLIKED_MARKER))
     disliked = _features(_section(answer, DISLIKED_MARKER, LIKED_MARKER))
     contested = set(liked) & set(disliked)
