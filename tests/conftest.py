@@ -3,6 +3,18 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules running models in process (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`):
+    the machine's cores are shared, and one thread keeps small models fast and timings steady."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny random-weight checkpoints (layout: engine.presets.BUILT_LAYOUT), built once per test session

@@ -26,11 +26,12 @@ def processes_marked(marker: str) -> list[int]:
     return found
 
 
-@pytest.mark.parametrize("bench, args", [
-    ("metric.py", ["--repeats", "1"]),
-    ("generation.py", ["--repeats", "1", "--steps", "4", "--images", "1"]),
+@pytest.mark.parametrize("bench, args, last", [
+    ("metric.py", ["--repeats", "1"], "speedup: "),
+    ("generation.py", ["--repeats", "1", "--steps", "4", "--images", "1"], "speedup: "),
+    ("concurrency.py", ["--repeats", "1", "--scores", "2", "--steps", "2", "--new-tokens", "4"], "concurrency: "),
 ])
-def test_a_bench_leaves_no_process_or_temp_folder_behind(tmp_path, bench, args):
+def test_a_bench_leaves_no_process_or_temp_folder_behind(tmp_path, bench, args, last):
     marker = f"VIPER_BENCH_MARKER={uuid.uuid4().hex}"
     name, value = marker.split("=")
     temp = tmp_path / "tmp"
@@ -40,7 +41,7 @@ def test_a_bench_leaves_no_process_or_temp_folder_behind(tmp_path, bench, args):
         env={**os.environ, name: value, "TMPDIR": str(temp)},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "speedup: " in result.stdout
+    assert result.stdout.strip().splitlines()[-1].startswith(last)
     assert processes_marked(marker) == []
     # torch keeps its compiler cache in TMPDIR on purpose (torchinductor_<user>); anything else is ours.
     assert [path.name for path in temp.iterdir() if not path.name.startswith("torchinductor_")] == []

@@ -21,6 +21,8 @@ from viper_server.models.sdxl import SdxlPipelines, load_sdxl
 from viper_server.models.tiny_sdxl import build_tiny_sdxl
 from viper_server.testing.reference_guidance import reference_generate
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 LIKED = ["soft pastel colors", "golden light", "dreamy mood", "watercolor texture", "airy brushwork"]
 DISLIKED = ["dark shadows", "gloomy blue palette", "cluttered composition"]
 
@@ -29,15 +31,6 @@ def params(**overrides) -> GenerationParams:
     # 5 steps: 4 on the base, then 1 on the refiner (high_noise_frac 0.8).
     defaults = dict(prompt="a cat in the city", width=64, height=64, steps=5, seed=7)
     return GenerationParams(**{**defaults, **overrides})
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # The machine's cores are shared: one thread keeps these tiny models fast and timings steady.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

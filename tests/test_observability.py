@@ -78,6 +78,22 @@ def test_generation_steps_and_metric_cache_are_counted(server):
     assert samples["viper_metric_cache_bytes"] > 0
 
 
+def test_scheduler_steps_batch_sizes_and_waits_are_exported(server):
+    with ViperClient(server.target) as client:
+        list(client.generate("watched", "a cat", width=64, height=64, steps=3, seed=4))
+        client.score("watched", QUERIES)
+    samples = scrape(server)
+    # Steps per model and kind of step (rate() of the counter is steps per second), one batch size per step.
+    for model, step in (("sdxl", "encode"), ("sdxl", "base"), ("sdxl", "refiner"), ("sdxl", "vae"),
+                        ("idefics2", "prefill"), ("idefics2", "decode"), ("idefics2", "query")):
+        ran = samples[f'viper_steps_total{{model="{model}",step="{step}"}}']
+        assert ran >= 1
+        assert samples[f'viper_step_batch_size_count{{model="{model}",step="{step}"}}'] == ran
+    assert samples['viper_steps_total{model="sdxl",step="base"}'] >= 2  # 3 steps: base, base, refiner
+    for model, kind in (("sdxl", "generate"), ("idefics2", "extract"), ("idefics2", "score")):
+        assert samples[f'viper_work_queue_wait_seconds_count{{kind="{kind}",model="{model}"}}'] >= 1
+
+
 def test_a_client_request_id_is_logged(server):
     with grpc.insecure_channel(server.target) as channel:
         stub = profile_pb2_grpc.ProfileServiceStub(channel)

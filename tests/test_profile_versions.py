@@ -26,6 +26,12 @@ class NoTelemetry:
     def generation_step(self) -> None:
         pass
 
+    def work_waited(self, model: str, kind: str, seconds: float) -> None:
+        pass
+
+    def step_ran(self, model: str, step: str, batch_size: int, seconds: float) -> None:
+        pass
+
 
 def uploads(liked: list[int], disliked: list[int]) -> list[RatedUpload]:
     def upload(rating: Rating, index: int) -> RatedUpload:
@@ -55,30 +61,31 @@ def test_delete_then_re_extract_while_a_score_waits(engine, tmp_path):
             first = await service.extract_profile("u", images_a)
             assert first.version == 1
 
-            # Hold the next extraction in the worker until the rest of the interleaving has happened.
+            # Hold the next extraction's first step (and so the IDEFICS2 scheduler) until the rest of the
+            # interleaving has happened.
             started, gate = threading.Event(), threading.Event()
             extractor = engine._models.extractor
-            extract = extractor.extract
+            prefill_step = extractor.prefill_step
 
-            def held_extract(*args, **kwargs):
+            def held_prefill_step(*args, **kwargs):
                 started.set()
                 gate.wait(60)
-                return extract(*args, **kwargs)
+                return prefill_step(*args, **kwargs)
 
-            extractor.extract = held_extract
+            extractor.prefill_step = held_prefill_step
             try:
                 extraction = asyncio.create_task(service.extract_profile("u", images_b))
                 assert await asyncio.to_thread(started.wait, 60)
                 scoring = await service.score("u", queries)  # reads snapshot v1 (images A) now
                 stale = asyncio.create_task(collect(scoring.results))
-                while engine.idefics2_worker.depth < 1:  # queued behind the extraction
+                while engine.idefics2_scheduler.depth < 1:  # queued behind the extraction's step
                     await asyncio.sleep(0.01)
                 await service.delete_profile("u", expected_version=None)
                 gate.set()
                 second = await extraction
                 stale_scores = await stale
             finally:
-                extractor.extract = extract
+                extractor.prefill_step = prefill_step
 
             # Versions never repeat: the new profile is not a second "version 1".
             assert second.version == 2

@@ -1,16 +1,34 @@
-"""The model worker: ordering, bounded queue, cancellation, streaming."""
+"""A model's scheduler running one-step jobs (FunctionTask): its thread, arrival order, the bounded queue,
+cancellation, streaming. Step-level scheduling and batching: tests/test_scheduler.py."""
 
 import asyncio
 import threading
 
 import pytest
 
-from viper_server.engine.workers import ModelWorker, QueueFull, WorkerClosed
+from viper_server.engine.errors import QueueFull, WorkerClosed
+from viper_server.engine.scheduler import FunctionTask, StepScheduler
+
+
+class Worker:
+    """The old ModelWorker's interface over a StepScheduler: jobs of one kind run one at a time."""
+
+    def __init__(self, name: str, max_queue: int) -> None:
+        self.scheduler = StepScheduler(name, max_queue=max_queue)
+
+    def run(self, fn):
+        return self.scheduler.run(FunctionTask(fn))
+
+    def stream(self, fn):
+        return self.scheduler.stream(FunctionTask(fn))
+
+    def close(self, timeout=None):
+        self.scheduler.close(timeout)
 
 
 @pytest.fixture
 def worker():
-    worker = ModelWorker("test", max_queue=2)
+    worker = Worker("test", max_queue=2)
     yield worker
     worker.close(timeout=5)
 
@@ -20,7 +38,7 @@ def run(coro):
 
 
 def test_runs_jobs_on_its_own_thread_in_arrival_order():
-    worker = ModelWorker("test", max_queue=8)
+    worker = Worker("test", max_queue=8)
     seen = []
 
     def job_for(n):
@@ -36,7 +54,7 @@ def test_runs_jobs_on_its_own_thread_in_arrival_order():
     assert run(main()) == [0, 10, 20]
     worker.close(timeout=5)
     assert [n for n, _ in seen] == [0, 1, 2]
-    assert {name for _, name in seen} == {"worker-test"}
+    assert {name for _, name in seen} == {"scheduler-test"}
 
 
 def test_exceptions_reach_the_caller(worker):
@@ -149,7 +167,7 @@ def test_closing_a_stream_early_stops_the_job(worker):
 
 
 def test_closed_worker_refuses_new_jobs():
-    worker = ModelWorker("closing", max_queue=1)
+    worker = Worker("closing", max_queue=1)
     worker.close(timeout=5)
     with pytest.raises(WorkerClosed):
         run(worker.run(lambda job: None))

@@ -70,7 +70,8 @@ class ViperService:
 
     async def extract_profile(self, user_id: str, uploads: Sequence[RatedUpload]) -> StoredProfile:
         """Runs the VPE over the rated images and stores the profile with them, replacing any earlier one."""
-        preferences = await self._engine.extract([u.image for u in uploads], [u.comment for u in uploads])
+        images, comments = [u.image for u in uploads], [u.comment for u in uploads]
+        preferences = await self._engine.extract(images, comments, user=user_id)
         stored = await asyncio.to_thread(
             self._store.save_extraction,
             user_id,
@@ -112,7 +113,7 @@ class ViperService:
     async def generate(self, user_id: str, params: GenerationParams) -> Generation:
         """Starts generating images for the prompt, guided by the user's liked and disliked features."""
         profile = await asyncio.to_thread(self._store.get, user_id)
-        events = self._engine.generate(params, profile.liked_features, profile.disliked_features)
+        events = self._engine.generate(params, profile.liked_features, profile.disliked_features, user=user_id)
         return Generation(profile_version=profile.version, events=events)
 
     async def score(self, user_id: str, queries: Sequence[Image.Image], inline: InlineContext | None = None) -> Scoring:
@@ -124,7 +125,7 @@ class ViperService:
             profile, images = await asyncio.to_thread(self._store.get_with_images, user_id)
             context = self._engine.stored_context(user_id, profile.version, images)
         pairs = self._engine.context_pairs(context)  # ContextError before any model work
-        return Scoring(pairs_used=pairs, results=self._flatten(self._engine.score(context, queries)))
+        return Scoring(pairs_used=pairs, results=self._flatten(self._engine.score(context, queries, user=user_id)))
 
     @staticmethod
     async def _flatten(batches: AsyncIterator[list[ScoredQuery]]) -> AsyncIterator[ScoredQuery]:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .engine.policy import POLICY_NAMES
 from .engine.presets import PRESET_NAMES
 
 MiB = 1024 * 1024
@@ -59,6 +60,14 @@ class ServerConfig:
     metric_cache_bytes: int = 2 * 1024 * MiB
     metric_batch_size: int = 4
     metric_max_pairs: int = 8
+    # The step schedulers (README "Scheduling"): requests of a kind running (and batched) at once per model,
+    # who goes first, and how much of an extraction's prefill one step does.
+    extract_batch: int = 8
+    generate_batch: int = 4
+    score_batch: int = 8
+    scheduling_policy: str = "fair"
+    prefill_images: int = 1
+    prefill_tokens: int = 256
     # Bearer tokens, one a line (`sha256:<hex>` or plain); unset = no auth.
     auth_tokens: Path | None = None
     # Serving a non-loopback address without auth must be asked for explicitly.
@@ -112,7 +121,8 @@ _SERVE_FLAGS: dict[str, _Flag] = {
     "port": _Flag("VIPER_PORT", int, "port to bind; 0 picks a free one"),
     "db": _Flag("VIPER_DB", str, "profile store: a SQLite file path (or sqlite:///path) or a "
                 "postgresql://user:password@host:port/database URL"),
-    "models": _Flag("VIPER_MODELS", str, "tiny (random-weight test models) or viper (the real weights)",
+    "models": _Flag("VIPER_MODELS", str, "tiny (random-weight test models), viper (the real weights) or full-random "
+                    "(the real architectures at full size with random weights, for benchmarks)",
                     choices=PRESET_NAMES),
     "models_dir": _Flag("VIPER_MODELS_DIR", Path, "folder of local model checkpoints",
                         shown_default="the HF cache for viper, var/models/tiny for tiny"),
@@ -130,6 +140,16 @@ _SERVE_FLAGS: dict[str, _Flag] = {
     "metric_cache_bytes": _Flag("VIPER_METRIC_CACHE_BYTES", int, "bytes of cached metric prefixes"),
     "metric_batch_size": _Flag("VIPER_METRIC_BATCH_SIZE", int, "queries scored per model call"),
     "metric_max_pairs": _Flag("VIPER_METRIC_MAX_PAIRS", int, "liked/disliked pairs in a metric context"),
+    "extract_batch": _Flag("VIPER_EXTRACT_BATCH", int, "extractions running at once, decoding in one forward pass"),
+    "generate_batch": _Flag("VIPER_GENERATE_BATCH", int,
+                            "generations running at once; images of one size and stage share each UNet call"),
+    "score_batch": _Flag("VIPER_SCORE_BATCH", int,
+                         "Score requests running at once; equally long contexts share each forward pass"),
+    "scheduling_policy": _Flag("VIPER_SCHEDULING_POLICY", str,
+                               "who takes the next step: fair (round robin between users, kinds in turn), "
+                               "kinds (kinds in turn first) or fifo", choices=POLICY_NAMES),
+    "prefill_images": _Flag("VIPER_PREFILL_IMAGES", int, "an extraction's images encoded per step"),
+    "prefill_tokens": _Flag("VIPER_PREFILL_TOKENS", int, "an extraction's prompt tokens prefilled per step"),
     "auth_tokens": _Flag("VIPER_AUTH_TOKENS", Path,
                          "file of accepted bearer tokens, one a line (sha256:<hex> or plain)",
                          shown_default="none: no auth, allowed on loopback only"),
@@ -205,7 +225,10 @@ def is_loopback(host: str) -> bool:
 
 def check_config(config: ServerConfig) -> None:
     """Refuses settings that cannot work or would be unsafe; raises ValueError."""
-    for name in ("models", "idefics2_dtype", "log_level"):
+    for name in ("extract_batch", "generate_batch", "score_batch", "prefill_images", "prefill_tokens"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be at least 1, not {getattr(config, name)}")
+    for name in ("models", "idefics2_dtype", "log_level", "scheduling_policy"):
         choices = _SERVE_FLAGS[name].choices
         if getattr(config, name) not in choices:
             raise ValueError(f"{name} must be {' or '.join(choices)}, not {getattr(config, name)!r}")

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from .engine.engine import ModelEngine
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
 class Telemetry:
@@ -36,6 +38,17 @@ class Telemetry:
         self.generation_steps = Counter("viper_generation_steps",
                                         "denoising steps run (rate() gives steps per second)",
                                         registry=self.registry)
+        # The step schedulers (engine.scheduler), by model and kind of step (prefill, decode, prefix, query,
+        # encode, base, refiner, vae): rate(viper_steps_total) is steps per second.
+        self.steps = Counter("viper_steps", "scheduler steps run, by model and step", ["model", "step"],
+                             registry=self.registry)
+        self.batch_size = Histogram("viper_step_batch_size", "requests served by one step, by model and step",
+                                    ["model", "step"], buckets=BATCH_BUCKETS, registry=self.registry)
+        self.step_seconds = Histogram("viper_step_seconds", "time one step took, by model and step",
+                                      ["model", "step"], buckets=STEP_BUCKETS, registry=self.registry)
+        self.work_wait = Histogram("viper_work_queue_wait_seconds",
+                                   "time requests waited before running, by model and kind of work",
+                                   ["model", "kind"], buckets=LATENCY_BUCKETS, registry=self.registry)
 
     # ModelEngine's observer.
     def queue_waited(self, model: str, seconds: float) -> None:
@@ -43,6 +56,14 @@ class Telemetry:
 
     def generation_step(self) -> None:
         self.generation_steps.inc()
+
+    def work_waited(self, model: str, kind: str, seconds: float) -> None:
+        self.work_wait.labels(model, kind).observe(seconds)
+
+    def step_ran(self, model: str, step: str, batch_size: int, seconds: float) -> None:
+        self.steps.labels(model, step).inc()
+        self.batch_size.labels(model, step).observe(batch_size)
+        self.step_seconds.labels(model, step).observe(seconds)
 
     def rpc_finished(self, method: str, code: str, seconds: float) -> None:
         self.rpcs.labels(method, code).inc()
@@ -75,6 +96,11 @@ def _engine_families(engine: ModelEngine) -> Families:
     for model, waiting in engine.queue_depths.items():
         depth.add_metric([model], waiting)
     yield depth
+    running = GaugeMetricFamily("viper_running", "requests admitted to their model's steps, by model and kind",
+                                labels=["model", "kind"])
+    for (model, kind), count in engine.running.items():
+        running.add_metric([model, kind], count)
+    yield running
     stats = engine.cache_stats
     if stats is None:  # models not loaded yet
         return

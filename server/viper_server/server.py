@@ -168,6 +168,12 @@ def load_settings(config: ServerConfig) -> LoadSettings:
         metric_cache_bytes=config.metric_cache_bytes,
         metric_batch_size=config.metric_batch_size,
         metric_max_pairs=config.metric_max_pairs,
+        extract_batch=config.extract_batch,
+        generate_batch=config.generate_batch,
+        score_batch=config.score_batch,
+        scheduling_policy=config.scheduling_policy,
+        prefill_images=config.prefill_images,
+        prefill_tokens=config.prefill_tokens,
     )
 
 

@@ -1,2 +1,3 @@
-"""The model engine: loading (presets -> models), the workers that run model calls, and the facade
-(ModelEngine in engine.engine) that the application layer calls with plain Python values."""
+"""The model engine: loading (presets -> models), the step schedulers that run the model work (scheduler,
+tasks, policy), and the facade (ModelEngine in engine.engine) that the application layer calls with plain
+Python values."""

@@ -1,13 +1,16 @@
 """ModelEngine: the one object the application layer calls for model work, with plain Python values.
 
-It loads the preset (off the event loop), gates every call on readiness, and runs each model call on a
-worker: one for the IDEFICS2 base with its two adapters (VPE and metric), one for SDXL, so generation
-never blocks extraction or scoring. Stored images are decoded here, in the worker, and only when the
-metric needs them (not while the user's prefix is cached).
+It loads the preset (off the event loop), gates every call on readiness, and runs the model work on two
+step schedulers (engine.scheduler): one for the IDEFICS2 base with its two adapters (extractions and scores),
+one for SDXL (generations), so generation never blocks extraction or scoring, and on each model requests
+take turns a step at a time and compatible steps share one forward pass (engine.tasks). Inputs are
+tokenized and images processed off the event loop before a request queues; stored images are decoded only
+when the metric needs them (not while the user's prefix is cached).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import threading
@@ -19,15 +22,15 @@ from PIL import Image
 
 from viper_profiles import Rating, StoredImage
 
-from ..domain import GenerationEvent, GenerationParams, Preferences, Progress, ScoredQuery, ScoringContext
+from ..domain import GenerationEvent, GenerationParams, Preferences, ScoredQuery, ScoringContext
 from ..imaging import ImageDecodeError, decode_image
-from ..models.generation import GenerationCancelled
 from ..models.metric import context_pairs
 from ..models.prefix_cache import CacheStats
-from .errors import ModelsNotReady, StoredImageUnreadable
+from .errors import ModelsNotReady, QueueFull, StoredImageUnreadable
 from .loading import LoadedModels, LoadSettings, load_models
 from .presets import ModelPreset
-from .workers import Job, ModelWorker
+from .scheduler import StepScheduler
+from .tasks import Extractions, ExtractionTask, Generations, GenerationTask, Scorings, ScoringTask
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,10 @@ class EngineObserver(Protocol):
 
     def generation_step(self) -> None: ...
 
+    def work_waited(self, model: str, kind: str, seconds: float) -> None: ...
+
+    def step_ran(self, model: str, step: str, batch_size: int, seconds: float) -> None: ...
+
 
 class ModelEngine:
     def __init__(self, preset: ModelPreset, settings: LoadSettings, *, max_queue: int, max_image_pixels: int,
@@ -47,14 +54,25 @@ class ModelEngine:
         self._settings = settings
         self._max_image_pixels = max_image_pixels
         self._observer = observer
-        self.idefics2_worker = ModelWorker("idefics2", max_queue, observe_wait=self._observe_wait("idefics2"))
-        self.sdxl_worker = ModelWorker("sdxl", max_queue, observe_wait=self._observe_wait("sdxl"))
+        self.idefics2_scheduler = self._scheduler(
+            "idefics2", max_queue, {"extract": settings.extract_batch, "score": settings.score_batch}
+        )
+        self.sdxl_scheduler = self._scheduler("sdxl", max_queue, {"generate": settings.generate_batch})
         self._models: LoadedModels | None = None
+        self._work: tuple[Extractions, Scorings, Generations] | None = None
         self._ready = threading.Event()
         self.load_error: BaseException | None = None
 
-    def _observe_wait(self, model: str):
-        return lambda seconds: self._observer.queue_waited(model, seconds)
+    def _scheduler(self, model: str, max_queue: int, slots: dict[str, int]) -> StepScheduler:
+        def admitted(kind: str, seconds: float) -> None:
+            self._observer.queue_waited(model, seconds)
+            self._observer.work_waited(model, kind, seconds)
+
+        return StepScheduler(
+            model, max_queue=max_queue, slots=slots, policy=self._settings.scheduling_policy,
+            on_step=lambda step, size, seconds: self._observer.step_ran(model, step, size, seconds),
+            on_admit=admitted,
+        )
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -66,17 +84,22 @@ class ModelEngine:
         """Loads every model (blocking: minutes for the real weights)."""
         started = time.monotonic()
         try:
-            self._models = load_models(self.preset, self._settings)
+            self._models = models = load_models(self.preset, self._settings)
         except BaseException as exc:
             self.load_error = exc
             raise
+        self._work = (
+            Extractions(models.extractor, self._settings.extract_batch),
+            Scorings(models.scorer, self._settings.score_batch),
+            Generations(models.generator, self._settings.generate_batch),
+        )
         self._ready.set()
         log.info("models (%s) loaded on %s in %.1f s; IDEFICS2 in %s", self.preset.name, self._models.device,
                  time.monotonic() - started, self.idefics2_dtype)
 
     def close(self) -> None:
-        self.idefics2_worker.close()
-        self.sdxl_worker.close()
+        self.idefics2_scheduler.close()
+        self.sdxl_scheduler.close()
 
     # -- facts about the loaded models ----------------------------------------------------------------
 
@@ -107,7 +130,18 @@ class ModelEngine:
 
     @property
     def queue_depths(self) -> dict[str, int]:
-        return {worker.name: worker.depth for worker in (self.idefics2_worker, self.sdxl_worker)}
+        """Requests waiting per model (not counting the running ones)."""
+        return {scheduler.name: scheduler.depth for scheduler in self._schedulers}
+
+    @property
+    def running(self) -> dict[tuple[str, str], int]:
+        """Requests running per (model, kind of work)."""
+        return {(scheduler.name, kind): count for scheduler in self._schedulers
+                for kind, count in scheduler.running.items()}
+
+    @property
+    def _schedulers(self) -> tuple[StepScheduler, StepScheduler]:
+        return self.idefics2_scheduler, self.sdxl_scheduler
 
     @property
     def cache_stats(self) -> CacheStats | None:
@@ -115,35 +149,21 @@ class ModelEngine:
 
     # -- model work -----------------------------------------------------------------------------------
 
-    async def extract(self, images: Sequence[Image.Image], comments: Sequence[str]) -> Preferences:
-        """Runs the VPE over the images and their comments."""
-        extractor = self._loaded().extractor
-        return await self.idefics2_worker.run(
-            lambda job: extractor.extract(images, comments, should_stop=job.should_stop)
-        )
+    async def extract(self, images: Sequence[Image.Image], comments: Sequence[str], *,
+                      user: str | None = None) -> Preferences:
+        """Runs the VPE over the images and their comments. user: whose request it is (for fair turns)."""
+        extractions, _, _ = self._loaded_work()
+        self._check_room(self.idefics2_scheduler)
+        extraction = await asyncio.to_thread(extractions.extractor.prepare, images, comments)
+        return await self.idefics2_scheduler.run(ExtractionTask(extractions, extraction, user))
 
     async def generate(self, params: GenerationParams, liked_features: Sequence[str],
-                       disliked_features: Sequence[str]) -> AsyncIterator[GenerationEvent]:
-        """Yields Progress, Preview and FinishedImage events as the worker makes them."""
-        generator = self._loaded().generator
-
-        def run(job: Job) -> None:
-            steps_done = 0
-
-            def emit(event: GenerationEvent) -> None:
-                nonlocal steps_done
-                if isinstance(event, Progress) and event.step > 0:
-                    steps_done += 1
-                    self._observer.generation_step()
-                job.emit(event)
-
-            try:
-                generator.generate(params, liked_features, disliked_features, emit=emit, should_stop=job.should_stop)
-            except GenerationCancelled:
-                log.info("generation cancelled after %d denoising steps", steps_done)
-                raise
-
-        async for event in self.sdxl_worker.stream(run):
+                       disliked_features: Sequence[str], *, user: str | None = None) -> AsyncIterator[GenerationEvent]:
+        """Yields Progress, Preview and FinishedImage events as they are made. user: whose request it is."""
+        _, _, generations = self._loaded_work()
+        task = GenerationTask(generations, params, liked_features, disliked_features, user,
+                              on_denoising_step=self._observer.generation_step)
+        async for event in self.sdxl_scheduler.stream(task):
             yield event
 
     def stored_context(self, user_id: str, version: int, images: Sequence[StoredImage]) -> ScoringContext:
@@ -167,24 +187,29 @@ class ModelEngine:
         """How many pairs of the context a score uses; ContextError (before any model work) when none."""
         return context_pairs(len(context.liked), len(context.disliked), self._settings.metric_max_pairs)
 
-    async def score(self, context: ScoringContext, queries: Sequence[Image.Image]) -> AsyncIterator[list[ScoredQuery]]:
-        """Yields the queries' scores a batch at a time."""
-        scorer = self._loaded().scorer
-
-        def run(job: Job) -> None:
-            scorer.score(
-                context, queries,
-                on_batch=lambda batch: job.emit([ScoredQuery(index, score) for index, score in batch]),
-                should_stop=job.should_stop,
-            )
-
-        async for batch in self.idefics2_worker.stream(run):
+    async def score(self, context: ScoringContext, queries: Sequence[Image.Image], *,
+                    user: str | None = None) -> AsyncIterator[list[ScoredQuery]]:
+        """Yields the queries' scores a batch at a time. user: whose request it is."""
+        _, scorings, _ = self._loaded_work()
+        self._check_room(self.idefics2_scheduler)
+        scoring = await asyncio.to_thread(scorings.scorer.prepare, context, queries)
+        async for batch in self.idefics2_scheduler.stream(ScoringTask(scorings, scoring, user)):
             yield batch
 
     def forget_user(self, user_id: str, version: int) -> None:
         """The user's profile changed (now at version) or was deleted: drop what is cached for them."""
         if self._models is not None:
             self._models.scorer.invalidate(user_id, version)
+
+    @staticmethod
+    def _check_room(scheduler: StepScheduler) -> None:
+        """Refuses at once when the queue is full, before preparing the inputs (submitting checks again)."""
+        if scheduler.depth >= scheduler.max_queue:
+            raise QueueFull(scheduler.name, scheduler.depth)
+
+    def _loaded_work(self) -> tuple[Extractions, Scorings, Generations]:
+        self._loaded()
+        return self._work
 
     def _loaded(self) -> LoadedModels:
         if self._models is None or not self.ready:

@@ -7,3 +7,15 @@ class ModelsNotReady(Exception):
 
 class StoredImageUnreadable(Exception):
     """A stored image could not be decoded: the store holds something the server cannot read (a server fault)."""
+
+
+class QueueFull(Exception):
+    """A model's queue is at capacity; the caller should retry later."""
+
+    def __init__(self, model: str, depth: int) -> None:
+        super().__init__(f"{model} queue is full ({depth} requests waiting); retry later")
+        self.depth = depth
+
+
+class WorkerClosed(Exception):
+    """The model's scheduler is shutting down and takes no new requests."""

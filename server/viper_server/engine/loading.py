@@ -30,6 +30,14 @@ class LoadSettings:
     metric_cache_bytes: int = 2 << 30
     metric_batch_size: int = 4
     metric_max_pairs: int = 8
+    # The step schedulers (engine.scheduler): how many requests of each kind run (and batch) at once,
+    # who goes first (engine.policy), and how much of an extraction's prefill one step does.
+    extract_batch: int = 8
+    generate_batch: int = 4
+    score_batch: int = 8
+    scheduling_policy: str = "fair"
+    prefill_images: int = 1
+    prefill_tokens: int = 256
 
 
 @dataclass(frozen=True)
@@ -59,11 +67,19 @@ def load_models(preset: ModelPreset, settings: LoadSettings) -> LoadedModels:
         preset.build()
     device = resolve_device(settings.device)
     dtype = resolve_idefics2_dtype(settings.idefics2_dtype, device)
-    idefics2 = load_idefics2(
-        preset.idefics2, {"vpe": preset.vpe_adapter, "metric": preset.metric_adapter}, device=device, dtype=dtype
-    )
+    if preset.in_memory is not None:
+        idefics2, pipelines = preset.in_memory(device, dtype)
+    else:
+        idefics2 = load_idefics2(
+            preset.idefics2, {"vpe": preset.vpe_adapter, "metric": preset.metric_adapter}, device=device, dtype=dtype
+        )
+        pipelines = load_sdxl(
+            preset.sdxl_base, preset.sdxl_refiner, device=device,
+            cpu_offload=settings.cpu_offload, vae_tiling=settings.vae_tiling,
+        )
     extractor = PreferenceExtractor(
-        idefics2, adapter="vpe", max_new_tokens=settings.vpe_max_new_tokens or preset.vpe_max_new_tokens
+        idefics2, adapter="vpe", max_new_tokens=settings.vpe_max_new_tokens or preset.vpe_max_new_tokens,
+        prefill_images=settings.prefill_images, prefill_tokens=settings.prefill_tokens,
     )
     scorer = MetricScorer(
         idefics2,
@@ -74,8 +90,5 @@ def load_models(preset: ModelPreset, settings: LoadSettings) -> LoadedModels:
         use_prefix_cache=settings.metric_cache,
         expected_token_ids=preset.metric_token_ids,
     )
-    generator = PersonalizedGenerator(load_sdxl(
-        preset.sdxl_base, preset.sdxl_refiner, device=device,
-        cpu_offload=settings.cpu_offload, vae_tiling=settings.vae_tiling,
-    ))
+    generator = PersonalizedGenerator(pipelines)
     return LoadedModels(extractor=extractor, scorer=scorer, generator=generator, device=device, idefics2_dtype=dtype)

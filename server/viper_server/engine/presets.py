@@ -36,6 +36,9 @@ class ModelPreset:
     metric_token_ids: tuple[int, int] | None = None
     # Builds the checkpoints into a folder when they are missing (the presets the project makes itself).
     build: Callable[[], Path] | None = None
+    # Makes the models in memory instead of loading checkpoints: (device, IDEFICS2 dtype) ->
+    # (models.idefics2.Idefics2Base with the "vpe" and "metric" adapters, models.sdxl.SdxlPipelines).
+    in_memory: Callable[[str, object], tuple[object, object]] | None = None
 
 
 VIPER = ModelPreset(
@@ -51,17 +54,11 @@ VIPER = ModelPreset(
     metric_token_ids=(648, 387),
 )
 
-PRESET_NAMES = ("tiny", "viper")
-
-
 def model_preset(name: str, models_dir: Path | None, built_models_root: Path) -> ModelPreset:
-    """The preset called name. viper: folders of models_dir named like the repos (DIR/idefics2-8b) take
-    precedence over the HF cache. tiny: checkpoints built into models_dir, by default built_models_root/tiny."""
-    if name == "viper":
-        return _viper(models_dir)
-    if name == "tiny":
-        return _tiny(models_dir or built_models_root / "tiny")
-    raise ValueError(f"unknown model preset {name!r} (choose from {', '.join(PRESET_NAMES)})")
+    """The preset called name (PRESETS); models_dir as given by --models-dir, or None."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r} (choose from {', '.join(PRESET_NAMES)})")
+    return PRESETS[name](models_dir, built_models_root)
 
 
 def _viper(models_dir: Path | None) -> ModelPreset:
@@ -88,3 +85,33 @@ def _tiny(models_dir: Path) -> ModelPreset:
         default_image_size=64,
         build=lambda: ensure_tiny_models(models_dir),
     )
+
+
+def _full_random(models_dir: Path | None) -> ModelPreset:
+    """The real architectures at full size with random weights, made in memory (models.full_random): real-scale
+    compute and memory for benchmarks on a GPU host, without any checkpoint. Outputs are noise."""
+
+    def build(device: str, idefics2_dtype: object) -> tuple[object, object]:
+        from ..models.full_random import build_full_random
+
+        return build_full_random(device, idefics2_dtype)
+
+    return ModelPreset(
+        name="full-random",
+        **{name: "(random weights)" for name in BUILT_LAYOUT},
+        extractor_name="full-random (random weights)",
+        vpe_max_new_tokens=2000,
+        default_image_size=1024,
+        in_memory=build,
+    )
+
+
+# --models NAME -> the preset, from (--models-dir or None, the root of built checkpoints). Add a preset here.
+PRESETS: dict[str, Callable[[Path | None, Path], ModelPreset]] = {
+    # tiny: checkpoints built into models_dir, by default built_models_root/tiny.
+    "tiny": lambda models_dir, root: _tiny(models_dir or root / "tiny"),
+    # viper: folders of models_dir named like the repos (DIR/idefics2-8b) take precedence over the HF cache.
+    "viper": lambda models_dir, root: _viper(models_dir),
+    "full-random": lambda models_dir, root: _full_random(models_dir),
+}
+PRESET_NAMES = tuple(PRESETS)

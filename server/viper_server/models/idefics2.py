@@ -57,8 +57,11 @@ class Idefics2Base:
         """
         self.require_adapter(name)
         with self._lock:
-            # inference_mode keeps the adapter frozen (set_adapter alone makes it trainable).
-            self.model.set_adapter(name, inference_mode=True)
+            # Switching walks every LoRA layer (milliseconds on the 8B model): only when another adapter is active,
+            # as a scheduler steps the same adapter many times in a row. inference_mode keeps the adapter frozen
+            # (set_adapter alone makes it trainable).
+            if self.model.active_adapter != name:
+                self.model.set_adapter(name, inference_mode=True)
             yield self.model
 
 

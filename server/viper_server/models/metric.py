@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import PIL.Image
 import torch
-from transformers import BatchFeature, DynamicCache, PreTrainedTokenizerBase, ProcessorMixin
+from transformers import DynamicCache, PreTrainedTokenizerBase, ProcessorMixin
 from transformers.modeling_outputs import ModelOutput
 
 from ..domain import ContextError, ScoringContext
@@ -164,24 +165,16 @@ class MetricScorer:
         on_batch receives each batch's (query index, score) pairs as soon as it is done; should_stop is
         polled before every batch and raises ScoringCancelled when it returns True.
         """
-        pairs = self.pairs_for(context)
-        liked, disliked = context.liked[:pairs], context.disliked[:pairs]
-        prefix: KVLayers | None = None
-        scores: list[float] = []
-        for start in range(0, len(queries), self.batch_size):
+        scoring = self.prepare(context, queries)
+        while scoring.phase != "done":
             if should_stop():
                 raise ScoringCancelled()
-            batch = queries[start : start + self.batch_size]
-            if not self.use_prefix_cache:
-                batch_scores = reference_scores(self.idefics2, liked, disliked, batch, adapter=self.adapter)
-            else:
-                if prefix is None:
-                    prefix = self._prefix(context, liked, disliked)
-                batch_scores = self._score_after_prefix(prefix, batch)
-            scores.extend(batch_scores)
+            if scoring.phase == "prefix":
+                self.prefix_step([scoring])
+            batch = self.query_step([scoring])[0]
             if on_batch is not None:
-                on_batch(list(enumerate(batch_scores, start)))
-        return scores
+                on_batch(batch)
+        return scoring.scores
 
     def invalidate(self, user_id: str, version: int) -> None:
         """Forgets every cached prefix of user_id, whose profile is now at version (changed or deleted):
@@ -193,56 +186,189 @@ class MetricScorer:
     def cache_stats(self) -> CacheStats:
         return self._cache.stats
 
-    def _prefix(
-        self, context: ScoringContext, liked: Sequence[PIL.Image.Image], disliked: Sequence[PIL.Image.Image]
-    ) -> KVLayers:
-        if context.cache_key is not None:
-            cached = self._cache.get(context.cache_key)
-            if cached is not None:
-                return cached
-        started = time.perf_counter()
-        input_ids = torch.tensor([self._prefix_ids[len(liked)]], device=self.idefics2.device)
-        images = self.idefics2.processor.image_processor(
-            images=[interleave_pairs(liked, disliked)], return_tensors="pt"
-        )
-        output = _forward(self.idefics2, self.adapter, input_ids, images, use_cache=True)
-        prefix = tuple((layer.keys, layer.values) for layer in output.cache.layers)
-        if context.cache_key is None:
-            log.info("metric inline context computed in %.0f ms", (time.perf_counter() - started) * 1e3)
-            return prefix
-        log.info(
-            "metric context computed for %s version %s in %.0f ms (%d tokens, %.1f MB)",
-            context.cache_key[0], context.version, (time.perf_counter() - started) * 1e3, input_ids.shape[1],
-            kv_bytes(prefix) / 1e6,
-        )
-        self._cache.put(context.cache_key, prefix, version=context.version)
-        return prefix
+    # -- steps ----------------------------------------------------------------------------------------
 
-    def _score_after_prefix(self, prefix: KVLayers, queries: Sequence[PIL.Image.Image]) -> list[float]:
-        rows = len(queries)
-        # A fresh cache around the shared prefix tensors: the forward pass appends to the cache it gets
-        # (by concatenation, so the stored tensors stay untouched).
-        cache = DynamicCache(
-            ddp_cache_data=[(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1)) for keys, values in prefix]
+    def prepare(self, context: ScoringContext, queries: Sequence[PIL.Image.Image]) -> Scoring:
+        """A scoring's pixels (CPU work, no model: any thread may run it). The context's images are decoded
+        and processed only when its prefix is not cached. Raises ContextError when there is no pair."""
+        pairs = self.pairs_for(context)
+        scoring = Scoring(context=context, pairs=pairs, queries=list(queries), use_prefix=self.use_prefix_cache)
+        if not self.use_prefix_cache:
+            return scoring
+        processor = self.idefics2.processor.image_processor
+        scoring.query_pixels = [_Pixels.of(processor, [query]) for query in queries]
+        if context.cache_key is None or context.cache_key not in self._cache:
+            scoring.context_pixels = self._context_pixels(scoring)
+        return scoring
+
+    @torch.inference_mode()
+    def prefix_step(self, scorings: Sequence[Scoring]) -> None:
+        """Gives each scoring (all in phase prefix, with equal pair counts) its context's key/value states:
+        from the cache, or computed, all missing contexts in one forward pass (each context once)."""
+        missing: dict[object, list[Scoring]] = {}
+        for scoring in scorings:
+            key = scoring.context.cache_key
+            cached = self._cache.get(key) if key is not None else None
+            if cached is not None:
+                scoring.prefix = cached
+            else:
+                missing.setdefault(key if key is not None else id(scoring), []).append(scoring)
+        if not missing:
+            return
+        started = time.perf_counter()
+        firsts = [group[0] for group in missing.values()]
+        pairs = {scoring.pairs for scoring in firsts}
+        if len(pairs) != 1:
+            raise ValueError(f"one prefix step takes contexts of one length, not pair counts {sorted(pairs)}")
+        for scoring in firsts:
+            if scoring.context_pixels is None:  # its cached prefix was evicted since prepare
+                scoring.context_pixels = self._context_pixels(scoring)
+        input_ids = torch.tensor([self._prefix_ids[pairs.pop()]] * len(firsts), device=self.idefics2.device)
+        output = _forward_embedded(self.idefics2, self.adapter, input_ids,
+                                   [_Pixels.stack([scoring.context_pixels]) for scoring in firsts])
+        layers = [(layer.keys, layer.values) for layer in output.cache.layers]
+        elapsed_ms = (time.perf_counter() - started) * 1e3
+        for row, group in enumerate(missing.values()):
+            # Each context owns its states (a slice of the batch would keep the whole batch alive in the cache).
+            prefix = tuple(
+                (keys[row : row + 1].clone(), values[row : row + 1].clone()) if len(firsts) > 1 else (keys, values)
+                for keys, values in layers
+            )
+            for scoring in group:
+                scoring.prefix = prefix
+                scoring.context_pixels = None
+            context = group[0].context
+            if context.cache_key is None:
+                log.info("metric inline context computed in %.0f ms", elapsed_ms)
+                continue
+            log.info(
+                "metric context computed for %s version %s in %.0f ms (%d tokens, %.1f MB, %d in the batch)",
+                context.cache_key[0], context.version, elapsed_ms, input_ids.shape[1], kv_bytes(prefix) / 1e6,
+                len(firsts),
+            )
+            self._cache.put(context.cache_key, prefix, version=context.version)
+
+    @torch.inference_mode()
+    def query_step(self, scorings: Sequence[Scoring]) -> list[list[tuple[int, float]]]:
+        """Scores the next batch_size queries of each scoring (all in phase query, with equal pair counts)
+        in one forward pass; returns each scoring's new (query index, score) pairs."""
+        if not self.use_prefix_cache:
+            return [self._reference_batch(scoring) for scoring in scorings]
+        chunks = [scoring.next_chunk(self.batch_size) for scoring in scorings]
+        rows = [len(chunk) for chunk in chunks]
+        if len(scorings) == 1:  # a view of the one prefix, expanded over the rows
+            prefix = [(keys.expand(rows[0], -1, -1, -1), values.expand(rows[0], -1, -1, -1))
+                      for keys, values in scorings[0].prefix]
+        else:
+            prefix = [
+                (torch.cat([s.prefix[n][0].expand(r, -1, -1, -1) for s, r in zip(scorings, rows)]),
+                 torch.cat([s.prefix[n][1].expand(r, -1, -1, -1) for s, r in zip(scorings, rows)]))
+                for n in range(len(scorings[0].prefix))
+            ]
+        # Each scoring's queries through the vision encoder on their own (as alone); the text of all rows at once.
+        images = [_Pixels.stack([scoring.query_pixels[index] for index in chunk])
+                  for scoring, chunk in zip(scorings, chunks)]
+        scores = self._score_after_prefix(prefix, images, sum(rows))
+        results = []
+        for scoring, chunk in zip(scorings, chunks):
+            mine, scores = scores[: len(chunk)], scores[len(chunk) :]
+            scoring.scores.extend(mine)
+            results.append(list(zip(chunk, mine)))
+        return results
+
+    def _reference_batch(self, scoring: Scoring) -> list[tuple[int, float]]:
+        chunk = scoring.next_chunk(self.batch_size)
+        pairs = scoring.pairs
+        scores = reference_scores(
+            self.idefics2, scoring.context.liked[:pairs], scoring.context.disliked[:pairs],
+            [scoring.queries[index] for index in chunk], adapter=self.adapter,
         )
+        scoring.scores.extend(scores)
+        return list(zip(chunk, scores))
+
+    def _context_pixels(self, scoring: Scoring) -> _Pixels:
+        pairs = scoring.pairs
+        images = interleave_pairs(scoring.context.liked[:pairs], scoring.context.disliked[:pairs])
+        return _Pixels.of(self.idefics2.processor.image_processor, images)
+
+    def _score_after_prefix(self, prefix: list[tuple[torch.Tensor, torch.Tensor]],
+                            images: list[dict[str, torch.Tensor]], rows: int) -> list[float]:
+        # A fresh cache around the prefix tensors: the forward pass appends to the cache it gets
+        # (by concatenation, so the stored tensors stay untouched).
+        cache = DynamicCache(ddp_cache_data=prefix)
         input_ids = torch.tensor([self._suffix_ids], device=self.idefics2.device).expand(rows, -1)
         # The mask must cover prefix + suffix: one over the suffix alone is accepted but scores drift.
         prefix_length = prefix[0][0].shape[-2]
         attention_mask = torch.ones(
             rows, prefix_length + input_ids.shape[1], dtype=torch.long, device=self.idefics2.device
         )
-        images = self.idefics2.processor.image_processor(images=[[query] for query in queries], return_tensors="pt")
-        output = _forward(
-            self.idefics2, self.adapter, input_ids, images, use_cache=True, cache=cache, attention_mask=attention_mask
-        )
+        output = _forward_embedded(self.idefics2, self.adapter, input_ids, images, cache=cache,
+                                   attention_mask=attention_mask)
         return _plus_probability(output.logits[:, -1], self.plus_token_id, self.minus_token_id)
+
+
+@dataclass(eq=False)
+class Scoring:
+    """One Score request between steps: its context and queries, their pixels, the context's key/value
+    states once known, and the scores so far. Built by MetricScorer.prepare."""
+
+    context: ScoringContext
+    pairs: int
+    queries: list[PIL.Image.Image] = field(repr=False)
+    use_prefix: bool = True
+    query_pixels: list[_Pixels] = field(default_factory=list, repr=False)
+    context_pixels: _Pixels | None = field(default=None, repr=False)
+    prefix: KVLayers | None = field(default=None, repr=False)
+    scores: list[float] = field(default_factory=list)
+
+    @property
+    def phase(self) -> str:
+        """prefix (its context's states are needed), query (a batch of queries a step), then done."""
+        if len(self.scores) == len(self.queries):
+            return "done"
+        return "prefix" if self.use_prefix and self.prefix is None else "query"
+
+    def next_chunk(self, size: int) -> range:
+        start = len(self.scores)
+        return range(start, min(start + size, len(self.queries)))
+
+    def release(self) -> None:
+        self.prefix, self.context_pixels, self.query_pixels = None, None, []
+
+
+@dataclass(frozen=True)
+class _Pixels:
+    """One prompt's processed images: pixel values [1, images, 3, H, W] and mask [1, images, H, W]."""
+
+    values: torch.Tensor
+    mask: torch.Tensor
+
+    @classmethod
+    def of(cls, image_processor, images: Sequence[PIL.Image.Image]) -> _Pixels:
+        processed = image_processor(images=[list(images)], return_tensors="pt")
+        return cls(processed["pixel_values"], processed["pixel_attention_mask"])
+
+    @staticmethod
+    def stack(prompts: Sequence[_Pixels]) -> dict[str, torch.Tensor]:
+        """One batch of prompts' images, zero-padded at the bottom and right to the largest, as the image
+        processor pads the images of one call."""
+        height = max(p.values.shape[-2] for p in prompts)
+        width = max(p.values.shape[-1] for p in prompts)
+
+        def pad(tensor: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.pad(tensor, (0, width - tensor.shape[-1], 0, height - tensor.shape[-2]))
+
+        return {
+            "pixel_values": torch.cat([pad(p.values) for p in prompts]),
+            "pixel_attention_mask": torch.cat([pad(p.mask) for p in prompts]),
+        }
 
 
 def _forward(
     idefics2: Idefics2Base,
     adapter: str,
     input_ids: torch.Tensor,
-    images: BatchFeature,
+    images: Mapping[str, torch.Tensor],
     *,
     use_cache: bool,
     cache: DynamicCache | None = None,
@@ -259,6 +385,38 @@ def _forward(
             use_cache=use_cache,
             logits_to_keep=1,
         )
+
+
+def _forward_embedded(
+    idefics2: Idefics2Base,
+    adapter: str,
+    input_ids: torch.Tensor,
+    image_groups: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    cache: DynamicCache | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> ModelOutput:
+    """_forward for rows whose images come in groups (one per request): each group through the vision encoder
+    on its own, as it would run alone, then the model on all rows at once with the image features in place of
+    the <image> tokens (what the model's own forward does with pixel values)."""
+    with idefics2.use_adapter(adapter) as model, torch.inference_mode():
+        inner = model.get_base_model()
+        features = [
+            feature
+            for images in image_groups
+            for feature in inner.model.get_image_features(
+                images["pixel_values"].to(device=idefics2.device, dtype=idefics2.dtype),
+                images["pixel_attention_mask"].to(device=idefics2.device),
+                return_dict=True,
+            ).pooler_output
+        ]
+        inputs_embeds = inner.model.inputs_merger(
+            input_ids=input_ids,
+            inputs_embeds=inner.get_input_embeddings()(input_ids),
+            image_hidden_states=torch.cat(features).to(dtype=inner.model.dtype),
+        )
+        return model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, use_cache=True,
+                     logits_to_keep=1)
 
 
 def _plus_probability(logits: torch.Tensor, plus: int, minus: int) -> list[float]:

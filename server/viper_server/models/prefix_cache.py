@@ -52,6 +52,11 @@ class PrefixCache:
             self._entries.move_to_end(key)
             return layers
 
+    def __contains__(self, key: Sequence[Hashable]) -> bool:
+        """Whether key is cached, without counting a hit or a miss or refreshing its recency."""
+        with self._lock:
+            return key in self._entries
+
     def put(self, key: Sequence[Hashable], layers: KVLayers, *, version: int = 0) -> bool:
         """Stores `layers`, computed from profile `version`, evicting least recently used entries.
 

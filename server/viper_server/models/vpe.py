@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 
 import PIL.Image
 import torch
-from transformers import BatchFeature, ProcessorMixin, StoppingCriteria, StoppingCriteriaList
+from transformers import BatchFeature, DynamicCache, ProcessorMixin
 
 from ..domain import Preferences
+from .decoding import DecodeGroup, DecodingSequence, greedy_tokens
 from .idefics2 import Idefics2Base
 from .prompt_ids import encode_as_trained, expand_image_tokens
 
@@ -19,7 +21,7 @@ VPE_PROMPT_TEMPLATE: str = (
     resources.files(__package__).joinpath("vpe_prompt_template.txt").read_bytes().decode("utf-8")
 )
 
-# The reference decodes with this (below 1, it mildly favours repeats); kept for fidelity.
+# The reference decodes greedily with this (below 1, it mildly favours repeats); kept for fidelity.
 REPETITION_PENALTY = 0.99
 
 ANSWER_MARKER = "\nAssistant:"
@@ -88,8 +90,8 @@ def _features(section: str) -> list[str]:
     return list(dict.fromkeys(feature for feature in features if feature))
 
 
-class _Cancellation(StoppingCriteria):
-    """Polls should_stop after every generated token and aborts generation when it says so."""
+class _Cancellation:
+    """Polls should_stop and aborts the extraction when it says so."""
 
     def __init__(self, should_stop: Callable[[], bool]):
         self.should_stop = should_stop
@@ -98,18 +100,61 @@ class _Cancellation(StoppingCriteria):
         if self.should_stop():
             raise ExtractionCancelled()
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        self.check()
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+@dataclass(eq=False)
+class Extraction:
+    """One extraction between steps: its inputs, the image features and key/value states computed so far,
+    then the sequence being decoded. Built by PreferenceExtractor.prepare (no model work)."""
+
+    input_ids: torch.Tensor = field(repr=False)  # [1, prompt length], on the CPU
+    pixel_values: torch.Tensor = field(repr=False)  # [1, images, 3, H, W]
+    pixel_attention_mask: torch.Tensor = field(repr=False)  # [1, images, H, W]
+    image_features: list[torch.Tensor] = field(default_factory=list, repr=False)
+    images_encoded: int = 0
+    inputs_embeds: torch.Tensor | None = field(default=None, repr=False)
+    prefilled: int = 0  # prompt tokens whose key/value states are cached
+    cache: DynamicCache | None = field(default=None, repr=False)
+    sequence: DecodingSequence | None = None
+
+    @property
+    def num_images(self) -> int:
+        return self.pixel_values.shape[1]
+
+    @property
+    def phase(self) -> str:
+        """vision (encoding images), prefill (the prompt's states), decode (a token a step), then done."""
+        if self.images_encoded < self.num_images:
+            return "vision"
+        if self.sequence is None:
+            return "prefill"
+        return "done" if self.sequence.done else "decode"
+
+    def release(self) -> None:
+        """Drops the tensors it holds (finished or cancelled)."""
+        self.image_features, self.inputs_embeds, self.cache = [], None, None
+        if self.sequence is not None:
+            self.sequence.pending_states = None
 
 
 class PreferenceExtractor:
-    """Runs the VPE adapter of a shared IDEFICS2 base with the reference's prompt and decoding."""
+    """Runs the VPE adapter of a shared IDEFICS2 base with the reference's prompt and decoding.
 
-    def __init__(self, idefics2: Idefics2Base, *, adapter: str = "vpe", max_new_tokens: int = 2000):
+    An extraction runs in steps (for the engine's scheduler): `prepare` (tokens and pixels, no model), then
+    `prefill_step` until its phase is decode (a few images through the vision encoder a step, then the prompt
+    `prefill_tokens` tokens a step), then `decode_step` a token a step, decoding any number of extractions
+    in one forward pass (a DecodeGroup), then `result`. `extract` runs all of it for one extraction."""
+
+    def __init__(self, idefics2: Idefics2Base, *, adapter: str = "vpe", max_new_tokens: int = 2000,
+                 prefill_images: int = 4, prefill_tokens: int = 512):
+        if prefill_images < 1 or prefill_tokens < 1:
+            raise ValueError(f"prefill chunks must be positive, got {prefill_images} images, {prefill_tokens} tokens")
         self.idefics2 = idefics2
         self.adapter = idefics2.require_adapter(adapter)
         self.max_new_tokens = max_new_tokens
+        self.prefill_images = prefill_images
+        self.prefill_tokens = prefill_tokens
+        eos = idefics2.model.get_base_model().generation_config.eos_token_id
+        self.eos_token_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
 
     @property
     def control_tokens(self) -> frozenset[str]:
@@ -128,26 +173,104 @@ class PreferenceExtractor:
         """Runs the VPE on decoded RGB images and their comments (one comment per image, same order).
 
         Raises ExtractionCancelled as soon as should_stop() returns True (checked before the
-        images are processed, once the model is ours, and after every generated token).
+        images are processed, before the model runs, and after every generated token).
         """
+        cancellation = _Cancellation(should_stop or (lambda: False))
+        cancellation.check()
+        extraction = self.prepare(images, comments)
+        cancellation.check()
+        while extraction.phase in ("vision", "prefill"):
+            self.prefill_step(extraction)
+        group = self.new_group()
+        try:
+            cancellation.check()  # after the first token
+            while extraction.phase == "decode":
+                self.decode_step(group, [extraction])
+                cancellation.check()
+        finally:
+            extraction.release()
+        return self.result(extraction)
+
+    # -- steps ----------------------------------------------------------------------------------------
+
+    def prepare(self, images: Sequence[PIL.Image.Image], comments: Sequence[str]) -> Extraction:
+        """The extraction's token ids and pixels (CPU work, no model: any thread may run it)."""
         if len(images) != len(comments):
             raise ValueError(f"got {len(images)} images but {len(comments)} comments")
         if not images:
             raise ValueError("at least one commented image is required")
-        cancellation = _Cancellation(should_stop or (lambda: False))
-        cancellation.check()
+        inputs = build_vpe_inputs(self.idefics2.processor, images, comments)
+        return Extraction(inputs["input_ids"], inputs["pixel_values"], inputs["pixel_attention_mask"])
 
-        processor = self.idefics2.processor
-        inputs = build_vpe_inputs(processor, images, comments)
-        inputs = inputs.to(device=self.idefics2.device, dtype=self.idefics2.dtype)
-        with self.idefics2.use_adapter(self.adapter) as model, torch.inference_mode():
-            cancellation.check()  # waiting for the shared model may have taken a while
-            generated = model.generate(
-                **inputs,
-                do_sample=False,
-                repetition_penalty=REPETITION_PENALTY,
-                max_new_tokens=self.max_new_tokens,
-                stopping_criteria=StoppingCriteriaList([cancellation]),
+    def new_group(self) -> DecodeGroup:
+        return DecodeGroup(REPETITION_PENALTY)
+
+    @torch.inference_mode()
+    def prefill_step(self, extraction: Extraction) -> None:
+        """Encodes the next prefill_images images, or feeds the next prefill_tokens prompt tokens; the last
+        chunk picks the first new token."""
+        device, dtype = self.idefics2.device, self.idefics2.dtype
+        with self.idefics2.use_adapter(self.adapter) as model:
+            inner = model.get_base_model()
+            if extraction.phase == "vision":
+                start = extraction.images_encoded
+                end = min(start + self.prefill_images, extraction.num_images)
+                features = inner.model.get_image_features(
+                    extraction.pixel_values[:, start:end].to(device=device, dtype=dtype),
+                    extraction.pixel_attention_mask[:, start:end].to(device=device),
+                    return_dict=True,
+                ).pooler_output
+                extraction.image_features.extend(features)  # per sample: [images x latents, hidden]
+                extraction.images_encoded = end
+                return
+            if extraction.phase != "prefill":
+                raise ValueError(f"an extraction in phase {extraction.phase} has no prefill step")
+            input_ids = extraction.input_ids.to(device)
+            if extraction.inputs_embeds is None:
+                # What the model's own forward does with pixel values: image features in place of <image> tokens.
+                extraction.inputs_embeds = inner.model.inputs_merger(
+                    input_ids=input_ids,
+                    inputs_embeds=inner.get_input_embeddings()(input_ids),
+                    image_hidden_states=torch.cat(extraction.image_features).to(dtype=inner.model.dtype),
+                )
+                extraction.image_features = []
+                extraction.cache = DynamicCache()  # full layers: the mask, not the storage, applies any window
+            start = extraction.prefilled
+            end = min(start + self.prefill_tokens, input_ids.shape[1])
+            output = model(
+                inputs_embeds=extraction.inputs_embeds[:, start:end],
+                attention_mask=torch.ones(1, end, dtype=torch.long, device=device),
+                position_ids=torch.arange(start, end, device=device).unsqueeze(0),
+                cache=extraction.cache,
+                use_cache=True,
+                logits_to_keep=1,
             )
-        decoded = processor.batch_decode(generated, skip_special_tokens=True)[0]
+            extraction.prefilled = end
+        if end < input_ids.shape[1]:
+            return
+        history = extraction.input_ids[0].tolist()
+        sequence = DecodingSequence(history, len(history), self.max_new_tokens, self.eos_token_ids)
+        sequence.append(greedy_tokens(output.logits[:, -1], [history], REPETITION_PENALTY)[0])
+        if not sequence.done:
+            sequence.pending_states = [(layer.keys, layer.values) for layer in extraction.cache.layers]
+        extraction.sequence = sequence
+        extraction.inputs_embeds, extraction.cache = None, None
+
+    @torch.inference_mode()
+    def decode_step(self, group: DecodeGroup, extractions: Sequence[Extraction]) -> None:
+        """One new token for each extraction (all in phase decode), in one forward pass."""
+        group.step([extraction.sequence for extraction in extractions], self._decode_forward)
+
+    def result(self, extraction: Extraction) -> Preferences:
+        """The parsed answer of a finished extraction."""
+        if extraction.phase != "done":
+            raise ValueError(f"the extraction is not done (phase {extraction.phase})")
+        decoded = self.idefics2.processor.batch_decode([extraction.sequence.history], skip_special_tokens=True)[0]
         return parse_preferences(decoded)
+
+    def _decode_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                        cache: DynamicCache) -> torch.Tensor:
+        with self.idefics2.use_adapter(self.adapter) as model:
+            output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           cache=cache, use_cache=True, logits_to_keep=1)
+        return output.logits[:, -1]

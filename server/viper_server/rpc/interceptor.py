@@ -30,8 +30,7 @@ from viper_profiles import (
 )
 
 from ..domain import ContextError
-from ..engine.errors import ModelsNotReady
-from ..engine.workers import QueueFull, WorkerClosed
+from ..engine.errors import ModelsNotReady, QueueFull, WorkerClosed
 from ..observability import Telemetry
 from .auth import TokenAuthenticator
 from .validation import InvalidRequest

@@ -76,6 +76,10 @@ class ServerProcess:
             self._process.send_signal(sig)
         return self._process.wait(timeout)
 
+    def wait(self, timeout: float = 60) -> int:
+        """Waits for the process to exit on its own (e.g. after a drain); returns its exit code."""
+        return self._process.wait(timeout)
+
     def kill(self) -> None:
         if self._process is not None and self._process.poll() is None:
             self._process.kill()
