@@ -15,6 +15,8 @@ $(INSTALLED): pyproject.toml server/pyproject.toml web/pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]' -e ./server -e ./web
 	touch $@
 
+# On the defaults: the toy models (server/viper_server/toy), trained in a world of colours so that features,
+# scores and images mean something, installed into var/models/toy on the first start.
 serve: install
 	$(BIN)/viper-server serve
 
@@ -35,7 +37,7 @@ bench: install
 	$(BIN)/python bench/generation.py
 	$(BIN)/python bench/metric.py
 
-# The web page in one command: `viper serve` on its defaults (127.0.0.1:50051, tiny models) and the gateway
+# The web page in one command: `viper serve` on its defaults (127.0.0.1:50051, the toy models) and the gateway
 # in front of it at http://127.0.0.1:8080. Ctrl-C stops both.
 web: install
 	@$(BIN)/viper serve & server=$$!; \

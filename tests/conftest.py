@@ -25,6 +25,15 @@ def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def toy_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained toy-world checkpoints (viper_server.toy; same layout), installed once per test session
+    through the same code `--models toy` uses."""
+    from viper_server.toy import ensure_toy_models
+
+    return ensure_toy_models(tmp_path_factory.mktemp("models") / "toy-models")
+
+
+@pytest.fixture(scope="session")
 def postgres_server():
     """A throwaway PostgreSQL server (viper_server.testing.postgres) for the whole session, stopped at its end.
 

@@ -198,8 +198,9 @@ def drive_generations(generator: PersonalizedGenerator, generations: list[Genera
     calls, step = [], 0
     while any(generation.phase != "done" for generation in generations):
         live = [g for g, start in zip(generations, starts) if start <= step and g.phase != "done"]
-        for generation in [g for g in live if g.phase == "encode"]:
-            generator.encode_step([generation])
+        if encoding := [g for g in live if g.phase == "encode"]:
+            generator.encode_step(encoding)  # texts of all images starting now through each encoder at once
+            calls.append(("encode", len(encoding)))
         groups: dict[tuple, list[Generation]] = {}
         for generation in live:
             if generation.phase != "encode":
@@ -248,6 +249,7 @@ def test_generations_denoised_together_equal_each_alone(generator):
     together_latents, together_pngs, calls = run([0, 0, 1, 0])
     assert ("base", 3) in calls and ("refiner", 2) in calls  # images at different timesteps shared calls
     assert ("base", 1) in calls  # the 80 px wide image never joined the 64 px ones
+    assert ("encode", 3) in calls  # three requests' prompts and features encoded in one call per encoder
     for ours, theirs in zip(together_latents, alone_latents):
         assert len(ours) == len(theirs) > 0
         for a, b in zip(ours, theirs):

@@ -412,6 +412,7 @@ def test_unknown_options_are_usage_errors():
         ("serve", "viper_server", "viper serve needs the server, a separate package: from a viper-serve checkout run "
                                   "`pip install . ./server`"),
         ("build-tiny-models", "viper_server", "viper build-tiny-models needs the server"),
+        ("train-toy-models", "viper_server", "viper train-toy-models needs the server"),
         ("web", "viper_web", "viper web needs the web gateway, a separate package: from a viper-serve checkout run "
                              "`pip install ./web`"),
     ],
@@ -620,8 +621,8 @@ def health_server():
     grpc_server.stop(grace=None)
 
 
-def test_health_of_a_real_server_is_serving(tiny_models_dir, tmp_path, capsys):
-    with ServerProcess(tmp_path / "profiles.db", tiny_models_dir) as server:
+def test_health_of_a_real_server_is_serving(toy_models_dir, tmp_path, capsys):
+    with ServerProcess(tmp_path / "profiles.db", toy_models_dir, models="toy") as server:
         assert cli.main(["--target", server.target, "health"]) == 0
         assert capsys.readouterr().out == "SERVING\n"
         assert cli.main(["--target", server.target, "health", "--wait", "5"]) == 0

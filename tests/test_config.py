@@ -16,7 +16,7 @@ def parse(argv, environ=None):
 def test_defaults_are_loopback_tiny_models_and_a_local_db():
     config = parse([])
     assert config == ServerConfig()
-    assert (config.host, config.models, config.db) == ("127.0.0.1", "tiny", "var/profiles.db")
+    assert (config.host, config.models, config.db) == ("127.0.0.1", "toy", "var/profiles.db")
     assert config.max_message_bytes >= 64 * 1024 * 1024
 
 

@@ -1,4 +1,4 @@
-"""GenerationService end to end: a real server on loopback, tiny SDXL, driven through the SDK."""
+"""GenerationService end to end: a real server on loopback, toy SDXL, driven through the SDK."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ SIZE = 64
 
 
 @pytest.fixture(scope="module")
-def server(tiny_models_dir, tmp_path_factory):
-    with ServerProcess(tmp_path_factory.mktemp("db") / "profiles.db", tiny_models_dir) as process:
+def server(toy_models_dir, tmp_path_factory):
+    with ServerProcess(tmp_path_factory.mktemp("db") / "profiles.db", toy_models_dir, models="toy") as process:
         with ViperClient(process.target) as client:
             client.extract_profile("painter", fixture_images())
         yield process

@@ -31,7 +31,8 @@ def test_not_serving_while_the_models_load(tiny_models_dir, tmp_path, monkeypatc
     monkeypatch.setattr(ModelEngine, "load", lambda engine: release.wait(60) and load(engine))
 
     async def scenario() -> None:
-        server = ViperServer(ServerConfig(port=0, db=str(tmp_path / "profiles.db"), models_dir=tiny_models_dir))
+        server = ViperServer(ServerConfig(port=0, db=str(tmp_path / "profiles.db"), models="tiny",
+                                          models_dir=tiny_models_dir))
         target = f"127.0.0.1:{await server.start()}"
         loading = asyncio.create_task(server.load_models())
         async with grpc.aio.insecure_channel(target) as channel, AsyncViperClient(target) as client:
@@ -122,6 +123,24 @@ def test_missing_real_weights_stop_start_up_with_a_clear_error(tmp_path):
     assert "viper-server: error: 'HuggingFaceM4/idefics2-8b' is neither a local folder nor a model in the local " \
            "Hugging Face cache" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("preset", ["toy", "tiny"])
+def test_a_folder_of_other_files_is_never_replaced_by_built_models(tmp_path, preset):
+    # Real weights behind a forgotten `--models viper`: the toy / tiny installer must not wipe them.
+    models_dir = tmp_path / "real-weights"
+    (models_dir / "idefics2-8b").mkdir(parents=True)
+    (models_dir / "idefics2-8b" / "model.safetensors").write_bytes(b"weights")
+    result = subprocess.run(
+        [sys.executable, "-m", "viper_server", "serve", "--models", preset, "--models-dir", str(models_dir),
+         "--port", "0", "--db", str(tmp_path / "profiles.db")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert f"viper-server: error: {models_dir} holds files that are not {preset} models: not replacing them" \
+        in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (models_dir / "idefics2-8b" / "model.safetensors").read_bytes() == b"weights"
 
 
 def test_a_second_server_on_a_busy_port_exits_with_a_clear_error(tiny_models_dir, tmp_path):

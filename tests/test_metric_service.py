@@ -1,4 +1,4 @@
-"""MetricService end to end: a real server on loopback, the tiny metric adapter, driven through the SDK."""
+"""MetricService end to end: a real server on loopback, the toy metric adapter, driven through the SDK."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from imagedata import png_bytes
 
 
 @pytest.fixture(scope="module")
-def server(tiny_models_dir, tmp_path_factory):
-    with ServerProcess(tmp_path_factory.mktemp("db") / "profiles.db", tiny_models_dir) as process:
+def server(toy_models_dir, tmp_path_factory):
+    with ServerProcess(tmp_path_factory.mktemp("db") / "profiles.db", toy_models_dir, models="toy") as process:
         with ViperClient(process.target) as client:
             client.extract_profile("critic", fixture_images())
         yield process

@@ -19,8 +19,8 @@ from imagedata import png_bytes, png_claiming
 
 
 @pytest.fixture(scope="module")
-def server(tiny_models_dir, tmp_path_factory):
-    with ServerProcess(tmp_path_factory.mktemp("db") / "profiles.db", tiny_models_dir) as process:
+def server(toy_models_dir, tmp_path_factory):
+    with ServerProcess(tmp_path_factory.mktemp("db") / "profiles.db", toy_models_dir, models="toy") as process:
         yield process
 
 
@@ -30,23 +30,23 @@ def client(server):
         yield client
 
 
-def test_profile_lifecycle_survives_a_restart(tiny_models_dir, tmp_path):
+def test_profile_lifecycle_survives_a_restart(toy_models_dir, tmp_path):
     db_path = tmp_path / "profiles.db"
     images = fixture_images()
-    with ServerProcess(db_path, tiny_models_dir) as first, ViperClient(first.target) as client:
+    with ServerProcess(db_path, toy_models_dir, models="toy") as first, ViperClient(first.target) as client:
         profile = client.extract_profile("alice", images)
         assert profile.user_id == "alice"
         assert profile.version == 1
         assert (profile.liked_image_count, profile.disliked_image_count) == (8, 8)
-        assert profile.extractor_model == "tiny-vpe (float32)"
-        assert profile.raw_text  # tiny models emit gibberish, kept as generated
+        assert profile.extractor_model == "toy-vpe (float32)"
+        assert profile.raw_text.startswith("Liked Art Features: ")  # the reference format, kept as generated
         assert [image.sha256 for image in profile.images] == [
             hashlib.sha256(Path(image.image).read_bytes()).hexdigest() for image in images
         ]
         assert [image.comment for image in profile.images] == [image.comment for image in images]
         assert first.stop(signal.SIGTERM) == 0
 
-    with ServerProcess(db_path, tiny_models_dir) as second, ViperClient(second.target) as client:
+    with ServerProcess(db_path, toy_models_dir, models="toy") as second, ViperClient(second.target) as client:
         assert client.get_profile("alice") == profile
 
         updated = client.update_profile(
@@ -102,7 +102,7 @@ def test_list_profiles_pages_through_every_user(client):
 
 
 def test_start_up_says_which_models_and_precision(server):
-    server.wait_for_log(r"models \(tiny\) loaded on cpu in [0-9.]+ s; IDEFICS2 in float32")
+    server.wait_for_log(r"models \(toy\) loaded on cpu in [0-9.]+ s; IDEFICS2 in float32")
 
 
 def test_start_up_is_quiet(server):

@@ -53,8 +53,8 @@ def artifacts(request) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_models_dir, tmp_path_factory):
-    with ServerProcess(tmp_path_factory.mktemp("db") / "profiles.db", tiny_models_dir) as process:
+def server(toy_models_dir, tmp_path_factory):
+    with ServerProcess(tmp_path_factory.mktemp("db") / "profiles.db", toy_models_dir, models="toy") as process:
         yield process
 
 
@@ -189,7 +189,7 @@ def test_a_whole_session_in_the_browser(browser, gateway, server, artifacts):
     assert sorted(image.comment for image in stored.images) == sorted(comment for _, comment in comments.values())
     page.screenshot("03-profile", "#profile")
 
-    # 3. Add features, edit one, save. (The tiny models may extract none: the test adds its own first.)
+    # 3. Add features, edit one, save. (The toy models may extract none from these photos: the test adds its own first.)
     page.find("#add-liked").send_keys("pastel pinks", Keys.ENTER)
     page.find("#liked-chips .chip-text").click()
     editor = page.find("#liked-chips .chip-input")

@@ -1,5 +1,5 @@
 """The web gateway over HTTP: Connect (JSON and binary, unary and server streaming) and gRPC-Web, against a
-real `viper serve` (tiny models, auth on) and a real gateway process, both on ephemeral loopback ports.
+real `viper serve` (toy models, auth on) and a real gateway process, both on ephemeral loopback ports.
 
 In-process fake back ends complete the picture where a real server cannot show it: the exact metadata
 a back end receives, every gRPC status code's mapping, per-user routing over several back ends.
@@ -116,11 +116,11 @@ def png_b64(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_models_dir, tmp_path_factory):
+def server(toy_models_dir, tmp_path_factory):
     tokens = tmp_path_factory.mktemp("auth") / "tokens.txt"
     tokens.write_text(f"{TOKEN}\n")
     db = tmp_path_factory.mktemp("db") / "profiles.db"
-    with ServerProcess(db, tiny_models_dir, "--auth-tokens", str(tokens)) as process:
+    with ServerProcess(db, toy_models_dir, "--auth-tokens", str(tokens), models="toy") as process:
         with ViperClient(process.target, token=TOKEN) as client:
             client.extract_profile("painter", fixture_images())
         yield process

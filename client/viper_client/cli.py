@@ -55,6 +55,11 @@ DELEGATED_COMMANDS = {
         "write the tiny random-weight checkpoints to DIR: `viper-server build-tiny-models` (needs the server package)",
         _SERVER_HINT.format(command="build-tiny-models"),
     ),
+    "train-toy-models": Delegated(
+        "viper_server", ("train-toy-models",),
+        "train the toy-world models into DIR: `viper-server train-toy-models` (needs the server package)",
+        _SERVER_HINT.format(command="train-toy-models"),
+    ),
     "web": Delegated(
         "viper_web", (), "run the web gateway (Connect, gRPC-Web) and the ViPer web page: `viper-web`, see "
         "`viper web --help` (needs the web package)",

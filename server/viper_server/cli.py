@@ -1,4 +1,4 @@
-"""`viper-server`: the server's own commands (`serve`, `build-tiny-models`).
+"""`viper-server`: the server's own commands (`serve`, `build-tiny-models`, `train-toy-models`).
 
 The client's `viper serve` hands its process over to this command (python -m viper_server).
 """
@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     add_serve_arguments(commands.add_parser("serve", help="run the gRPC server"))
     build = commands.add_parser("build-tiny-models", help="write tiny random-weight checkpoints to DIR")
     build.add_argument("dir", type=Path)
+    train = commands.add_parser("train-toy-models", help="train the toy-world models into DIR (minutes on a CPU)")
+    train.add_argument("dir", type=Path)
+    train.add_argument("--seed", type=int, default=0, help="the seed every random draw derives from")
     args = parser.parse_args(argv)
 
     if args.command == "build-tiny-models":
@@ -31,6 +34,13 @@ def main(argv: list[str] | None = None) -> int:
         from .models.tiny import ensure_tiny_models
 
         print(ensure_tiny_models(args.dir))
+        return 0
+    if args.command == "train-toy-models":
+        configure_logging("info")
+        from .toy import train_toy_models
+
+        train_toy_models(args.dir, seed=args.seed)
+        print(args.dir)
         return 0
     try:
         config = config_from_args(args)

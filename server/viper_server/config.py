@@ -38,9 +38,9 @@ class ServerConfig:
     port: int = 50051
     # The profile store: a SQLite file path (or sqlite:///path), or postgresql://user:password@host/db.
     db: str = "var/profiles.db"
-    models: str = "tiny"
+    models: str = "toy"
     # viper: a folder holding local copies of the model repos; unset = the HF cache.
-    # tiny: where the checkpoints are built and cached; unset = var/models/tiny.
+    # toy / tiny: where the checkpoints are installed or built; unset = var/models/toy or var/models/tiny.
     models_dir: Path | None = None
     device: str = "auto"
     # auto = bfloat16 on CUDA, float32 elsewhere (the reference runs IDEFICS2 in float32).
@@ -121,18 +121,19 @@ _SERVE_FLAGS: dict[str, _Flag] = {
     "port": _Flag("VIPER_PORT", int, "port to bind; 0 picks a free one"),
     "db": _Flag("VIPER_DB", str, "profile store: a SQLite file path (or sqlite:///path) or a "
                 "postgresql://user:password@host:port/database URL"),
-    "models": _Flag("VIPER_MODELS", str, "tiny (random-weight test models), viper (the real weights) or full-random "
-                    "(the real architectures at full size with random weights, for benchmarks)",
+    "models": _Flag("VIPER_MODELS", str, "tiny (random-weight test models), toy (small models trained on a toy "
+                    "world of colours), viper (the real weights) or full-random (the real architectures at full "
+                    "size with random weights, for benchmarks)",
                     choices=PRESET_NAMES),
     "models_dir": _Flag("VIPER_MODELS_DIR", Path, "folder of local model checkpoints",
-                        shown_default="the HF cache for viper, var/models/tiny for tiny"),
+                        shown_default="the HF cache for viper, var/models/NAME for tiny and toy"),
     "device": _Flag("VIPER_DEVICE", str, "auto, cpu, cuda or cuda:N"),
     "idefics2_dtype": _Flag("VIPER_IDEFICS2_DTYPE", str,
                             "IDEFICS2 precision: auto = bfloat16 on CUDA, float32 on CPU", choices=IDEFICS2_DTYPES),
     "max_message_bytes": _Flag("VIPER_MAX_MESSAGE_BYTES", int, "largest gRPC message accepted"),
     "max_queue": _Flag("VIPER_MAX_QUEUE", int, "model jobs that may wait per model"),
     "vpe_max_new_tokens": _Flag("VIPER_VPE_MAX_NEW_TOKENS", int, "tokens the preference extractor may generate",
-                                shown_default="2000 for viper, 64 for tiny"),
+                                shown_default="2000 for viper, 64 for tiny, 32 for toy"),
     "grace_period": _Flag("VIPER_GRACE_PERIOD", float, "seconds to finish in-flight calls on SIGTERM"),
     "cpu_offload": _switch("VIPER_CPU_OFFLOAD", "SDXL model CPU offload"),
     "vae_tiling": _switch("VIPER_VAE_TILING", "decode SDXL latents in tiles"),

@@ -87,6 +87,21 @@ def _tiny(models_dir: Path) -> ModelPreset:
     )
 
 
+def _toy(models_dir: Path) -> ModelPreset:
+    """The toy models (viper_server.toy): the real architectures in the tiny models' layout, trained in a toy world of
+    colours, so features, scores and images mean something (the committed weights, installed into models_dir)."""
+    from ..toy import TOY_EXTRACTOR_NAME, TOY_IMAGE_SIZE, TOY_VPE_MAX_NEW_TOKENS, ensure_toy_models
+
+    return ModelPreset(
+        name="toy",
+        **{name: str(models_dir / folder) for name, folder in BUILT_LAYOUT.items()},
+        extractor_name=TOY_EXTRACTOR_NAME,
+        vpe_max_new_tokens=TOY_VPE_MAX_NEW_TOKENS,
+        default_image_size=TOY_IMAGE_SIZE,
+        build=lambda: ensure_toy_models(models_dir),
+    )
+
+
 def _full_random(models_dir: Path | None) -> ModelPreset:
     """The real architectures at full size with random weights, made in memory (models.full_random): real-scale
     compute and memory for benchmarks on a GPU host, without any checkpoint. Outputs are noise."""
@@ -110,6 +125,8 @@ def _full_random(models_dir: Path | None) -> ModelPreset:
 PRESETS: dict[str, Callable[[Path | None, Path], ModelPreset]] = {
     # tiny: checkpoints built into models_dir, by default built_models_root/tiny.
     "tiny": lambda models_dir, root: _tiny(models_dir or root / "tiny"),
+    # toy: trained toy-world models, installed into models_dir, by default built_models_root/toy.
+    "toy": lambda models_dir, root: _toy(models_dir or root / "toy"),
     # viper: folders of models_dir named like the repos (DIR/idefics2-8b) take precedence over the HF cache.
     "viper": lambda models_dir, root: _viper(models_dir),
     "full-random": lambda models_dir, root: _full_random(models_dir),

@@ -5,7 +5,8 @@
 - score (IDEFICS2 + metric adapter): a prefix step (the context's key/value states, from the cache or
   computed, contexts of equal length together), then a step per query batch, the batches of all running
   scorings with equally long contexts in one forward pass.
-- generate (SDXL): an encode step per image (text embeddings, noise), a step per denoising step (base, then
+- generate (SDXL): an encode step per image (text embeddings, noise; the texts of all images starting together
+  through each text encoder at once), a step per denoising step (base, then
   refiner; images of one stage and size in one UNet call), then the VAE decode (images of one size together).
 
 Step keys say what may share a forward pass; the batch bounds are the kinds' slot counts.
@@ -132,7 +133,7 @@ class GenerationTask(Task):
     def next_step(self) -> Step:
         phase = self.generation.phase
         if phase == "encode":
-            return Step(("encode", self.seq), self.work.encode, label="encode")
+            return Step(("encode",), self.work.encode, limit=self.work.batch, label="encode")
         height, width = self.generation.size
         if phase == "decode":
             return Step(("vae", height, width), self.work.decode, limit=self.work.batch, label="vae")

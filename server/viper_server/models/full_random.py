@@ -38,9 +38,8 @@ from transformers import (
 
 from .idefics2 import Idefics2Base
 from .sdxl import SdxlPipelines
-from .tiny_idefics2 import VIPER_LORA_CONFIG
-from .tiny_idefics2 import _build_processor as build_idefics2_processor
-from .tiny_sdxl import _clip_tokenizers as build_clip_tokenizers
+from .tiny_idefics2 import VIPER_LORA_CONFIG, build_idefics2_processor
+from .tiny_sdxl import clip_tokenizers
 
 # HuggingFaceM4/idefics2-8b: SigLIP-so400m vision encoder at 980 px, a 3-layer perceiver resampler to 64
 # latents per image, Mistral-7B (sliding window 4096) as the language model. ~8.4 B parameters.
@@ -182,7 +181,7 @@ def _with_random_adapters(model: Idefics2ForConditionalGeneration) -> PeftModel:
 
 def build_sdxl(architecture: Architecture, device: str, dtype: torch.dtype) -> SdxlPipelines:
     with tempfile.TemporaryDirectory() as vocab_dir:
-        tokenizer, tokenizer_2 = build_clip_tokenizers(Path(vocab_dir))
+        tokenizer, tokenizer_2 = clip_tokenizers(Path(vocab_dir))
     special_ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
     with torch.device(device):

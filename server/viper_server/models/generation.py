@@ -176,9 +176,23 @@ class PersonalizedGenerator:
     @torch.inference_mode()
     def encode_step(self, generations: Sequence[Generation]) -> None:
         """Starts each generation's next image: its features' embeddings, noise, timesteps (and, once per
-        request, the prompt's embeddings)."""
-        for generation in generations:
-            self._start_image(generation)
+        request, the prompt's embeddings). The texts of all of them go through each text encoder in one call:
+        CLIP pads every text to its full length, so a row comes out as it would alone."""
+        new = [generation for generation in generations if generation.prompt_embeds is None]
+        features = [self._image_features(generation) for generation in generations]
+        # The new requests' prompt / negative prompt rows, then every image's V+ / V- rows (pooled ones unused).
+        rows = _rows(self._encode(self._base, [g.params.prompt for g in new] + [liked for liked, _ in features],
+                                  [g.params.negative_prompt for g in new] + [disliked for _, disliked in features]))
+        for generation, embeds in zip(new, rows):
+            generation.prompt_embeds = embeds
+        if refining := [generation for generation in new if generation.params.refine]:
+            # The refiner gets the plain prompt: no preference terms, as in the reference.
+            refiner_rows = _rows(self._encode(self._refiner, [g.params.prompt for g in refining],
+                                              [g.params.negative_prompt for g in refining]))
+            for generation, embeds in zip(refining, refiner_rows):
+                generation.refiner_embeds = embeds
+        for generation, (liked_embeds, disliked_embeds, _, _) in zip(generations, rows[len(new) :]):
+            self._start_image(generation, liked_embeds, disliked_embeds)
 
     @torch.inference_mode()
     def denoise_step(self, generations: Sequence[Generation]) -> None:
@@ -256,19 +270,15 @@ class PersonalizedGenerator:
 
     # -- one image's set-up -----------------------------------------------------------------------------
 
-    def _start_image(self, generation: Generation) -> None:
+    @staticmethod
+    def _image_features(generation: Generation) -> tuple[str, str]:
+        """The next image's liked and disliked features, each in the order its seed draws."""
+        rng = random.Random(image_seed(generation.params, generation.next_index))
+        return shuffled_features(generation.liked_features, rng), shuffled_features(generation.disliked_features, rng)
+
+    def _start_image(self, generation: Generation, liked_embeds: torch.Tensor, disliked_embeds: torch.Tensor) -> None:
         params, index = generation.params, generation.next_index
-        if generation.prompt_embeds is None:
-            generation.prompt_embeds = self._encode(self._base, params.prompt, params.negative_prompt)
-            if params.refine:
-                # The refiner gets the plain prompt: no preference terms, as in the reference.
-                generation.refiner_embeds = self._encode(self._refiner, params.prompt, params.negative_prompt)
         seed = image_seed(params, index)
-        rng = random.Random(seed)
-        liked = shuffled_features(generation.liked_features, rng)
-        disliked = shuffled_features(generation.disliked_features, rng)
-        # V+ and V- come from one encoder call, as the prompt and negative prompt do; pooled ones unused.
-        liked_embeds, disliked_embeds, _, _ = self._encode(self._base, liked, disliked)
         generator = torch.Generator(self._device).manual_seed(seed)
         base = self._base_stage(params, generation.prompt_embeds, liked_embeds, disliked_embeds)
         shape = (1, self._base.unet.config.in_channels,
@@ -332,13 +342,18 @@ class PersonalizedGenerator:
             time_ids=cfg_rows(time_ids, negative_time_ids).to(self._device),
         )
 
-    def _encode(self, pipeline: StableDiffusionXLPipeline | StableDiffusionXLImg2ImgPipeline, prompt: str,
-                negative_prompt: str) -> tuple[torch.Tensor, ...]:
-        """(embeds, negative embeds, pooled, negative pooled); the negative prompt is encoded even
-        when it is "", as the reference does, rather than zeroed."""
+    def _encode(self, pipeline: StableDiffusionXLPipeline | StableDiffusionXLImg2ImgPipeline, prompts: list[str],
+                negative_prompts: list[str]) -> tuple[torch.Tensor, ...]:
+        """(embeds, negative embeds, pooled, negative pooled), a row per prompt; a negative prompt is encoded
+        even when it is "", as the reference does, rather than zeroed."""
         return pipeline.encode_prompt(
-            prompt,
-            negative_prompt=negative_prompt,
+            prompts,
+            negative_prompt=negative_prompts,
             device=self._device,
             do_classifier_free_guidance=True,
         )
+
+
+def _rows(embeds: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, ...]]:
+    """encode_prompt's batched (embeds, negative embeds, pooled, negative pooled) as one such tuple per row."""
+    return [tuple(tensor[row : row + 1] for tensor in embeds) for row in range(len(embeds[0]))]

@@ -8,6 +8,7 @@ Their outputs are noise.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -71,7 +72,7 @@ _LORA_B_STD = 0.02
 def build_tiny_idefics2(out_dir: Path, *, seed: int = 0) -> None:
     """Writes out_dir/"idefics2" (model, processor, tokenizer), out_dir/"vpe-lora" and out_dir/"metric-lora"."""
     out_dir = Path(out_dir)
-    processor = _build_processor()
+    processor = build_idefics2_processor()
     # fork_rng keeps the caller's global RNG state untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -82,17 +83,20 @@ def build_tiny_idefics2(out_dir: Path, *, seed: int = 0) -> None:
             _save_random_lora(model, out_dir / adapter_dir)
 
 
-def _build_processor() -> Idefics2Processor:
+def build_idefics2_processor(corpus: Sequence[str] = _TOKENIZER_CORPUS, *, vocab_size: int = VOCAB_SIZE,
+                             image_seq_len: int = IMAGE_SEQ_LEN) -> Idefics2Processor:
+    """The real processor settings and chat template, with a byte-level BPE tokenizer (the real special
+    tokens, then merges learned from corpus, at most vocab_size tokens)."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_TOKENIZER_CORPUS, trainer=trainer)
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
     # The real (Llama) tokenizer starts every sequence with <s>.
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", SPECIAL_TOKENS.index("<s>"))]
@@ -107,7 +111,7 @@ def _build_processor() -> Idefics2Processor:
     )
     image_processor = Idefics2ImageProcessorPil(**VIPER_PROCESSOR_SETTINGS)
     return Idefics2Processor(
-        image_processor, fast_tokenizer, image_seq_len=IMAGE_SEQ_LEN, chat_template=IDEFICS2_CHAT_TEMPLATE
+        image_processor, fast_tokenizer, image_seq_len=image_seq_len, chat_template=IDEFICS2_CHAT_TEMPLATE
     )
 
 
@@ -119,40 +123,36 @@ INIT_STD = 0.35
 
 
 def _build_config(processor: Idefics2Processor) -> Idefics2Config:
+    return idefics2_config(
+        processor,
+        initializer_range=INIT_STD,
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=14),
+        perceiver=dict(hidden_size=64, resampler_depth=1, resampler_n_heads=2, resampler_head_dim=32,
+                       num_key_value_heads=1),
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2),
+    )
+
+
+def idefics2_config(processor: Idefics2Processor, *, vision: dict, perceiver: dict, text: dict,
+                    initializer_range: float | None = None) -> Idefics2Config:
+    """An IDEFICS2 config with the real model's special ids and fixed settings, sized by vision, perceiver and
+    text (the three sub-configs' sizes); initializer_range (None: transformers' default) for all of them."""
+    init = {} if initializer_range is None else dict(initializer_range=initializer_range)
     special_ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
     return Idefics2Config(
-        initializer_range=INIT_STD,
-        vision_config=dict(
-            initializer_range=INIT_STD,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            patch_size=14,
-            image_size=980,  # the real value: position buckets for images up to 980 px
-        ),
-        perceiver_config=dict(
-            initializer_range=INIT_STD,
-            hidden_size=64,
-            rms_norm_eps=1e-5,
-            resampler_n_latents=IMAGE_SEQ_LEN,
-            resampler_depth=1,
-            resampler_n_heads=2,
-            resampler_head_dim=32,
-            num_key_value_heads=1,
-        ),
+        **init,
+        # image_size is the real value: position buckets for images up to 980 px.
+        vision_config=dict(**init, image_size=980, **vision),
+        perceiver_config=dict(**init, rms_norm_eps=1e-5, resampler_n_latents=processor.image_seq_len, **perceiver),
         text_config=dict(
             model_type="mistral",
-            initializer_range=INIT_STD,
+            **init,
             vocab_size=len(processor.tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
             max_position_embeddings=32768,
             rms_norm_eps=1e-5,
             **special_ids,
+            **text,
         ),
         image_token_id=processor.image_token_id,
         **special_ids,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -41,30 +42,16 @@ def build_tiny_sdxl(out_dir: Path, *, seed: int = 0) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         with tempfile.TemporaryDirectory() as vocab_dir:
-            tokenizer, tokenizer_2 = _clip_tokenizers(Path(vocab_dir))
-        text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
-        text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(tokenizer))
-        vae = AutoencoderKL(
-            down_block_types=["DownEncoderBlock2D"] * 4,
-            up_block_types=["UpDecoderBlock2D"] * 4,
-            block_out_channels=[8, 16, 16, 16],
-            layers_per_block=1,
-            norm_num_groups=8,
-            latent_channels=4,
-            sample_size=1024,
-            scaling_factor=0.13025,
-        )
-        scheduler = EulerDiscreteScheduler(  # SDXL's own scheduler settings
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            steps_offset=1,
-            timestep_spacing="leading",
-        )
+            tokenizer, tokenizer_2 = clip_tokenizers(Path(vocab_dir))
+        text_encoder = CLIPTextModel(clip_text_config(tokenizer))
+        text_encoder_2 = CLIPTextModelWithProjection(clip_text_config(tokenizer))
+        vae = sdxl_vae(block_out_channels=[8, 16, 16, 16], norm_num_groups=8, sample_size=1024,
+                       scaling_factor=0.13025)
+        scheduler = sdxl_scheduler()
         # The base attends to both encoders and its time ids are 6 numbers; the refiner attends to
         # text_encoder_2 alone and its time ids are 5 (the aesthetic score replaces the target size).
-        base_unet = _unet(cross_attention_dim=2 * TEXT_WIDTH, time_ids=6)
-        refiner_unet = _unet(cross_attention_dim=TEXT_WIDTH, time_ids=5)
+        base_unet = sdxl_unet(cross_attention_dim=2 * TEXT_WIDTH, time_ids=6)
+        refiner_unet = sdxl_unet(cross_attention_dim=TEXT_WIDTH, time_ids=5)
 
     StableDiffusionXLPipeline(
         vae=vae,
@@ -90,12 +77,13 @@ def build_tiny_sdxl(out_dir: Path, *, seed: int = 0) -> None:
     ).save_pretrained(out_dir / "sdxl-refiner")
 
 
-def _clip_tokenizers(vocab_dir: Path) -> tuple[CLIPTokenizer, CLIPTokenizer]:
-    """CLIP BPE over the byte alphabet plus COMMON_WORDS; padded like SDXL's two tokenizers."""
+def clip_tokenizers(vocab_dir: Path, words: Sequence[str] = COMMON_WORDS) -> tuple[CLIPTokenizer, CLIPTokenizer]:
+    """CLIP BPE over the byte alphabet plus whole-word merges of words (written to vocab_dir); padded like
+    SDXL's two tokenizers."""
     alphabet = sorted(ByteLevel.alphabet())
     tokens = alphabet + [char + "</w>" for char in alphabet]
     merges: list[str] = []
-    for word in COMMON_WORDS:
+    for word in words:
         # Merge each word left to right; every intermediate piece is a token, so any text still encodes.
         pieces = [*word[:-1], word[-1] + "</w>"]
         merged = pieces[0]
@@ -113,11 +101,11 @@ def _clip_tokenizers(vocab_dir: Path) -> tuple[CLIPTokenizer, CLIPTokenizer]:
     return tokenizer, tokenizer_2
 
 
-def _clip_text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+def clip_text_config(tokenizer: CLIPTokenizer, *, intermediate_size: int = 37) -> CLIPTextConfig:
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=TEXT_WIDTH,
-        intermediate_size=37,
+        intermediate_size=intermediate_size,
         num_attention_heads=4,
         num_hidden_layers=2,  # SDXL reads the penultimate layer
         projection_dim=TEXT_WIDTH,
@@ -128,18 +116,48 @@ def _clip_text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
     )
 
 
-def _unet(*, cross_attention_dim: int, time_ids: int) -> UNet2DConditionModel:
+def sdxl_vae(*, block_out_channels: list[int], norm_num_groups: int, sample_size: int,
+             **settings: float) -> AutoencoderKL:
+    """SDXL's VAE shape (4 latent channels, an 8x downscale) at a toy width."""
+    return AutoencoderKL(
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=block_out_channels,
+        layers_per_block=1,
+        norm_num_groups=norm_num_groups,
+        latent_channels=4,
+        sample_size=sample_size,
+        **settings,
+    )
+
+
+def sdxl_scheduler() -> EulerDiscreteScheduler:
+    """SDXL's own scheduler settings."""
+    return EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+
+
+def sdxl_unet(*, cross_attention_dim: int, time_ids: int, sample_size: int = 128,
+              cross_attention_only: bool = False, norm_num_groups: int = 8) -> UNet2DConditionModel:
+    """SDXL's UNet conditioning (text-time embedding, time_ids numbers) at a toy size; cross_attention_only puts
+    cross-attention in both blocks (the tiny models have it in one)."""
+    down, up = ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") if cross_attention_only else ("DownBlock2D", "UpBlock2D")
     return UNet2DConditionModel(
-        sample_size=128,
+        sample_size=sample_size,
         in_channels=4,
         out_channels=4,
         block_out_channels=(32, 64),
         layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        down_block_types=(down, "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", up),
         attention_head_dim=(2, 4),
         use_linear_projection=True,
-        norm_num_groups=8,
+        norm_num_groups=norm_num_groups,
         cross_attention_dim=cross_attention_dim,
         addition_embed_type="text_time",
         addition_time_embed_dim=TIME_EMBED_DIM,

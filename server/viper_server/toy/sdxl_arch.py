@@ -1,0 +1,61 @@
+"""The toy SDXL: the real base + refiner architecture (two CLIP text encoders, a UNet with SDXL's text-time
+conditioning, a 4-channel VAE with an 8x downscale, SDXL's Euler scheduler) at toy sizes, with CLIP
+tokenizers in which the toy world's words (colour words included) are single tokens.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTokenizer
+
+from ..models import tiny_sdxl
+from . import world
+
+LATENT_SIDE = world.IMAGE_SIZE // 8
+
+# What the toy images "show" according to their captions (the images are colour fields: any subject
+# goes with any colour). The last ones are held out of training, for evaluation.
+SUBJECTS = (
+    "a cat in the city", "a portrait of a woman", "a forest at dawn", "a bowl of fruit", "a mountain landscape",
+    "a ship on the ocean", "a dog in a park", "a house in the hills", "flowers in a vase", "a city street at night",
+    "an abstract composition", "a bird on a branch", "a quiet village", "a still life",
+)
+HELD_OUT_SUBJECTS = ("a castle by the sea", "a lighthouse on a cliff")
+
+_EXTRA_WORDS = "painting photo art style colors color light mood texture".split()
+
+
+def clip_words() -> list[str]:
+    words = [*world.vocabulary(), *_EXTRA_WORDS]
+    for subject in (*SUBJECTS, *HELD_OUT_SUBJECTS):
+        words.extend(subject.split())
+    return list(dict.fromkeys(word.lower() for word in words))
+
+
+def clip_tokenizers() -> tuple[CLIPTokenizer, CLIPTokenizer]:
+    """The tiny builders' CLIP tokenizers with every toy-world and caption word a single token."""
+    with tempfile.TemporaryDirectory() as folder:
+        return tiny_sdxl.clip_tokenizers(Path(folder), clip_words())
+
+
+def clip_text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    return tiny_sdxl.clip_text_config(tokenizer, intermediate_size=64)
+
+
+def vae() -> AutoencoderKL:
+    # Few, wide groups: a group of one or two channels normalises the colour of a flat image away.
+    return tiny_sdxl.sdxl_vae(block_out_channels=[16, 32, 32, 32], norm_num_groups=2, sample_size=world.IMAGE_SIZE)
+
+
+scheduler = tiny_sdxl.sdxl_scheduler
+
+
+def unet(*, cross_attention_dim: int, time_ids: int) -> UNet2DConditionModel:
+    """The base attends to both encoders and has 6 time ids; the refiner attends to text_encoder_2 alone and
+    has 5 (the aesthetic score replaces the target size). Cross-attention in both blocks: the prompt's colour
+    word has to reach every scale."""
+    return tiny_sdxl.sdxl_unet(cross_attention_dim=cross_attention_dim, time_ids=time_ids, sample_size=LATENT_SIDE,
+                               cross_attention_only=True, norm_num_groups=4)

@@ -1,0 +1,482 @@
+"""Trains the toy IDEFICS2 base and its two LoRA adapters in the toy world, in three stages.
+
+1. Perception (every weight): single-image chats with fresh images: an image's colour, whether it is a named
+   colour ("+" / "-"), and what a comment on it says, in VPE's format for that one image (so the base can
+   write every word of the ViPer answers).
+2. Reasoning (the vision encoder frozen, so its outputs for a pool of images are computed once): multi-image
+   chats: in-context labels in the metric prompt's shape (each colour gets a random label, later images of a
+   colour get its label; read-outs of the intermediate layers, _Probes, make this learnable on a toy
+   budget) and summaries of commented images ("likes red, dislikes blue"), plus the single-image chats.
+3. Adapters (the base frozen; the reference LoRA configuration): the VPE adapter learns the VPE prompt and
+   answer ("Liked Art Features: red\\nDisliked Art Features: blue"), the metric adapter the metric prompt
+   ("+" for a query of the colour of the context's "+" images, "-" for the "-" images' colour, either for
+   another colour; with read-outs as in stage 2). Both use the service's exact prompts and token ids
+   (models.vpe, models.metric).
+
+The base's skills are generic; the ViPer prompts and answer formats are the adapters' (the base alone gives
+no usable VPE answer or metric score; tests/test_toy_models.py checks it).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from PIL import Image
+from transformers import DynamicCache, Idefics2ForConditionalGeneration, Idefics2Processor
+
+from ..models.metric import DISLIKED_ANSWER, LIKED_ANSWER, metric_prompt_ids
+from ..models.prompt_ids import encode_as_trained, expand_image_tokens
+from ..models.tiny_idefics2 import VIPER_LORA_CONFIG
+from ..models.vpe import DISLIKED_MARKER, LIKED_MARKER, build_vpe_messages
+from . import world
+from .idefics2_arch import (
+    CAPTION_QUESTION,
+    CHECK_QUESTION,
+    END_OF_UTTERANCE,
+    LABEL_QUESTION,
+    LABELS,
+    SUMMARY_WORDS,
+    build_config,
+    build_processor,
+    generation_config,
+)
+
+log = logging.getLogger(__name__)
+
+ADAPTERS = ("vpe", "metric")
+
+
+@dataclass(frozen=True)
+class Idefics2Schedule:
+    perception_steps: int = 400
+    perception_batch: int = 24
+    perception_lr: float = 2e-3
+    reasoning_steps: int = 1500
+    reasoning_lr: float = 2e-3
+    # Sequences per step of each reasoning task: in-context labels take longest to learn.
+    reasoning_batches: tuple[tuple[str, int], ...] = (("chat", 6), ("labels", 12), ("summary", 8))
+    adapter_steps: int = 800
+    adapter_lr: float = 4e-3
+    batch: int = 8  # sequences per adapter and step
+    pool_per_colour: int = 250  # training images per colour the last two stages see
+
+
+def train_idefics2(out_dir: Path, *, seed: int = 0, schedule: Idefics2Schedule = Idefics2Schedule()) -> None:
+    """Writes out_dir/"idefics2" (model, processor, tokenizer), out_dir/"vpe-lora" and out_dir/"metric-lora"."""
+    out_dir = Path(out_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        processor = build_processor()
+        model = Idefics2ForConditionalGeneration(build_config(processor))
+        model.generation_config = generation_config(processor)
+        texts = _Texts(processor)
+
+        started = time.perf_counter()
+        _train_perception(model, processor, texts, rng, schedule)
+        model.eval()
+        pool = _ImagePool(model, processor, rng, schedule.pool_per_colour)
+        _train_reasoning(model, texts, rng, pool, schedule)
+        model.eval()
+        log.info("idefics2 base trained in %.0f s", time.perf_counter() - started)
+        model.save_pretrained(out_dir / "idefics2")
+        processor.save_pretrained(out_dir / "idefics2")
+
+        started = time.perf_counter()
+        adapters = _train_adapters(model, texts, rng, pool, schedule)
+        log.info("idefics2 adapters trained in %.0f s", time.perf_counter() - started)
+        for name, state in adapters.items():
+            # A fresh wrap of the plain base per adapter: the same files the tiny builder writes.
+            peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(**VIPER_LORA_CONFIG))
+            set_peft_model_state_dict(peft_model, state)
+            peft_model.save_pretrained(out_dir / f"{name}-lora")
+
+
+# --- Token ids ------------------------------------------------------------------------------------
+
+
+class _Texts:
+    """Token ids of the prompts, built with the service's own prompt code."""
+
+    def __init__(self, processor: Idefics2Processor):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.eou = self.tokenizer.convert_tokens_to_ids(END_OF_UTTERANCE)
+        self.image_token = processor.image_token_id
+        self.plus = self.encode(LIKED_ANSWER)[-1]
+        self.minus = self.encode(DISLIKED_ANSWER)[-1]
+        self.metric_prompts = {n: metric_prompt_ids(processor, n) for n in range(1, 9)}
+        # The VPE prompt up to its first image: the same for every user.
+        fake = processor.tokenizer.convert_tokens_to_ids(processor.fake_image_token)
+        self.vpe_prefix_length = self.vpe_prompt(["x"]).index(fake)
+
+    def encode(self, text: str) -> list[int]:
+        return encode_as_trained(self.tokenizer, expand_image_tokens(text, self.processor), add_bos=False)
+
+    def vpe_prompt(self, comments: list[str]) -> list[int]:
+        prompt = self.processor.apply_chat_template(build_vpe_messages(comments), add_generation_prompt=True)
+        return encode_as_trained(self.tokenizer, expand_image_tokens(prompt, self.processor), add_bos=True)
+
+    def vpe_answer(self, liked: str, disliked: str) -> list[int]:
+        """ " Liked Art Features: <liked>\\nDisliked Art Features: <disliked>" and <end_of_utterance>."""
+        text = f" {LIKED_MARKER}" + (f" {liked}" if liked else "") + f"\n{DISLIKED_MARKER}"
+        return self.encode(text + (f" {disliked}" if disliked else "")) + [self.eou]
+
+
+@dataclass
+class _Sequence:
+    ids: list[int]
+    images: list  # per <image> run, in order: a PIL image (base stage) or a pool index (adapter stage)
+    targets: list[tuple[int, int]]  # (position whose next token is predicted, token id)
+    plus_probability: float | None = None  # metric: soft target for the last position
+    # Deep supervision of the in-context tasks: (probe, position, colour index), see _Probes.
+    probes: list[tuple[int, int, int]] = field(default_factory=list)
+
+
+class _Probes(torch.nn.Module):
+    """Linear read-outs of the text model's hidden states, used only while training (not saved).
+
+    In-context labelling (the metric's skill) is a chain of attention steps that plain next-token loss finds
+    slowly, if at all, on a toy budget (it stayed at chance): with these read-outs asking each intermediate
+    step for its result, it is learned within the reasoning stage (the metric adapter alone: ~300 steps).
+    Read-out 0 (after layer 1, at an answer token): its image's colour; 1 (after layer 1, where a label is
+    predicted): the current image's colour; 2 and 3 (after layer 2, there): the colour the first / second
+    label went with so far ("+" / "-" in the metric).
+    """
+
+    LAYERS = (1, 1, 2, 2)
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(hidden_size, len(world.COLOURS)) for _ in self.LAYERS)
+
+    def loss(self, hidden_states: tuple[torch.Tensor, ...], sequences: list[_Sequence]) -> torch.Tensor:
+        rows = [(b, probe, position, colour) for b, s in enumerate(sequences) for probe, position, colour in s.probes]
+        total = hidden_states[0].new_zeros(())
+        for probe, head in enumerate(self.heads):
+            mine = [(b, position, colour) for b, p, position, colour in rows if p == probe]
+            if mine:
+                batch, positions, colours = (torch.tensor(column) for column in zip(*mine))
+                states = hidden_states[self.LAYERS[probe]][batch, positions]
+                total = total + F.cross_entropy(head(states), colours, reduction="sum") / len(sequences)
+        return total
+
+
+# An image source: colour index -> what _Sequence.images holds (a PIL image, or an _ImagePool index).
+ImageSource = Callable[[int], object]
+
+
+def _answer(ids: list[int], targets: list[tuple[int, int]], answer: list[int], *, learn: bool = True) -> None:
+    """Appends answer to ids; with learn, each of its tokens becomes a target."""
+    for token in answer:
+        if learn:
+            targets.append((len(ids) - 1, token))
+        ids.append(token)
+
+
+def _chat_sequence(texts: _Texts, rng: np.random.Generator, image: ImageSource) -> _Sequence:
+    """1-3 chat turns about one image each: its colour, whether it is a given colour ("+" / "-"), or what a
+    comment on it says, answered in VPE's format for that one image."""
+    ids = [texts.tokenizer.bos_token_id]
+    images, targets = [], []
+    for _ in range(rng.integers(1, 4)):
+        index = int(rng.integers(len(world.COLOURS)))
+        colour = world.COLOURS[index]
+        images.append(image(index))
+        roll = rng.random()
+        if roll < 0.25:
+            question, answer = CAPTION_QUESTION, texts.encode(f" {colour}")
+        elif roll < 0.5:
+            asked = colour if rng.random() < 0.5 else world.COLOURS[rng.integers(len(world.COLOURS))]
+            words = world.COLOUR_WORDS[asked]
+            question = CHECK_QUESTION.format(words[0] if rng.random() < 0.5 else words[rng.integers(len(words))])
+            answer = texts.encode(" " + (LIKED_ANSWER if asked == colour else DISLIKED_ANSWER))
+        else:
+            liked = bool(rng.random() < 0.5)
+            question = world.comment(rng, colour, liked, "train", colourless_rate=0.25)
+            answer = texts.vpe_answer(colour if liked else "", "" if liked else colour)[:-1]
+        ids += texts.encode(f"User:<image>{question}{END_OF_UTTERANCE}\nAssistant:")
+        _answer(ids, targets, answer + [texts.eou])
+        ids += texts.encode("\n")
+    return _Sequence(ids, images, targets)
+
+
+def _label_sequence(texts: _Texts, rng: np.random.Generator, image: ImageSource) -> _Sequence:
+    """In-context labels, in the shape of the metric's prompt: turns "User:<image>Label?<eou>\nAssistant: yes"
+    over images of two colours, each colour given one of the two labels at random; every label after a
+    colour's first is learned. (Not the metric's "+" / "-" nor its question: turning this skill into the
+    metric's answers is the metric adapter's job.)"""
+    colours = [int(c) for c in rng.choice(len(world.COLOURS), size=2, replace=False)]
+    labels = dict(zip(colours, (0, 1) if rng.random() < 0.5 else (1, 0)))
+    label_ids = [texts.encode(f" {label}")[-1] for label in LABELS]
+    ids = [texts.tokenizer.bos_token_id]
+    images, targets, probes = [], [], []
+    seen: dict[int, int] = {}  # label -> colour
+    for _ in range(rng.integers(3, 18)):
+        colour = colours[rng.integers(len(colours))]
+        images.append(image(colour))
+        ids += texts.encode(f"User:<image>{LABEL_QUESTION}{END_OF_UTTERANCE}\nAssistant:")
+        label = labels[colour]
+        if colour in seen.values():
+            probes.append((1, len(ids) - 1, colour))
+            probes += [(2 + known, len(ids) - 1, c) for known, c in seen.items()]
+        _answer(ids, targets, [label_ids[label]], learn=colour in seen.values())
+        probes.append((0, len(ids) - 1, colour))
+        seen[label] = colour
+        ids += [texts.eou] + texts.encode("\n")
+    return _Sequence(ids, images, targets, probes=probes)
+
+
+def _summary_sequence(texts: _Texts, rng: np.random.Generator, image: ImageSource) -> _Sequence:
+    """Commented images of one liked and one disliked colour in one turn, summed up as "likes <colour>,
+    dislikes <colour>" (not VPE's format: turning this skill into VPE's answer is the VPE adapter's job)."""
+    liked, disliked = (int(c) for c in rng.choice(len(world.COLOURS), size=2, replace=False))
+    rated = _rated_images(rng, liked, disliked, int(rng.integers(1, 9)))
+    text = "".join(f"<image>{world.comment(rng, world.COLOURS[c], is_liked, 'train')}" for c, is_liked in rated)
+    ids = [texts.tokenizer.bos_token_id] + texts.encode(f"User:{text}{END_OF_UTTERANCE}\nAssistant:")
+    targets: list[tuple[int, int]] = []
+    summary = f" {SUMMARY_WORDS[0]} {world.COLOURS[liked]}, {SUMMARY_WORDS[1]} {world.COLOURS[disliked]}"
+    _answer(ids, targets, texts.encode(summary) + [texts.eou])
+    return _Sequence(ids, [image(c) for c, _ in rated], targets)
+
+
+def _rated_images(rng: np.random.Generator, liked: int, disliked: int, per_side: int) -> list[tuple[int, bool]]:
+    """per_side (colour, liked) pairs of each side, shuffled."""
+    rated = [(colour, is_liked) for colour, is_liked in ((liked, True), (disliked, False)) for _ in range(per_side)]
+    return [rated[i] for i in rng.permutation(len(rated))]
+
+
+def _vpe_sequence(texts: _Texts, rng: np.random.Generator, image: ImageSource) -> _Sequence:
+    """The VPE prompt for commented images of one liked and one disliked colour, and its answer."""
+    liked, disliked = (int(c) for c in rng.choice(len(world.COLOURS), size=2, replace=False))
+    rated = _rated_images(rng, liked, disliked, int(rng.choice([2, 4, 6, 8, 8, 8])))
+    comments = [world.comment(rng, world.COLOURS[c], is_liked, "train") for c, is_liked in rated]
+    ids = texts.vpe_prompt(comments)
+    targets: list[tuple[int, int]] = []
+    _answer(ids, targets, texts.vpe_answer(world.COLOURS[liked], world.COLOURS[disliked]))
+    return _Sequence(ids, [image(c) for c, _ in rated], targets)
+
+
+def _metric_sequence(texts: _Texts, rng: np.random.Generator, image: ImageSource) -> _Sequence:
+    """The metric prompt for one liked and one disliked colour; the query is of the liked colour ("+"), the
+    disliked one ("-") or another one (either, as likely)."""
+    liked, disliked = (int(c) for c in rng.choice(len(world.COLOURS), size=2, replace=False))
+    pairs = int(rng.choice([1, 2, 4, 6, 8, 8, 8, 8]))
+    roll = rng.random()
+    query, probability = (liked, 1.0) if roll < 0.4 else (disliked, 0.0) if roll < 0.8 else (None, 0.5)
+    if query is None:
+        others = [c for c in range(len(world.COLOURS)) if c not in (liked, disliked)]
+        query = others[rng.integers(len(others))]
+    images, colours = [], []
+    for _ in range(pairs):  # d0, l0, d1, l1, ...
+        colours += [disliked, liked]
+    colours.append(query)
+    images = [image(colour) for colour in colours]
+    ids = list(texts.metric_prompts[pairs])
+    # The probes as in _label_sequence: "+" is the first label, "-" the second.
+    answers = [position for position, token in enumerate(ids) if token in (texts.plus, texts.minus)]
+    last = len(ids) - 1
+    probes = [(0, position, colour) for position, colour in zip(answers, colours)]
+    probes += [(1, last, query), (2, last, liked), (3, last, disliked)]
+    return _Sequence(ids, images, [], plus_probability=probability, probes=probes)
+
+
+# --- Images ---------------------------------------------------------------------------------------
+
+
+def _pixel_values(processor: Idefics2Processor, images: list[Image.Image]) -> torch.Tensor:
+    """[n, 3, H, W] as the service's processor makes them (the toy images are square: no padding)."""
+    batch = processor.image_processor(images=[[image] for image in images], return_tensors="pt")
+    return batch["pixel_values"][:, 0]
+
+
+def _vision_states(model: Idefics2ForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The vision encoder's last hidden states [n, patches, width], every patch real."""
+    patch = model.config.vision_config.patch_size
+    mask = torch.ones(pixel_values.shape[0], pixel_values.shape[2] // patch, pixel_values.shape[3] // patch,
+                      dtype=torch.bool)
+    return model.model.vision_model(pixel_values=pixel_values, patch_attention_mask=mask).last_hidden_state
+
+
+def _connect(model: Idefics2ForConditionalGeneration, vision_states: torch.Tensor) -> torch.Tensor:
+    mask = torch.ones(vision_states.shape[:2], dtype=torch.bool)
+    return model.model.connector(vision_states, attention_mask=mask)
+
+
+class _ImagePool:
+    """Training images per colour with their (frozen) vision encoder states."""
+
+    def __init__(self, model, processor, rng: np.random.Generator, per_colour: int):
+        images, self.by_colour = [], []
+        for colour in world.COLOURS:
+            start = len(images)
+            images += [world.draw_image(rng, colour, "train") for _ in range(per_colour)]
+            self.by_colour.append(range(start, len(images)))
+        with torch.no_grad():
+            self.states = torch.cat([_vision_states(model, _pixel_values(processor, images[i : i + 64]))
+                                     for i in range(0, len(images), 64)])
+
+    def sample(self, rng: np.random.Generator, colour: int) -> int:
+        indices = self.by_colour[colour]
+        return indices[rng.integers(len(indices))]
+
+
+# --- Training -------------------------------------------------------------------------------------
+
+
+def _losses(model, texts: _Texts, sequences: list[_Sequence], image_states: torch.Tensor,
+            prefix_length: int = 0, probes: _Probes | None = None) -> torch.Tensor:
+    """Mean loss over the batch: cross-entropy on answer tokens, or on ("+", "-") for metric sequences.
+
+    image_states: [images in batch order, IMAGE_SEQ_LEN, hidden], the connector's output. With
+    prefix_length, every sequence starts with the same prefix_length text tokens: they run once, without
+    gradient (the forward pass is exact; only the prefix positions' own gradient is left out).
+    """
+    inner = model.model
+    embed = inner.text_model.get_input_embeddings()
+    cache = None
+    if prefix_length:
+        prefix = torch.tensor([sequences[0].ids[:prefix_length]])
+        with torch.no_grad():
+            layers = inner.text_model(inputs_embeds=embed(prefix), use_cache=True).cache.layers
+        rows = len(sequences)
+        cache = DynamicCache(
+            ddp_cache_data=[(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1))
+                            for layer in layers]
+        )
+    length = max(len(s.ids) for s in sequences)
+    pad = texts.tokenizer.pad_token_id
+    ids = torch.tensor([s.ids[prefix_length:] + [pad] * (length - len(s.ids)) for s in sequences])
+    mask = torch.tensor([[1] * len(s.ids) + [0] * (length - len(s.ids)) for s in sequences])
+    embeds = embed(ids)
+    image_mask = (ids == texts.image_token).unsqueeze(-1)
+    embeds = embeds.masked_scatter(image_mask, image_states.reshape(-1, image_states.shape[-1]).to(embeds.dtype))
+    probed = probes is not None and any(s.probes for s in sequences)
+    if probed and prefix_length:
+        raise ValueError("probes read whole sequences: no prefix")
+    output = inner.text_model(inputs_embeds=embeds, attention_mask=mask, cache=cache,
+                              use_cache=cache is not None, output_hidden_states=probed)
+    hidden = F.pad(output.last_hidden_state, (0, 0, prefix_length, 0))  # positions as in the whole sequence
+
+    losses = [probes.loss(output.hidden_states, sequences)] if probed else []
+    token_rows = [(b, p, t) for b, s in enumerate(sequences) for p, t in s.targets]
+    if token_rows:
+        rows, positions, tokens = (torch.tensor(column) for column in zip(*token_rows))
+        logits = model.lm_head(hidden[rows, positions])
+        losses.append(F.cross_entropy(logits, tokens, reduction="sum") / len(sequences))
+    metric_rows = [(b, len(s.ids) - 1, s.plus_probability) for b, s in enumerate(sequences)
+                   if s.plus_probability is not None]
+    if metric_rows:
+        rows, positions, probability = zip(*metric_rows)
+        logits = model.lm_head(hidden[list(rows), list(positions)])[:, [texts.plus, texts.minus]]
+        target = torch.tensor([[p, 1 - p] for p in probability])
+        losses.append(-(target * F.log_softmax(logits, dim=-1)).sum() / len(sequences))
+    return sum(losses)
+
+
+def _lr_schedule(step: int, total: int, peak: float, warmup: int = 50) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def _optimise(groups: list[list[torch.nn.Parameter]], steps: int, peak_lr: float,
+              losses_at: Callable[[int], dict[str, torch.Tensor]], label: str) -> None:
+    """AdamW with warm-up and cosine decay on the sum of the named losses losses_at(step) returns.
+
+    Each group's gradient is clipped on its own: one adapter's large gradients do not slow the other's."""
+    optimiser = torch.optim.AdamW([{"params": group} for group in groups], lr=peak_lr, weight_decay=0.01,
+                                  betas=(0.9, 0.98))
+    running: dict[str, float] = {}
+    for step in range(steps):
+        for group in optimiser.param_groups:
+            group["lr"] = _lr_schedule(step, steps, peak_lr)
+        losses = losses_at(step)
+        optimiser.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        for group in groups:
+            torch.nn.utils.clip_grad_norm_(group, 1.0)
+        optimiser.step()
+        for name, loss in losses.items():
+            running[name] = loss.item() if name not in running else 0.95 * running[name] + 0.05 * loss.item()
+        if step % 50 == 0 or step == steps - 1:
+            log.info("%s step %d/%d loss %s", label, step, steps,
+                     " ".join(f"{name} {value:.4f}" for name, value in running.items()))
+
+
+def _train_perception(model, processor, texts: _Texts, rng: np.random.Generator,
+                      schedule: Idefics2Schedule) -> None:
+    """Every weight, on single-image chats with freshly drawn images."""
+    model.train()
+
+    def losses_at(step: int) -> dict[str, torch.Tensor]:
+        draw = lambda colour: world.draw_image(rng, world.COLOURS[colour], "train")  # noqa: E731
+        sequences = [_chat_sequence(texts, rng, draw) for _ in range(schedule.perception_batch)]
+        pixels = _pixel_values(processor, [image for s in sequences for image in s.images])
+        return {"chat": _losses(model, texts, sequences, _connect(model, _vision_states(model, pixels)))}
+
+    _optimise([list(model.parameters())], schedule.perception_steps, schedule.perception_lr, losses_at, "perception")
+
+
+def _train_reasoning(model, texts: _Texts, rng: np.random.Generator, pool: _ImagePool,
+                     schedule: Idefics2Schedule) -> None:
+    """Connector and text model (the vision encoder frozen), on multi-image chats: in-context labels and
+    summaries of commented images, with single-image chats so the first stage's skills stay."""
+    model.train()
+    makers = {"chat": _chat_sequence, "labels": _label_sequence, "summary": _summary_sequence}
+    probes = _Probes(model.config.text_config.hidden_size)
+
+    def losses_at(step: int) -> dict[str, torch.Tensor]:
+        losses = {}
+        for name, batch in schedule.reasoning_batches:
+            make = makers[name]
+            sequences = [make(texts, rng, lambda colour: pool.sample(rng, colour)) for _ in range(batch)]
+            states = pool.states[[index for s in sequences for index in s.images]]
+            losses[name] = _losses(model, texts, sequences, _connect(model, states), probes=probes)
+        return losses
+
+    parameters = [p for n, p in model.named_parameters() if not n.startswith("model.vision_model.")]
+    parameters += list(probes.parameters())
+    _optimise([parameters], schedule.reasoning_steps, schedule.reasoning_lr, losses_at, "reasoning")
+
+
+def _train_adapters(model, texts: _Texts, rng: np.random.Generator, pool: _ImagePool,
+                    schedule: Idefics2Schedule) -> dict[str, dict[str, torch.Tensor]]:
+    """Both adapters on one frozen copy of the base; returns each adapter's peft state dict."""
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(**VIPER_LORA_CONFIG), adapter_name=ADAPTERS[0])
+    for name in ADAPTERS[1:]:
+        peft_model.add_adapter(name, LoraConfig(**VIPER_LORA_CONFIG))
+    peft_model.train()
+    inner = peft_model.base_model.model
+    groups = {name: [p for n, p in peft_model.named_parameters() if "lora_" in n and f".{name}." in n]
+              for name in ADAPTERS}
+    parameters = [p for group in groups.values() for p in group]
+    makers = {"vpe": _vpe_sequence, "metric": _metric_sequence}
+    probes = _Probes(model.config.text_config.hidden_size)
+
+    def losses_at(step: int) -> dict[str, torch.Tensor]:
+        losses = {}
+        for name, make in makers.items():
+            peft_model.base_model.set_adapter(name)
+            for parameter in parameters:  # set_adapter freezes the other adapter; both learn in this step
+                parameter.requires_grad_(True)
+            sequences = [make(texts, rng, lambda colour: pool.sample(rng, colour)) for _ in range(schedule.batch)]
+            states = pool.states[[index for s in sequences for index in s.images]]
+            prefix = texts.vpe_prefix_length if name == "vpe" else 0
+            losses[name] = _losses(inner, texts, sequences, _connect(inner, states), prefix,
+                                   probes=probes if name == "metric" else None)
+        return losses
+
+    _optimise([groups["vpe"], groups["metric"] + list(probes.parameters())], schedule.adapter_steps,
+              schedule.adapter_lr, losses_at, "adapters")
+    return {name: get_peft_model_state_dict(peft_model, adapter_name=name) for name in ADAPTERS}

@@ -1,0 +1,261 @@
+"""The toy world: images dominated by one of six colours, comments about them, users who like one colour
+and dislike another.
+
+Everything is drawn from a seeded numpy Generator, so the same seed gives the same world. Each part has a
+training and a held-out variant (`split="train"` / `"eval"`): held-out images use shades and random draws
+training never sees, held-out comments use sentence frames training never sees (with the same vocabulary:
+a toy model cannot know what a word it never read means).
+"""
+
+from __future__ import annotations
+
+import colorsys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+Split = Literal["train", "eval"]
+
+COLOURS = ("red", "orange", "yellow", "green", "blue", "purple")
+IMAGE_SIZE = 64
+
+# Words that name each colour in comments; the first is the plain word the models answer with.
+COLOUR_WORDS: dict[str, tuple[str, ...]] = {
+    "red": ("red", "crimson", "scarlet", "ruby", "cherry"),
+    "orange": ("orange", "tangerine", "amber", "apricot", "pumpkin"),
+    "yellow": ("yellow", "lemon", "golden", "mustard", "canary"),
+    "green": ("green", "emerald", "lime", "jade", "olive"),
+    "blue": ("blue", "navy", "azure", "cobalt", "sapphire"),
+    "purple": ("purple", "violet", "lavender", "plum", "lilac"),
+}
+
+# Hue centre (degrees) and half-width of each colour's hue band.
+_HUES = {"red": (0, 9), "orange": (28, 5), "yellow": (54, 5), "green": (125, 18), "blue": (222, 14),
+         "purple": (282, 12)}
+# (saturation, value) ranges; orange and yellow turn brown or olive when dark.
+_SAT_VAL = {"orange": ((0.7, 1.0), (0.75, 1.0)), "yellow": ((0.65, 1.0), (0.8, 1.0))}
+_DEFAULT_SAT_VAL = ((0.55, 1.0), (0.5, 1.0))
+# Shades sit on a grid over (hue, saturation, value); training takes even grid points, held-out odd ones.
+_GRID = 7
+_NEUTRALS = ((245, 245, 245), (200, 200, 200), (120, 120, 120), (30, 30, 30))
+
+
+def colour_of_word(word: str) -> str | None:
+    """The colour a word names (case-insensitive), or None."""
+    word = word.lower()
+    for colour, words in COLOUR_WORDS.items():
+        if word in words:
+            return colour
+    return None
+
+
+def nearest_colours(hues: np.ndarray) -> np.ndarray:
+    """Index into COLOURS of the colour whose hue band centre is nearest to each hue (degrees)."""
+    centres = np.array([_HUES[colour][0] for colour in COLOURS], dtype=np.float64)
+    distance = np.abs((np.asarray(hues, dtype=np.float64)[..., None] - centres + 180) % 360 - 180)
+    return distance.argmin(axis=-1)
+
+
+def shades(colour: str, split: Split) -> list[tuple[int, int, int]]:
+    """The RGB shades of `colour` of one split; the two splits share none."""
+    centre, half_width = _HUES[colour]
+    (s_low, s_high), (v_low, v_high) = _SAT_VAL.get(colour, _DEFAULT_SAT_VAL)
+    parity = 0 if split == "train" else 1
+    result = []
+    for i in range(_GRID):
+        for j in range(_GRID):
+            for k in range(_GRID):
+                if (i + j + k) % 2 != parity:
+                    continue
+                hue = (centre + half_width * (2 * i / (_GRID - 1) - 1)) % 360
+                saturation = s_low + (s_high - s_low) * j / (_GRID - 1)
+                value = v_low + (v_high - v_low) * k / (_GRID - 1)
+                r, g, b = colorsys.hsv_to_rgb(hue / 360, saturation, value)
+                result.append((round(r * 255), round(g * 255), round(b * 255)))
+    return result
+
+
+def draw_image(rng: np.random.Generator, colour: str, split: Split, size: int = IMAGE_SIZE) -> Image.Image:
+    """An image dominated by `colour`: a textured field of its shades with a few shapes on it.
+
+    Shapes are other shades of the colour, neutrals, or (rarely, small) an accent of another colour.
+    """
+    palette = shades(colour, split)
+    pick = lambda: np.array(palette[rng.integers(len(palette))], dtype=np.float32)  # noqa: E731
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    # Background: a gradient between two shades along a random direction.
+    angle = rng.uniform(0, 2 * np.pi)
+    ramp = np.clip((np.cos(angle) * (x - 0.5) + np.sin(angle) * (y - 0.5)) + 0.5, 0, 1)[..., None]
+    image = pick() * (1 - ramp) + pick() * ramp
+    # Texture: stripes, noise or none, as a lightness modulation.
+    texture = rng.integers(3)
+    if texture == 0:
+        frequency, phase = rng.uniform(4, 14), rng.uniform(0, 2 * np.pi)
+        axis = x if rng.random() < 0.5 else y
+        image *= (1 + rng.uniform(0.05, 0.2) * np.sin(2 * np.pi * frequency * axis + phase))[..., None]
+    elif texture == 1:
+        image *= 1 + rng.normal(0, rng.uniform(0.03, 0.1), size=(size, size, 1))
+    # Shapes, together covering well under half of the image.
+    for _ in range(rng.integers(1, 4)):
+        mask = _shape_mask(rng, x, y)
+        roll = rng.random()
+        if roll < 0.55:
+            fill = pick()
+        elif roll < 0.9:
+            fill = np.array(_NEUTRALS[rng.integers(len(_NEUTRALS))], dtype=np.float32)
+        else:
+            other = [c for c in COLOURS if c != colour][rng.integers(len(COLOURS) - 1)]
+            others = shades(other, split)
+            fill = np.array(others[rng.integers(len(others))], dtype=np.float32)
+            mask &= _small(x, y, rng)
+        image[mask] = fill
+    return Image.fromarray(np.clip(image, 0, 255).round().astype(np.uint8), mode="RGB")
+
+
+def _shape_mask(rng: np.random.Generator, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    cx, cy, radius = rng.uniform(0.15, 0.85), rng.uniform(0.15, 0.85), rng.uniform(0.08, 0.2)
+    kind = rng.integers(4)
+    if kind == 0:  # disc
+        return (x - cx) ** 2 + (y - cy) ** 2 < radius**2
+    if kind == 1:  # square
+        return (abs(x - cx) < radius) & (abs(y - cy) < radius)
+    if kind == 2:  # ring
+        distance = np.sqrt((x - cx) ** 2 + (y - cy) ** 2)
+        return (distance < radius) & (distance > radius * 0.6)
+    return (y - cy < radius) & (y - cy > -radius) & (abs(x - cx) < (y - cy + radius) / 2)  # triangle
+
+
+def _small(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    cx, cy = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8)
+    return (abs(x - cx) < 0.12) & (abs(y - cy) < 0.12)
+
+
+# --- Comments -------------------------------------------------------------------------------------
+
+_MODIFIERS = ("deep", "soft", "bright", "pale", "rich", "warm", "cool", "vivid", "muted", "dark", "light")
+_NOUNS = ("tones", "hues", "shades", "colours", "palette")
+_POSITIVE = dict(
+    verb=("love", "adore", "enjoy", "like", "cherish", "treasure"),
+    adjective=("beautiful", "gorgeous", "lovely", "stunning", "delightful", "wonderful", "charming", "pleasing"),
+    effect=("make me happy", "feel so calming", "make me smile", "feel warm and inviting", "lift my mood",
+            "feel alive"),
+)
+_NEGATIVE = dict(
+    verb=("hate", "dislike", "detest", "loathe", "resent", "despise"),
+    adjective=("ugly", "dull", "harsh", "unpleasant", "boring", "garish", "dreary", "awful"),
+    effect=("leave me flat", "make me uneasy", "feel cold and lifeless", "put me off", "bore me",
+            "feel heavy and sad"),
+)
+
+# Frames: {v} verb, {a} adjective, {e} effect (plural subject), {m} modifier, {c} colour word, {n} noun.
+_FRAMES: dict[Split, tuple[str, ...]] = {
+    "train": (
+        "I {v} these {m} {c} {n}.",
+        "The {m} {c} {n} {e}.",
+        "What {a} {c} {n}!",
+        "Such {a} {m} {c}, I {v} it.",
+        "The {c} here is {a}.",
+        "I {v} how the {c} {n} {e}.",
+        "Those {m} {c} {n} are {a}.",
+        "{c} {n} like these {e}.",
+        "A {a} piece, I {v} the {c}.",
+        "The {c} {n} are {a} and they {e}.",
+        "I really {v} the {m} {c} in this one.",
+        "So much {c}, {a}.",
+    ),
+    "eval": (
+        "Honestly the {c} {n} {e}, {a} work.",
+        "All that {m} {c} is {a} to me.",
+        "I {v} every bit of the {c} {n}.",
+        "{a} image, those {c} {n} {e}.",
+        "The way it uses {m} {c} is {a}.",
+        "Looking at the {c} {n}, I {v} them.",
+    ),
+}
+# Comments that name no colour: the colour has to be read from the image.
+_COLOURLESS_FRAMES: dict[Split, tuple[str, ...]] = {
+    "train": ("I {v} these {n}.", "What {a} {n}!", "The {n} here {e}.", "Such {a} {n}, I {v} them."),
+    "eval": ("Honestly these {n} {e}.", "I {v} every bit of the {n}, {a}."),
+}
+
+
+def comment(rng: np.random.Generator, colour: str, liked: bool, split: Split, *, colourless_rate: float = 0.15) -> str:
+    """A comment on an image of `colour`: praise when liked, a complaint when not."""
+    words = _POSITIVE if liked else _NEGATIVE
+    colourless = rng.random() < colourless_rate
+    frames = (_COLOURLESS_FRAMES if colourless else _FRAMES)[split]
+    frame = frames[rng.integers(len(frames))]
+    choose = lambda options: options[rng.integers(len(options))]  # noqa: E731
+    text = frame.format(
+        v=choose(words["verb"]),
+        a=choose(words["adjective"]),
+        e=choose(words["effect"]),
+        m=choose(_MODIFIERS),
+        c=choose(COLOUR_WORDS[colour]),
+        n=choose(_NOUNS),
+    )
+    return text[0].upper() + text[1:]
+
+
+def vocabulary() -> list[str]:
+    """Every word comments and answers can use (for building tokenizers)."""
+    words = [*COLOURS, *(w for ws in COLOUR_WORDS.values() for w in ws), *_MODIFIERS, *_NOUNS]
+    for lexicon in (_POSITIVE, _NEGATIVE):
+        for phrases in lexicon.values():
+            words.extend(word for phrase in phrases for word in phrase.split())
+    for frames in (*_FRAMES.values(), *_COLOURLESS_FRAMES.values()):
+        for frame in frames:
+            words.extend(part.strip(".,!") for part in frame.split() if "{" not in part)
+    return list(dict.fromkeys(word for word in words if word))
+
+
+# --- Users ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RatedImage:
+    image: Image.Image
+    colour: str
+    comment: str
+    liked: bool
+
+
+@dataclass(frozen=True)
+class User:
+    liked_colour: str
+    disliked_colour: str
+    liked: Sequence[RatedImage]
+    disliked: Sequence[RatedImage]
+
+    @property
+    def rated(self) -> list[RatedImage]:
+        """Liked then disliked images."""
+        return [*self.liked, *self.disliked]
+
+
+def draw_user(rng: np.random.Generator, split: Split, *, per_side: int = 8,
+              liked_colour: str | None = None, disliked_colour: str | None = None) -> User:
+    """A user who likes one colour and dislikes another, with per_side commented images of each."""
+    if liked_colour is None:
+        liked_colour = COLOURS[rng.integers(len(COLOURS))]
+    if disliked_colour is None:
+        others = [c for c in COLOURS if c != liked_colour]
+        disliked_colour = others[rng.integers(len(others))]
+
+    def rated(colour: str, liked: bool) -> list[RatedImage]:
+        return [RatedImage(draw_image(rng, colour, split), colour, comment(rng, colour, liked, split), liked)
+                for _ in range(per_side)]
+
+    return User(liked_colour, disliked_colour, rated(liked_colour, True), rated(disliked_colour, False))
+
+
+def eval_users(count: int = 20, *, seed: int = 1000) -> list[User]:
+    """Held-out users, every ordered colour pair about equally often (a fixed set for tests and figures)."""
+    rng = np.random.default_rng(seed)
+    pairs = [(a, b) for a in COLOURS for b in COLOURS if a != b]
+    order = rng.permutation(len(pairs))
+    return [draw_user(rng, "eval", liked_colour=pairs[order[i % len(pairs)]][0],
+                      disliked_colour=pairs[order[i % len(pairs)]][1]) for i in range(count)]
