@@ -36,6 +36,7 @@ protos: install
 bench: install
 	$(BIN)/python bench/generation.py
 	$(BIN)/python bench/metric.py
+	$(BIN)/python bench/concurrency.py
 
 # The web page in one command: `viper serve` on its defaults (127.0.0.1:50051, the toy models) and the gateway
 # in front of it at http://127.0.0.1:8080. Ctrl-C stops both.

@@ -1,8 +1,8 @@
 """Personalized generation benchmark on the tiny SDXL checkpoints (built into a temporary folder).
 
-Model section: the straightforward reference procedure (models.reference_guidance: two UNet calls
-per base step) against the production path (models.generation: the stock pipeline with both
-evaluations as one batch-4 UNet call), same params and seeds, runs interleaved.
+Model section: the straightforward reference procedure (testing.reference_guidance: two UNet calls
+per base step) against the production path (models.generation: the stock pipelines' loop written out in
+steps, both evaluations as one batch-4 UNet call), same params and seeds, runs interleaved.
 gRPC section: the same request through a real server process and the client SDK against the
 production path in process, interleaved. The last line is `speedup: N.NNx` (reference time per image /
 production time per image, in process).
