@@ -45,7 +45,7 @@ def install_once(models_dir: Path, marker_name: str, revision: str, write: Calla
     if models_dir.is_dir() and not marker.exists() and any(models_dir.iterdir()):
         raise FileExistsError(f"{models_dir} holds files that are not {what}: not replacing them (name an empty "
                               "or new folder with --models-dir, or the preset those files are for with --models)")
-    log.info("building %s in %s", what, models_dir)
+    log.info("writing %s into %s", what, models_dir)
     models_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{what.replace(' ', '-')}-", dir=models_dir.parent))
     try:
