@@ -23,7 +23,7 @@ from PIL import Image
 from transformers import RepetitionPenaltyLogitsProcessor
 
 from viper_server.domain import FinishedImage, GenerationParams, ScoringContext
-from viper_server.models.decoding import apply_repetition_penalty, greedy_tokens
+from viper_server.models.decoding import DecodeGroup, DecodingSequence, apply_repetition_penalty, greedy_tokens
 from viper_server.models.generation import Generation, PersonalizedGenerator
 from viper_server.models.idefics2 import load_idefics2
 from viper_server.models.metric import MetricScorer
@@ -71,6 +71,49 @@ def test_the_repetition_penalty_is_transformers_own_row_by_row():
     # A penalty moves the choice where the top two are close: it is not a no-op.
     close = torch.tensor([[1.0, 0.999, 0.0]])
     assert greedy_tokens(close, [[1]], 0.99) == [1] and greedy_tokens(close, [[2]], 0.99) == [0]
+
+
+def test_a_decode_group_applies_the_penalty_over_each_rows_whole_history_as_it_grows():
+    # A fake model whose logits are, every other step, all negative: the penalty (0.5) then lifts every token
+    # of a row's history, so the chosen tokens show which tokens the group counted as seen; token 0 is never in
+    # a history but nearly wins, so a token counted as seen by mistake shows too. In between, logits of both
+    # signs bring new tokens in. Rows of different lengths, one leaving early, one joining late, and more steps
+    # after the last change than the history buffer had room for.
+    heads, width, vocab = 2, 4, 64
+    generator = torch.Generator().manual_seed(0)
+    steps: list[tuple[torch.Tensor, dict[int, list[int]]]] = []
+
+    def forward(input_ids, attention_mask, position_ids, cache):
+        for layer in cache.layers:
+            layer.update(torch.zeros(len(input_ids), heads, 1, width), torch.zeros(len(input_ids), heads, 1, width))
+        if len(steps) % 2:  # logits of both signs: unseen tokens win, and the ones seen must stay seen
+            logits = torch.randn(len(input_ids), vocab, generator=generator)
+            logits[:, 0] = -5.0
+        else:
+            logits = -1 - torch.rand(len(input_ids), vocab, generator=generator)
+            logits[:, 0] = -1.05
+        steps.append((logits, {id(row): list(row.history) for row in group.rows}))
+        return logits
+
+    def sequence(prompt: list[int], new_tokens: int) -> DecodingSequence:
+        states = [(torch.randn(1, heads, len(prompt), width), torch.randn(1, heads, len(prompt), width))]
+        return DecodingSequence(list(prompt), len(prompt), new_tokens, frozenset(), pending_states=states)
+
+    group = DecodeGroup(penalty=0.5)
+    rows = [sequence([1, 2, 3], 600), sequence([4] * 9, 40), sequence([5, 6], 580)]
+    late = sequence([7, 8, 9, 10], 60)
+    for step in range(600):
+        group.step([row for row in [*rows, *([late] if step >= 30 else [])] if not row.done], forward)
+    everyone = [*rows, late]
+    assert all(row.done for row in everyone) and len(rows[0].new_tokens) == 600
+    final = {id(row): row.history for row in everyone}
+    for logits, histories in steps:  # each row took the token the rule picks over its whole history as a list
+        chosen = greedy_tokens(logits, list(histories.values()), 0.5)
+        assert [final[key][len(history)] for key, history in histories.items()] == chosen
+    assert all(0 not in row.new_tokens for row in everyone)
+    changed = sum(greedy_tokens(logits, list(histories.values()), 0.5)
+                  != greedy_tokens(logits, list(histories.values()), 1.0) for logits, histories in steps)
+    assert changed > len(steps) // 2  # the penalty decided most steps
 
 
 # -- extraction: decode steps of several sequences in one forward -----------------------------------------

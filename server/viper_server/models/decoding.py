@@ -26,27 +26,40 @@ from transformers.cache_utils import Cache, DynamicLayer
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache], torch.Tensor]
 
 
-def apply_repetition_penalty(logits: torch.Tensor, histories: Sequence[Sequence[int]], penalty: float) -> torch.Tensor:
-    """transformers' RepetitionPenaltyLogitsProcessor, row by row over each row's own history.
+History = Sequence[Sequence[int]] | torch.Tensor
+
+
+def history_ids(histories: Sequence[Sequence[int]], width: int = 0) -> torch.Tensor:
+    """The rows' token histories as one [rows, at least width] tensor, -1 after each row's last token."""
+    ids = torch.full((len(histories), max(width, *(len(history) for history in histories))), -1, dtype=torch.long)
+    for row, history in enumerate(histories):
+        ids[row, : len(history)] = torch.as_tensor(history, dtype=torch.long)
+    return ids
+
+
+def apply_repetition_penalty(logits: torch.Tensor, histories: History, penalty: float) -> torch.Tensor:
+    """transformers' RepetitionPenaltyLogitsProcessor, row by row over each row's own history (lists of ids,
+    or history_ids' tensor of them).
 
     A token in the history has its logit divided by penalty if positive, multiplied if negative. Rows'
     histories differ in length: the missing entries point at an extra column that is dropped afterwards."""
     vocab = logits.shape[-1]
-    width = max(len(history) for history in histories)
-    ids = torch.full((len(histories), width), vocab, dtype=torch.long)
-    for row, history in enumerate(histories):
-        ids[row, : len(history)] = torch.as_tensor(history, dtype=torch.long)
-    ids = ids.to(logits.device).clamp(max=vocab)
+    ids = histories if isinstance(histories, torch.Tensor) else history_ids(histories)
+    ids = ids.to(logits.device).masked_fill(ids < 0, vocab).clamp(max=vocab)
     padded = torch.nn.functional.pad(logits, (0, 1))
     score = torch.gather(padded, 1, ids)
     score = torch.where(score < 0, score * penalty, score / penalty)
     return padded.scatter(1, ids, score)[..., :vocab]
 
 
-def greedy_tokens(logits: torch.Tensor, histories: Sequence[Sequence[int]], penalty: float) -> list[int]:
+def greedy_tokens(logits: torch.Tensor, histories: History, penalty: float) -> list[int]:
     """The next token of each row: argmax after the repetition penalty (logits in float32, as generate)."""
+    return _greedy(logits, histories, penalty).tolist()
+
+
+def _greedy(logits: torch.Tensor, histories: History, penalty: float) -> torch.Tensor:
     scores = apply_repetition_penalty(logits.to(dtype=torch.float32), histories, penalty)
-    return torch.argmax(scores, dim=-1).tolist()
+    return torch.argmax(scores, dim=-1)
 
 
 @dataclass(eq=False)
@@ -84,6 +97,9 @@ class DecodeGroup:
         self._layers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._cache_layers: list[_GrowingLayer] = []
         self._mask: torch.Tensor | None = None  # [rows, cached length], 1 = a real token
+        # The rows' histories for the repetition penalty, kept beside the cache and written a token a step
+        # (not rebuilt from the lists each step: thousands of ids a row).
+        self._seen: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -103,7 +119,13 @@ class DecodeGroup:
         positions = torch.tensor([[len(row.history) - 1] for row in self.rows], device=device)
         mask = torch.cat([self._mask, torch.ones(len(self.rows), 1, dtype=self._mask.dtype)], dim=1)
         logits = forward(input_ids, mask.to(device), positions, _GroupCache(self._cache_layers))
-        for row, token in zip(self.rows, greedy_tokens(logits, [row.history for row in self.rows], self.penalty)):
+        tokens = _greedy(logits, self._seen, self.penalty)
+        lengths = [len(row.history) for row in self.rows]
+        if max(lengths) >= self._seen.shape[1]:
+            self._seen = torch.nn.functional.pad(self._seen, (0, _GrowingLayer.GROWTH), value=-1)
+        rows = torch.arange(len(self.rows), device=self._seen.device)
+        self._seen[rows, torch.tensor(lengths, device=self._seen.device)] = tokens.to(self._seen.device)
+        for row, token in zip(self.rows, tokens.tolist()):
             row.append(token)
         self._layers = [(layer.keys, layer.values) for layer in self._cache_layers]
         self._mask = mask
@@ -129,6 +151,10 @@ class DecodeGroup:
             self._join(joiners)
         if changed or joiners:  # new rows: new buffers
             self._cache_layers = [_GrowingLayer(keys, values) for keys, values in self._layers]
+            self._seen = None
+            if self.rows:
+                width = max(len(row.history) for row in self.rows) + _GrowingLayer.GROWTH
+                self._seen = history_ids([row.history for row in self.rows], width).to(self._layers[0][0].device)
 
     def _keep_rows(self, keep: list[int]) -> None:
         self.rows = [self.rows[index] for index in keep]
