@@ -354,6 +354,15 @@ OVERSIZED = {
 }
 
 
+def test_an_image_too_large_to_send_is_resource_exhausted_with_the_reason(small_limit_api):
+    # 128 px of the tiny models' noise is a ~50 KB PNG: more than the 32 KiB this server may send.
+    with pytest.raises(grpc.RpcError) as error:
+        small_limit_api.call("Generate", generate(width=128, height=128))
+    assert error.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"more than this server sends (--max-message-bytes {SMALL_LIMIT})" in error.value.details()
+    assert len(small_limit_api.call("Generate", generate())) > 1  # 64 px still fits
+
+
 @pytest.mark.parametrize("method, request_message", OVERSIZED.values(), ids=list(OVERSIZED))
 def test_messages_above_the_size_limit_are_resource_exhausted(small_limit_api, method, request_message):
     assert request_message.ByteSize() > SMALL_LIMIT

@@ -79,7 +79,7 @@ class ViperServer:
         )
         profile_pb2_grpc.add_ProfileServiceServicer_to_server(ProfileServicer(service, config.limits), self._server)
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(
-            GenerationServicer(service, config.limits), self._server
+            GenerationServicer(service, config.limits, config.max_message_bytes), self._server
         )
         metric_pb2_grpc.add_MetricServiceServicer_to_server(MetricServicer(service, config.limits), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)

@@ -33,6 +33,7 @@ from ..domain import ContextError
 from ..engine.errors import ModelsNotReady, QueueFull, WorkerClosed
 from ..observability import Telemetry
 from .auth import TokenAuthenticator
+from .servicers import ResponseTooLarge
 from .validation import InvalidRequest
 
 log = logging.getLogger("viper_server.rpc")
@@ -54,6 +55,7 @@ _STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (VersionConflict, grpc.StatusCode.ABORTED),
     (ContextError, grpc.StatusCode.FAILED_PRECONDITION),
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ResponseTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ModelsNotReady, grpc.StatusCode.UNAVAILABLE),
     (WorkerClosed, grpc.StatusCode.UNAVAILABLE),
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),

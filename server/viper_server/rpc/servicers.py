@@ -25,6 +25,10 @@ from . import validation
 from .convert import event_to_proto, profile_to_proto, profiles_page_to_proto, score_to_proto
 
 
+class ResponseTooLarge(Exception):
+    """A response is larger than the server may send (--max-message-bytes): gRPC would fail it on the wire."""
+
+
 class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
     def __init__(self, service: ViperService, limits: Limits) -> None:
         self._service = service
@@ -63,9 +67,10 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
-    def __init__(self, service: ViperService, limits: Limits) -> None:
+    def __init__(self, service: ViperService, limits: Limits, max_message_bytes: int) -> None:
         self._service = service
         self._limits = limits
+        self._max_message_bytes = max_message_bytes
 
     async def Generate(self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         user_id, params = validation.check_generate(
@@ -73,7 +78,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         )
         generation = await self._service.generate(user_id, params)
         async for event in generation.events:
-            yield event_to_proto(event, generation.profile_version)
+            message = event_to_proto(event, generation.profile_version)
+            # Checked here, not left to the transport: it would fail the call with a traceback in the log.
+            if (size := message.ByteSize()) > self._max_message_bytes:
+                raise ResponseTooLarge(
+                    f"a generated image makes a {size}-byte message, more than this server sends "
+                    f"(--max-message-bytes {self._max_message_bytes}): ask for smaller images"
+                )
+            yield message
 
 
 class MetricServicer(metric_pb2_grpc.MetricServiceServicer):
