@@ -20,9 +20,6 @@ from fixture_data import FIXTURES, QUERIES
 
 
 class NoTelemetry:
-    def queue_waited(self, model: str, seconds: float) -> None:
-        pass
-
     def generation_step(self) -> None:
         pass
 

@@ -51,13 +51,12 @@ class Telemetry:
                                    ["model", "kind"], buckets=LATENCY_BUCKETS, registry=self.registry)
 
     # ModelEngine's observer.
-    def queue_waited(self, model: str, seconds: float) -> None:
-        self.queue_wait.labels(model).observe(seconds)
-
     def generation_step(self) -> None:
         self.generation_steps.inc()
 
     def work_waited(self, model: str, kind: str, seconds: float) -> None:
+        """A request waited `seconds` before its first step: counted per model and per kind of work."""
+        self.queue_wait.labels(model).observe(seconds)
         self.work_wait.labels(model, kind).observe(seconds)
 
     def step_ran(self, model: str, step: str, batch_size: int, seconds: float) -> None:

@@ -38,8 +38,6 @@ log = logging.getLogger(__name__)
 class EngineObserver(Protocol):
     """What the engine reports as it works (observability.Telemetry implements it)."""
 
-    def queue_waited(self, model: str, seconds: float) -> None: ...
-
     def generation_step(self) -> None: ...
 
     def work_waited(self, model: str, kind: str, seconds: float) -> None: ...
@@ -64,14 +62,10 @@ class ModelEngine:
         self.load_error: BaseException | None = None
 
     def _scheduler(self, model: str, max_queue: int, slots: dict[str, int]) -> StepScheduler:
-        def admitted(kind: str, seconds: float) -> None:
-            self._observer.queue_waited(model, seconds)
-            self._observer.work_waited(model, kind, seconds)
-
         return StepScheduler(
             model, max_queue=max_queue, slots=slots, policy=self._settings.scheduling_policy,
             on_step=lambda step, size, seconds: self._observer.step_ran(model, step, size, seconds),
-            on_admit=admitted,
+            on_admit=lambda kind, seconds: self._observer.work_waited(model, kind, seconds),
         )
 
     # -- lifecycle ------------------------------------------------------------------------------------
