@@ -20,13 +20,12 @@ from viper_server.models.metric import MetricScorer, reference_scores
 from viper_server.models.sdxl import SdxlPipelines, load_sdxl
 from viper_server.models.vpe import PreferenceExtractor
 from viper_server.testing.reference_guidance import reference_generate
-from viper_server.toy import COMMITTED_WEIGHTS, ensure_toy_models, evaluate, world
+from viper_server.toy import COMMITTED_WEIGHTS, TOY_VPE_MAX_NEW_TOKENS, ensure_toy_models, evaluate, world
 from viper_server.toy.checkpoints import MARKER
 from viper_server.toy.manifest import MANIFEST, ManifestError, verify
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TOY_VPE_MAX_NEW_TOKENS = 32
 GENERATION_STEPS = 10  # 8 base steps, then 2 refiner steps
 SEEDS = range(20)
 

@@ -13,13 +13,14 @@ the metric scores the liked colour high, ViPer guidance pulls images toward the 
 - examples: a held-out user as image folders and comments.json for the `viper` CLI; figure: the docs' picture.
 """
 
+from . import world
 from .checkpoints import COMMITTED_WEIGHTS, ensure_toy_models
 from .train import train_toy_models
 
 # The `toy` preset's settings (engine.presets): the answers are ~15 tokens; the images are 64 px.
 TOY_EXTRACTOR_NAME = "toy-vpe"
 TOY_VPE_MAX_NEW_TOKENS = 32
-TOY_IMAGE_SIZE = 64
+TOY_IMAGE_SIZE = world.IMAGE_SIZE
 
 __all__ = [
     "COMMITTED_WEIGHTS",
