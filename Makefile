@@ -8,11 +8,11 @@ INSTALLED := $(VENV)/.installed
 
 install: $(INSTALLED)
 
-# The client (this folder), the server (server/) and the web gateway (web/), editable; re-installs only when a
-# pyproject.toml changes.
-$(INSTALLED): pyproject.toml server/pyproject.toml web/pyproject.toml
+# The client (this folder), the profile store (profiles/), the server (server/) and the web gateway (web/),
+# editable; re-installs only when a pyproject.toml changes.
+$(INSTALLED): pyproject.toml profiles/pyproject.toml server/pyproject.toml web/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]' -e ./server -e ./web
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]' -e ./profiles -e ./server -e ./web
 	touch $@
 
 # On the defaults: the toy models (server/viper_server/toy), trained in a world of colours so that features,

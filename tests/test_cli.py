@@ -410,7 +410,7 @@ def test_unknown_options_are_usage_errors():
     ("command", "package", "hint"),
     [
         ("serve", "viper_server", "viper serve needs the server, a separate package: from a viper-serve checkout run "
-                                  "`pip install . ./server`"),
+                                  "`pip install . ./profiles ./server`"),
         ("build-tiny-models", "viper_server", "viper build-tiny-models needs the server"),
         ("train-toy-models", "viper_server", "viper train-toy-models needs the server"),
         ("web", "viper_web", "viper web needs the web gateway, a separate package: from a viper-serve checkout run "

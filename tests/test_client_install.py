@@ -68,4 +68,4 @@ def test_the_client_cli_talks_to_a_server(client_venv, tiny_models_dir, tmp_path
 def test_serve_without_the_server_extra_says_what_to_install(client_venv):
     result = run(client_venv, "viper", "serve")
     assert result.returncode == 2
-    assert "pip install . ./server" in result.stderr
+    assert "pip install . ./profiles ./server" in result.stderr

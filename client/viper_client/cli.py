@@ -45,7 +45,7 @@ class Delegated:
 
 _SERVER_HINT = (
     "viper {command} needs the server, a separate package: from a viper-serve checkout run "
-    "`pip install . ./server`, then `viper-server {command}` (or `viper {command}`)"
+    "`pip install . ./profiles ./server`, then `viper-server {command}` (or `viper {command}`)"
 )
 DELEGATED_COMMANDS = {
     "serve": Delegated("viper_server", ("serve",), "run the gRPC server: `viper-server serve`, see "
