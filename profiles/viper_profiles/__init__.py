@@ -4,30 +4,50 @@
 """
 
 from .errors import (
+    BackupNotSupported,
     InvalidText,
     InvalidUserId,
     ProfileNotFound,
     StoreError,
+    StoreNotFound,
     StoreUnavailable,
     VersionConflict,
     quote_user_id,
 )
-from .records import ImageRef, Rating, SourceImage, StoredImage, StoredProfile
-from .store import DEFAULT_POOL_SIZE, DEFAULT_TIMEOUT, ProfileStore, open_store
+from .records import (
+    AppliedMigration,
+    ImageRef,
+    Rating,
+    RowCheck,
+    SchemaStatus,
+    SourceImage,
+    StoredImage,
+    StoredProfile,
+    StoreStats,
+)
+from .store import DB_ENV, DEFAULT_DB, DEFAULT_POOL_SIZE, DEFAULT_TIMEOUT, ProfileStore, open_store
 from .user_ids import USER_ID_PATTERN, validate_user_id
 
 __all__ = [
+    "DB_ENV",
+    "DEFAULT_DB",
     "DEFAULT_POOL_SIZE",
     "DEFAULT_TIMEOUT",
     "USER_ID_PATTERN",
+    "AppliedMigration",
+    "BackupNotSupported",
     "ImageRef",
     "InvalidText",
     "InvalidUserId",
     "ProfileNotFound",
     "ProfileStore",
     "Rating",
+    "RowCheck",
+    "SchemaStatus",
     "SourceImage",
     "StoreError",
+    "StoreNotFound",
+    "StoreStats",
     "StoreUnavailable",
     "StoredImage",
     "StoredProfile",

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Protocol, TypeVar
 
-from .records import StoredImage, StoredProfile
+from .records import AppliedMigration, RowCheck, SchemaStatus, StoredImage, StoredProfile, StoreStats
 
 T = TypeVar("T")
 
@@ -76,6 +77,14 @@ class Transaction(Protocol):
     def delete_profile(self, user_id: str) -> None:
         """Deletes the profile row, its image references and the images no other profile uses."""
 
+    # --- whole-database reads, for the operator's commands (viper-profiles)
+    def integrity_problems(self) -> list[str]:
+        """What the database's own checks find wrong (damaged pages, broken foreign keys); [] if nothing."""
+
+    def check_rows(self) -> RowCheck: ...
+
+    def stats(self) -> StoreStats: ...
+
 
 class Backend(Protocol):
     def read(self, operation: Callable[[Transaction], T]) -> T:
@@ -92,3 +101,12 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Releases the connections; idempotent. Later calls raise StoreUnavailable."""
+
+    # The migrations opening the database applied (none if it was current, or opened without migrating).
+    applied_migrations: tuple[AppliedMigration, ...]
+
+    def schema_status(self) -> SchemaStatus: ...
+
+    def backup(self, target: Path) -> None:
+        """Writes an online, consistent copy of the database to target (a new file), or raises
+        BackupNotSupported where the database has its own tool for it."""

@@ -17,7 +17,16 @@ from urllib.parse import unquote, urlsplit
 
 from .backend import Backend, Transaction
 from .errors import InvalidText, ProfileNotFound, VersionConflict
-from .records import Rating, SourceImage, StoredImage, StoredProfile
+from .records import (
+    AppliedMigration,
+    Rating,
+    RowCheck,
+    SchemaStatus,
+    SourceImage,
+    StoredImage,
+    StoredProfile,
+    StoreStats,
+)
 from .user_ids import validate_user_id
 
 # How long an operation waits for the database (SQLite: another process's write lock; PostgreSQL: a
@@ -25,44 +34,51 @@ from .user_ids import validate_user_id
 DEFAULT_TIMEOUT = 5.0
 # Most PostgreSQL connections one store opens (SQLite: always one).
 DEFAULT_POOL_SIZE = 10
+# Where the server and viper-profiles read the database URL from when --db is not given, and its default.
+DB_ENV = "VIPER_DB"
+DEFAULT_DB = "var/profiles.db"
 
 _URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 def open_store(url: str | os.PathLike[str], *, timeout: float = DEFAULT_TIMEOUT,
-               pool_size: int = DEFAULT_POOL_SIZE) -> ProfileStore:
+               pool_size: int = DEFAULT_POOL_SIZE, migrate: bool = True) -> ProfileStore:
     """Opens (creating and migrating if needed) the store at url.
 
     - a plain path, or `sqlite:///relative/path`, `sqlite:////absolute/path` -> SQLite;
     - `postgresql://user:password@host:port/dbname` (or `postgres://`, any libpq URL) -> PostgreSQL.
 
+    migrate=False opens the database as it is, for inspection: nothing is created or migrated (a missing
+    SQLite file raises StoreNotFound), and only the operator's reads (schema_status, integrity_problems,
+    check_rows, stats, backup) are meant for a database whose schema_status is not current.
+
     Raises StoreUnavailable if the database cannot be reached within `timeout` seconds, StoreError if
     its schema is newer than this code, ValueError for a URL of another kind.
     """
-    return ProfileStore(url, timeout=timeout, pool_size=pool_size)
+    return ProfileStore(url, timeout=timeout, pool_size=pool_size, migrate=migrate)
 
 
-def _open_backend(url: str | os.PathLike[str], *, timeout: float, pool_size: int) -> Backend:
+def _open_backend(url: str | os.PathLike[str], *, timeout: float, pool_size: int, migrate: bool = True) -> Backend:
     if isinstance(url, os.PathLike) or not (match := _URL_SCHEME.match(url)):
-        return _sqlite(Path(url), timeout)
+        return _sqlite(Path(url), timeout, migrate)
     scheme = match.group(1).lower()
     if scheme == "sqlite":
         # As SQLAlchemy spells it: the path is what follows the third slash.
         parts = urlsplit(url)
         if parts.netloc or len(parts.path) < 2:
             raise ValueError("a SQLite URL is sqlite:///relative/path or sqlite:////absolute/path")
-        return _sqlite(Path(unquote(parts.path[1:])), timeout)
+        return _sqlite(Path(unquote(parts.path[1:])), timeout, migrate)
     if scheme in ("postgresql", "postgres"):
         from .postgres import PostgresBackend  # psycopg is imported only when used
 
-        return PostgresBackend(url, timeout=timeout, pool_size=pool_size)
+        return PostgresBackend(url, timeout=timeout, pool_size=pool_size, migrate_schema=migrate)
     raise ValueError(f"unsupported database URL scheme {scheme!r}: use a path, sqlite:/// or postgresql://")
 
 
-def _sqlite(path: Path, timeout: float) -> Backend:
+def _sqlite(path: Path, timeout: float, migrate: bool = True) -> Backend:
     from .sqlite import SqliteBackend
 
-    return SqliteBackend(path, timeout=timeout)
+    return SqliteBackend(path, timeout=timeout, migrate_schema=migrate)
 
 
 class ProfileStore:
@@ -76,8 +92,8 @@ class ProfileStore:
     """
 
     def __init__(self, url: str | os.PathLike[str], *, timeout: float = DEFAULT_TIMEOUT,
-                 pool_size: int = DEFAULT_POOL_SIZE) -> None:
-        self._backend = _open_backend(url, timeout=timeout, pool_size=pool_size)
+                 pool_size: int = DEFAULT_POOL_SIZE, migrate: bool = True) -> None:
+        self._backend = _open_backend(url, timeout=timeout, pool_size=pool_size, migrate=migrate)
 
     def close(self) -> None:
         self._backend.close()
@@ -202,6 +218,36 @@ class ProfileStore:
 
     def count(self) -> int:
         return self._backend.read(lambda tx: tx.count_profiles())
+
+    # --- the operator's view of the whole database (viper-profiles)
+
+    @property
+    def applied_migrations(self) -> tuple[AppliedMigration, ...]:
+        """The migrations opening this store applied, in order: none if the schema was current already (or
+        another process migrated it first), or if it was opened with migrate=False."""
+        return self._backend.applied_migrations
+
+    def schema_status(self) -> SchemaStatus:
+        return self._backend.schema_status()
+
+    def integrity_problems(self) -> list[str]:
+        """What the database's own checks find wrong (SQLite: integrity_check, foreign_key_check; PostgreSQL:
+        foreign keys not enforced, checksum failures); [] if nothing."""
+        return self._backend.read(lambda tx: tx.integrity_problems())
+
+    def check_rows(self) -> RowCheck:
+        """Rows breaking the store's invariants (orphaned images, stray rows of deleted users...); needs a
+        current schema."""
+        return self._backend.read(lambda tx: tx.check_rows())
+
+    def stats(self) -> StoreStats:
+        """Counts and sizes, from one snapshot; needs a current schema."""
+        return self._backend.read(lambda tx: tx.stats())
+
+    def backup(self, target: str | os.PathLike[str]) -> None:
+        """Writes an online, consistent copy to target (replaced if it exists). SQLite only: PostgreSQL
+        raises BackupNotSupported (use pg_dump)."""
+        self._backend.backup(Path(target))
 
 
 def _checked_version(tx: Transaction, user_id: str, expected_version: int | None) -> int:

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from viper_profiles import DB_ENV, DEFAULT_DB
+
 from .engine.policy import POLICY_NAMES
 from .engine.presets import PRESET_NAMES
 
@@ -37,7 +39,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     # The profile store: a SQLite file path (or sqlite:///path), or postgresql://user:password@host/db.
-    db: str = "var/profiles.db"
+    db: str = DEFAULT_DB
     models: str = "toy"
     # viper: a folder holding local copies of the model repos; unset = the HF cache.
     # toy / tiny: where the checkpoints are installed or built; unset = var/models/toy or var/models/tiny.
@@ -119,7 +121,8 @@ def _switch(env: str, help_text: str) -> _Flag:
 _SERVE_FLAGS: dict[str, _Flag] = {
     "host": _Flag("VIPER_HOST", str, "address to bind"),
     "port": _Flag("VIPER_PORT", int, "port to bind; 0 picks a free one"),
-    "db": _Flag("VIPER_DB", str, "profile store: a SQLite file path (or sqlite:///path) or a "
+    # The store's own CLI (viper-profiles) reads the same variable: the name lives in viper_profiles.
+    "db": _Flag(DB_ENV, str, "profile store: a SQLite file path (or sqlite:///path) or a "
                 "postgresql://user:password@host:port/database URL"),
     "models": _Flag("VIPER_MODELS", str, "tiny (random-weight test models), toy (small models trained on a toy "
                     "world of colours), viper (the real weights) or full-random (the real architectures at full "

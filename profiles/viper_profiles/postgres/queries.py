@@ -20,8 +20,10 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from ..records import ImageRef, Rating, StoredImage, StoredProfile
+from ..records import ImageRef, Rating, RowCheck, StoredImage, StoredProfile, StoreStats
 
+# The store's tables, for the integrity checks.
+_TABLES = ["profiles", "images", "profile_images", "last_versions"]
 _PROFILE_COLUMNS = (
     "user_id, liked_features, disliked_features, raw_text, version, extractor_model, created_at, updated_at"
 )
@@ -231,6 +233,85 @@ class PostgresTransaction:
                 )
             )
         return refs
+
+    # --- whole-database reads, for the operator's commands (viper-profiles)
+
+    def integrity_problems(self) -> list[str]:
+        """What can make PostgreSQL's own guarantees not hold: foreign keys not validated or with their
+        triggers disabled (rows could break them), and data checksum failures (damaged pages)."""
+        problems = [
+            f"foreign key {name} of {table} is not validated: rows may break it"
+            for table, name in self._conn.execute(
+                """
+                SELECT conrelid::regclass::text, conname FROM pg_constraint
+                WHERE contype = 'f' AND NOT convalidated
+                  AND conrelid IN (SELECT to_regclass(name) FROM unnest(%s::text[]) AS name)
+                ORDER BY 1, 2
+                """,
+                [_TABLES],
+            )
+        ]
+        problems += [
+            f"{count} foreign key trigger(s) of {table} are disabled: rows may break its foreign keys"
+            for table, count in self._conn.execute(
+                """
+                SELECT tgrelid::regclass::text, count(*) FROM pg_trigger
+                WHERE tgisinternal AND tgenabled = 'D'
+                  AND tgrelid IN (SELECT to_regclass(name) FROM unnest(%s::text[]) AS name)
+                GROUP BY 1 ORDER BY 1
+                """,
+                [_TABLES],
+            )
+        ]
+        # NULL when the cluster runs without data checksums (initdb --data-checksums).
+        (failures,) = self._conn.execute(
+            "SELECT checksum_failures FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()
+        if failures:
+            problems.append(f"{failures} data checksum failure(s) in this database: damaged pages")
+        return problems
+
+    def check_rows(self) -> RowCheck:
+        # octet_length of an out-of-line bytea reads its TOAST pointer, not the bytes.
+        return RowCheck(**self._rows(
+            """
+            SELECT
+                (SELECT count(*) FROM images WHERE NOT EXISTS (
+                    SELECT 1 FROM profile_images WHERE profile_images.sha256 = images.sha256)) AS orphaned_images,
+                (SELECT coalesce(sum(octet_length(data)), 0) FROM images WHERE NOT EXISTS (
+                    SELECT 1 FROM profile_images WHERE profile_images.sha256 = images.sha256)) AS orphaned_image_bytes,
+                (SELECT count(*) FROM profile_images WHERE NOT EXISTS (
+                    SELECT 1 FROM profiles WHERE profiles.user_id = profile_images.user_id)) AS stray_references,
+                (SELECT count(DISTINCT user_id) FROM profile_images WHERE NOT EXISTS (
+                    SELECT 1 FROM profiles WHERE profiles.user_id = profile_images.user_id)) AS stray_users,
+                (SELECT count(*) FROM profile_images WHERE NOT EXISTS (
+                    SELECT 1 FROM images WHERE images.sha256 = profile_images.sha256)) AS missing_images,
+                (SELECT count(*) FROM profiles WHERE NOT EXISTS (
+                    SELECT 1 FROM last_versions
+                    WHERE last_versions.user_id = profiles.user_id AND last_versions.version >= profiles.version
+                )) AS unversioned_profiles
+            """,
+            [],
+        )[0])
+
+    def stats(self) -> StoreStats:
+        return StoreStats(**self._rows(
+            """
+            SELECT
+                (SELECT count(*) FROM profiles) AS users,
+                (SELECT count(*) FROM last_versions WHERE NOT EXISTS (
+                    SELECT 1 FROM profiles WHERE profiles.user_id = last_versions.user_id)) AS deleted_users,
+                (SELECT coalesce(sum(version), 0) FROM last_versions)::bigint AS versions,
+                (SELECT count(*) FROM images) AS images,
+                (SELECT coalesce(sum(octet_length(data)), 0) FROM images)::bigint AS image_bytes,
+                (SELECT count(*) FROM profile_images) AS image_references,
+                (SELECT count(*) FROM (
+                    SELECT sha256 FROM profile_images GROUP BY sha256 HAVING count(DISTINCT user_id) > 1
+                ) AS shared) AS shared_images,
+                pg_database_size(current_database()) AS database_bytes
+            """,
+            [],
+        )[0])
 
 
 def _profile(row: dict[str, Any], images: Sequence[ImageRef]) -> StoredProfile:

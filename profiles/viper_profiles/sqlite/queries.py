@@ -15,7 +15,7 @@ from typing import Any
 from sqlite_utils import Database
 from sqlite_utils.db import NotFoundError
 
-from ..records import ImageRef, Rating, StoredImage, StoredProfile
+from ..records import ImageRef, Rating, RowCheck, StoredImage, StoredProfile, StoreStats
 
 
 class SqliteTransaction:
@@ -188,6 +188,60 @@ class SqliteTransaction:
                 )
             )
         return refs
+
+    # --- whole-database reads, for the operator's commands (viper-profiles)
+
+    def integrity_problems(self) -> list[str]:
+        """What SQLite's own checks find: damaged pages or indexes, rows breaking a foreign key."""
+        # A file too damaged to be checked at all raises sqlite3.DatabaseError ("malformed").
+        problems = [row[0] for row in self._db.execute("PRAGMA integrity_check") if row[0] != "ok"]
+        violations = self._db.execute(
+            "SELECT \"table\", parent, count(*) FROM pragma_foreign_key_check GROUP BY 1, 2 ORDER BY 1, 2"
+        ).fetchall()
+        return problems + [
+            f"{count} row(s) of {table} refer to a missing {parent} row (foreign key)"
+            for table, parent, count in violations
+        ]
+
+    def check_rows(self) -> RowCheck:
+        # length() of a BLOB is its size in bytes, read from the row header without loading it.
+        return RowCheck(**next(self._db.query(
+            """
+            SELECT
+                (SELECT count(*) FROM images WHERE NOT EXISTS (
+                    SELECT 1 FROM profile_images WHERE profile_images.sha256 = images.sha256)) AS orphaned_images,
+                (SELECT coalesce(sum(length(data)), 0) FROM images WHERE NOT EXISTS (
+                    SELECT 1 FROM profile_images WHERE profile_images.sha256 = images.sha256)) AS orphaned_image_bytes,
+                (SELECT count(*) FROM profile_images WHERE NOT EXISTS (
+                    SELECT 1 FROM profiles WHERE profiles.user_id = profile_images.user_id)) AS stray_references,
+                (SELECT count(DISTINCT user_id) FROM profile_images WHERE NOT EXISTS (
+                    SELECT 1 FROM profiles WHERE profiles.user_id = profile_images.user_id)) AS stray_users,
+                (SELECT count(*) FROM profile_images WHERE NOT EXISTS (
+                    SELECT 1 FROM images WHERE images.sha256 = profile_images.sha256)) AS missing_images,
+                (SELECT count(*) FROM profiles WHERE NOT EXISTS (
+                    SELECT 1 FROM last_versions
+                    WHERE last_versions.user_id = profiles.user_id AND last_versions.version >= profiles.version
+                )) AS unversioned_profiles
+            """
+        )))
+
+    def stats(self) -> StoreStats:
+        return StoreStats(**next(self._db.query(
+            """
+            SELECT
+                (SELECT count(*) FROM profiles) AS users,
+                (SELECT count(*) FROM last_versions WHERE NOT EXISTS (
+                    SELECT 1 FROM profiles WHERE profiles.user_id = last_versions.user_id)) AS deleted_users,
+                (SELECT coalesce(sum(version), 0) FROM last_versions) AS versions,
+                (SELECT count(*) FROM images) AS images,
+                (SELECT coalesce(sum(length(data)), 0) FROM images) AS image_bytes,
+                (SELECT count(*) FROM profile_images) AS image_references,
+                (SELECT count(*) FROM (
+                    SELECT sha256 FROM profile_images GROUP BY sha256 HAVING count(DISTINCT user_id) > 1
+                )) AS shared_images,
+                (SELECT page_count * page_size FROM pragma_page_count, pragma_page_size) AS database_bytes
+            """
+        )))
 
 
 def _timestamp(moment: datetime) -> str:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from sqlite_utils import Database
 
 from ..errors import StoreError
+from ..records import AppliedMigration, SchemaStatus
 from .connection import transaction
 
 Migration = Callable[[Database], None]
@@ -70,12 +71,25 @@ def schema_version(db: Database) -> int:
     return db.execute("PRAGMA user_version").fetchone()[0]
 
 
-def migrate(db: Database, migrations: Sequence[Migration] = MIGRATIONS) -> None:
+def migration_name(migration: Migration) -> str:
+    return migration.__name__.lstrip("_")
+
+
+def schema_status(db: Database, migrations: Sequence[Migration] = MIGRATIONS) -> SchemaStatus:
+    """user_version counts migrations without naming them: the first ones are this code's."""
+    known = tuple(migration_name(migration) for migration in migrations)
+    version = schema_version(db)
+    applied = known[:version] + tuple(f"#{number}" for number in range(len(known) + 1, version + 1))
+    return SchemaStatus(applied=applied, known=known)
+
+
+def migrate(db: Database, migrations: Sequence[Migration] = MIGRATIONS) -> list[AppliedMigration]:
     """Applies the migrations the database has not had yet, in order.
 
     All of them and the version bump are one transaction (user_version is part of
     the database header, so it rolls back too): a failed upgrade leaves the file as
     it was, and two processes opening the file at once cannot both migrate it.
+    Returns the migrations it applied (none if the database was current).
     """
     with transaction(db, write=True):
         version = schema_version(db)
@@ -85,8 +99,10 @@ def migrate(db: Database, migrations: Sequence[Migration] = MIGRATIONS) -> None:
                 f"({len(migrations)}); refusing to open it"
             )
         if version == len(migrations):
-            return
+            return []
         for migration in migrations[version:]:
             migration(db)
         # PRAGMA takes no bound parameters; len() is an int.
         db.execute(f"PRAGMA user_version = {len(migrations)}")
+    return [AppliedMigration(number, migration_name(migration))
+            for number, migration in enumerate(migrations[version:], start=version + 1)]
