@@ -281,3 +281,21 @@ def test_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as exited:
         main([])
     assert exited.value.code == 2
+
+
+# --- the Kubernetes example migrates first
+
+
+def test_the_kubernetes_replicas_migrate_with_viper_profiles_before_serving():
+    import yaml  # PyYAML comes with the server's dependencies (transformers)
+
+    root = Path(__file__).resolve().parents[1]
+    assert 'viper-profiles = "viper_profiles.cli:main"' in (root / "profiles" / "pyproject.toml").read_text()
+    documents = yaml.safe_load_all((root / "deploy" / "kubernetes" / "replicas.yaml").read_text())
+    pod = next(document for document in documents if document["kind"] == "StatefulSet")["spec"]["template"]["spec"]
+    [migrate] = pod["initContainers"]
+    [server] = pod["containers"]
+    assert migrate["command"] == ["viper-profiles", "migrate"]
+    assert migrate["image"] == server["image"]
+    database = [variable for variable in server["env"] if variable["name"] == DB_ENV]
+    assert migrate["env"] == database
