@@ -131,6 +131,14 @@ def test_check_finds_an_orphaned_image_and_a_deleted_users_stray_rows(capsys, db
         assert "row(s) of profile_images refer to a missing profiles row" in out
 
 
+def test_check_finds_postgresql_foreign_keys_that_are_not_enforced(capsys, postgres_url):
+    open_store(postgres_url).close()
+    raw_execute(postgres_url, "ALTER TABLE profile_images DISABLE TRIGGER ALL")
+    status, out, _ = run(capsys, "check", "--db", postgres_url)
+    assert status == 1
+    assert "integrity: 4 foreign key trigger(s) of profile_images are disabled" in out
+
+
 def test_check_reports_a_database_that_is_not_migrated(capsys, db_url):
     if not db_url.startswith("postgresql"):
         Path(db_url).touch()  # an empty file is an empty SQLite database
@@ -240,6 +248,14 @@ def test_backup_never_overwrites_a_file(capsys, tmp_path):
     status, out, err = run(capsys, "backup", "--db", str(source), str(existing))
     assert (status, out) == (2, "")
     assert "exists" in err and existing.read_bytes() == b"precious"
+
+
+def test_backup_into_a_missing_directory_is_a_usage_error(capsys, tmp_path):
+    source = tmp_path / "profiles.db"
+    open_store(source).close()
+    status, out, err = run(capsys, "backup", "--db", str(source), str(tmp_path / "nowhere" / "copy.db"))
+    assert (status, out) == (2, "")
+    assert err == f"error: no directory {tmp_path / 'nowhere'} to write copy.db in\n"
 
 
 def test_backup_of_postgresql_says_to_use_pg_dump(capsys, postgres_url, tmp_path):

@@ -153,6 +153,8 @@ def run_backup(args: argparse.Namespace) -> int:
     # Never over an existing file: it may be the last good backup, or the database itself.
     if args.file.exists():
         raise ValueError(f"{args.file} exists: remove it or name another file")
+    if not args.file.parent.is_dir():
+        raise ValueError(f"no directory {args.file.parent} to write {args.file.name} in")
     with _open_as_it_is(args) as store:
         store.backup(args.file)
     print(f"backed up to {args.file} ({_size(args.file.stat().st_size)})")
