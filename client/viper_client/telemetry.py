@@ -12,10 +12,10 @@
 from __future__ import annotations
 
 import contextvars
-import importlib.util
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -25,12 +25,17 @@ from typing import Any
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("viper_request_id", default=None)
 
 EXPORTERS = ("none", "console", "otlp")
-_HAS_OTEL = importlib.util.find_spec("opentelemetry") is not None
+
+
+def _tracing_in_use() -> bool:
+    """Whether this process uses OpenTelemetry: only then is there a trace to pass on. Asked of sys.modules, so
+    that a caller who does not use it pays no import, even where it is installed."""
+    return "opentelemetry.trace" in sys.modules
 
 
 def inject_trace_context(metadata: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
     """The metadata plus `traceparent` (and `tracestate`) of the caller's current span, if it has one."""
-    if not _HAS_OTEL:
+    if not _tracing_in_use():
         return tuple(metadata)
     from opentelemetry import propagate, trace
 
@@ -100,7 +105,7 @@ class JsonLogFormatter(logging.Formatter):
 
 
 def _trace_ids() -> dict[str, str]:
-    if not _HAS_OTEL:
+    if not _tracing_in_use():
         return {}
     from opentelemetry import trace
 
