@@ -9,16 +9,12 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
-from concurrent import futures
 
-import grpc
 import pytest
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from viper_client import NotFound, ViperClient
 from viper_server.testing import ServerProcess
+from viper_server.testing.otlp import OtlpReceiver
 from viper_web.testing import GatewayProcess
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -26,62 +22,21 @@ CALLER_SPAN = "00f067aa0ba902b7"
 GET_PROFILE = "/viper.v1.ProfileService/GetProfile"
 
 
-class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
-    """Keeps every span exported to it: (service name, span) pairs."""
-
-    def __init__(self) -> None:
-        self.spans: list[tuple[str, object]] = []
-        self._lock = threading.Lock()
-        self.server = grpc.server(futures.ThreadPoolExecutor(4))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self.server)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
-        self.server.start()
-
-    def Export(self, request, context):
-        with self._lock:
-            for resource_spans in request.resource_spans:
-                attributes = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
-                for scope_spans in resource_spans.scope_spans:
-                    self.spans.extend((attributes.get("service.name"), span) for span in scope_spans.spans)
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-    def wait_for(self, predicate, timeout: float = 60):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                found = [entry for entry in self.spans if predicate(*entry)]
-            if found:
-                return found
-            time.sleep(0.05)
-        raise AssertionError(f"no matching span within {timeout} s; got {[s.name for _, s in self.spans]}")
-
-
 @pytest.fixture(scope="module")
 def receiver():
-    receiver = OtlpReceiver()
-    yield receiver
-    receiver.server.stop(0)
-
-
-def otel_env(receiver: OtlpReceiver, service: str) -> dict[str, str]:
-    return {
-        "OTEL_TRACES_EXPORTER": "otlp",
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}",
-        "OTEL_EXPORTER_OTLP_INSECURE": "true",
-        "OTEL_SERVICE_NAME": service,
-        "OTEL_BSP_SCHEDULE_DELAY": "50",  # export within a moment, not every 5 s
-    }
+    with OtlpReceiver() as receiver:
+        yield receiver
 
 
 @pytest.fixture(scope="module")
 def traced_server(receiver, tiny_models_dir, tmp_path_factory):
     db = tmp_path_factory.mktemp("db") / "profiles.db"
-    with ServerProcess(db, tiny_models_dir, "--log-format", "json", env=otel_env(receiver, "test-server")) as server:
+    with ServerProcess(db, tiny_models_dir, "--log-format", "json", env=receiver.env("test-server")) as server:
         yield server
 
 
 def test_the_page_the_gateway_and_the_server_share_one_trace(receiver, traced_server):
-    with GatewayProcess(traced_server.target, env=otel_env(receiver, "test-gateway")) as gateway:
+    with GatewayProcess(traced_server.target, env=receiver.env("test-gateway")) as gateway:
         connection = http.client.HTTPConnection(gateway.url.split("//")[1], timeout=60)
         connection.request("POST", GET_PROFILE, body=json.dumps({"userId": "nobody"}),
                            headers={"Content-Type": "application/json",
