@@ -37,6 +37,7 @@ bench: install
 	$(BIN)/python bench/generation.py
 	$(BIN)/python bench/metric.py
 	$(BIN)/python bench/concurrency.py
+	$(BIN)/python bench/tracing.py
 
 # The web page in one command: `viper serve` on its defaults (127.0.0.1:50051, the toy models) and the gateway
 # in front of it at http://127.0.0.1:8080. Ctrl-C stops both.

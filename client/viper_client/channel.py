@@ -16,6 +16,8 @@ import grpc.aio
 
 from viper_proto.v1 import generation_pb2_grpc, metric_pb2_grpc, profile_pb2_grpc
 
+from .telemetry import inject_trace_context
+
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 30.0
 # Extraction, generation and scoring run models and may queue behind other
@@ -192,8 +194,10 @@ class Connection:
     metadata: Metadata
 
     def metadata_for(self, user_id: str | None) -> Metadata:
-        """A call's metadata: the connection's, plus the user id header for a per-user call."""
-        return self.metadata if user_id is None else (*self.metadata, (USER_HEADER, user_id))
+        """A call's metadata: the connection's, plus the user id header for a per-user call, plus the caller's
+        trace context (`traceparent`) when it uses OpenTelemetry."""
+        metadata = self.metadata if user_id is None else (*self.metadata, (USER_HEADER, user_id))
+        return inject_trace_context(metadata)
 
 
 def connect(target: str | Sequence[str], *, max_message_bytes: int, token: str | None, tls: Tls | None,

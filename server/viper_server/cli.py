@@ -12,6 +12,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from viper_client.telemetry import TEXT_FORMAT, configure_log_format
+
 from .config import add_serve_arguments, config_from_args
 
 # The libraries whose chatter (fallback notices, deprecations, loading progress bars) is for debugging.
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
-    configure_logging(config.log_level)
+    configure_logging(config.log_level, config.log_format)
     from .server import serve  # torch and the models: only once the arguments are known to be good
 
     try:
@@ -57,10 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def configure_logging(level: str) -> None:
-    """Our log lines at `level`; the model libraries' warnings and progress bars only at debug."""
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """Our log lines at `level`, as text or JSON; the model libraries' warnings and progress bars only at debug."""
+    logging.basicConfig(level=level.upper(), format=TEXT_FORMAT, stream=sys.stderr)
+    configure_log_format(log_format)
     if level == "debug":
         return
     for name in _NOISY_LIBRARIES:

@@ -17,6 +17,7 @@ from .engine.presets import PRESET_NAMES
 MiB = 1024 * 1024
 IDEFICS2_DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,8 @@ class ServerConfig:
     # Prometheus metrics over HTTP on this port of the same host; 0 = off.
     metrics_port: int = 0
     log_level: str = "info"
+    # text for a terminal; json: one object a line (time, level, logger, message, request and trace ids, ...).
+    log_format: str = "text"
     limits: Limits = Limits()
 
     @property
@@ -166,6 +169,8 @@ _SERVE_FLAGS: dict[str, _Flag] = {
     "metrics_port": _Flag("VIPER_METRICS_PORT", int, "Prometheus metrics port; 0 = off"),
     "log_level": _Flag("VIPER_LOG_LEVEL", str, "log verbosity (debug shows the libraries' warnings and progress)",
                        choices=LOG_LEVELS),
+    "log_format": _Flag("VIPER_LOG_FORMAT", str, "log lines as text, or json: one object a line for log pipelines",
+                        choices=LOG_FORMATS),
 }
 _LIMIT_FLAGS: dict[str, _Flag] = {
     "max_images": _Flag("VIPER_MAX_IMAGES", int, "images per extraction"),
@@ -232,7 +237,7 @@ def check_config(config: ServerConfig) -> None:
     for name in ("extract_batch", "generate_batch", "score_batch", "prefill_images", "prefill_tokens"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be at least 1, not {getattr(config, name)}")
-    for name in ("models", "idefics2_dtype", "log_level", "scheduling_policy"):
+    for name in ("models", "idefics2_dtype", "log_level", "log_format", "scheduling_policy"):
         choices = _SERVE_FLAGS[name].choices
         if getattr(config, name) not in choices:
             raise ValueError(f"{name} must be {' or '.join(choices)}, not {getattr(config, name)!r}")

@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from viper_client.telemetry import tracer_provider_from_env
 from viper_profiles import StoreUnavailable, open_store
 from viper_proto.v1 import (
     generation_pb2,
@@ -26,6 +27,7 @@ from viper_proto.v1 import (
     profile_pb2_grpc,
 )
 
+from . import tracing
 from .application import ViperService
 from .config import BUILT_MODELS_ROOT, ServerConfig
 from .engine.engine import ModelEngine
@@ -62,7 +64,8 @@ class ViperServer:
             observer=self.telemetry,
         )
         self.telemetry.watch(self.engine, self.store)
-        service = ViperService(self.store, self.engine)
+        # Traced: the store's reads and writes become spans (only while tracing is on).
+        service = ViperService(tracing.Traced(self.store, "store") if tracing.enabled() else self.store, self.engine)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self._database_ok = True
@@ -191,6 +194,14 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
 
 async def serve(config: ServerConfig) -> None:
     """Runs the server until SIGTERM / SIGINT, then drains it."""
+    tracing.configure(tracer_provider_from_env("viper-server"))  # OTEL_TRACES_EXPORTER; off by default
+    try:
+        await _serve(config)
+    finally:
+        tracing.shutdown()  # sends the spans still buffered
+
+
+async def _serve(config: ServerConfig) -> None:
     server = ViperServer(config)
     loop = asyncio.get_running_loop()
     signals = asyncio.Queue()

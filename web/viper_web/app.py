@@ -20,8 +20,9 @@ import grpc
 
 # The per-user routing header the SDK sends too: a proxy in front of several replicas hashes it.
 from viper_client.channel import USER_HEADER
+from viper_client.telemetry import inject_trace_context
 
-from . import codecs
+from . import codecs, tracing
 from .backends import Backends
 from .codes import RpcError
 from .connect import ConnectStream, ConnectUnary, connect_timeout
@@ -51,7 +52,8 @@ _PROTOCOLS: dict[str, tuple[type[Exchange], object, bool | None]] = {
     "application/grpc-web-text+proto": (GrpcWebText, codecs.PROTO, None),
 }
 _CORS_REQUEST_HEADERS = (
-    b"content-type, authorization, x-request-id, connect-protocol-version, connect-timeout-ms, "
+    b"content-type, authorization, x-request-id, traceparent, tracestate, connect-protocol-version, "
+    b"connect-timeout-ms, "
     b"connect-content-encoding, connect-accept-encoding, content-encoding, grpc-timeout, grpc-encoding, "
     b"grpc-accept-encoding, x-grpc-web, x-user-agent"
 )
@@ -85,7 +87,8 @@ class Gateway:
             elif scope["method"] != "POST":
                 await plain_response(send, 405, "RPCs are POST requests\n", [(b"allow", b"POST, OPTIONS")])
             else:
-                await self._rpc(scope, receive, send, method)
+                with tracing.rpc_span(method.path, _headers(scope)):
+                    await self._rpc(scope, receive, send, method)
 
     async def _lifespan(self, receive, send: Send) -> None:
         while True:
@@ -203,7 +206,7 @@ def _backend_metadata(headers: dict[str, str], request_id: str, user_id: str) ->
     # A user id that is not a valid header value is not a valid user id either: the server says so.
     if user_id and _PRINTABLE.fullmatch(user_id):
         metadata.append((USER_HEADER, user_id))
-    return metadata
+    return list(inject_trace_context(metadata))  # the caller's trace (and the gateway's span) go on
 
 
 async def _read_body(receive, headers: dict[str, str], limit: int) -> bytes | None:

@@ -11,6 +11,9 @@ import sys
 
 import uvicorn
 
+from viper_client.telemetry import LOG_FORMATS, TEXT_FORMAT, configure_log_format, tracer_provider_from_env
+
+from . import tracing
 from .app import Gateway, Settings
 from .backends import Backends, parse_targets
 
@@ -45,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-level", default=env("VIPER_WEB_LOG_LEVEL", "info"),
                         choices=("debug", "info", "warning", "error"), help="(env VIPER_WEB_LOG_LEVEL)")
+    parser.add_argument("--log-format", default=env("VIPER_WEB_LOG_FORMAT", "text"), choices=LOG_FORMATS,
+                        help="text, or json: one object a line for log pipelines (env VIPER_WEB_LOG_FORMAT; "
+                             "default %(default)s)")
     return parser
 
 
@@ -60,8 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_message_bytes < 1024:
         parser.error("--max-message-bytes: at least 1024")
     origins = args.allow_origin or [o for o in os.environ.get("VIPER_WEB_ALLOW_ORIGINS", "").split(",") if o]
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format=TEXT_FORMAT)
+    configure_log_format(args.log_format)
+    try:  # traces: the standard OTEL_* variables (OTEL_TRACES_EXPORTER=otlp|console; off by default)
+        tracing.configure(tracer_provider_from_env("viper-web"))
+    except ValueError as exc:
+        print(f"viper web: error: {exc}", file=sys.stderr)
+        return 2
 
     try:
         sock = _listen(args.host, args.port)
@@ -78,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         # Streams still open then (a generation) are cancelled, and with them their back-end calls.
         timeout_graceful_shutdown=5,
     )
-    asyncio.run(uvicorn.Server(config).serve(sockets=[sock]))
+    try:
+        asyncio.run(uvicorn.Server(config).serve(sockets=[sock]))
+    finally:
+        tracing.shutdown()  # sends the spans still buffered
     return 0
 
 

@@ -22,6 +22,7 @@ from PIL import Image
 
 from viper_profiles import Rating, StoredImage
 
+from .. import tracing
 from ..domain import GenerationEvent, GenerationParams, Preferences, ScoredQuery, ScoringContext
 from ..imaging import ImageDecodeError, decode_image
 from ..models.metric import context_pairs
@@ -148,7 +149,8 @@ class ModelEngine:
         """Runs the VPE over the images and their comments. user: whose request it is (for fair turns)."""
         extractions, _, _ = self._loaded_work()
         self._check_room(self.idefics2_scheduler)
-        extraction = await asyncio.to_thread(extractions.extractor.prepare, images, comments)
+        with tracing.span("engine.prepare", images=len(images)):
+            extraction = await asyncio.to_thread(extractions.extractor.prepare, images, comments)
         return await self.idefics2_scheduler.run(ExtractionTask(extractions, extraction, user))
 
     async def generate(self, params: GenerationParams, liked_features: Sequence[str],
@@ -186,7 +188,9 @@ class ModelEngine:
         """Yields the queries' scores a batch at a time. user: whose request it is."""
         _, scorings, _ = self._loaded_work()
         self._check_room(self.idefics2_scheduler)
-        scoring = await asyncio.to_thread(scorings.scorer.prepare, context, queries)
+        with tracing.span("engine.prepare", queries=len(queries)):
+            scoring = await asyncio.to_thread(scorings.scorer.prepare, context, queries)
+            tracing.annotate(prefix_cache=_prefix_cache_use(scoring))
         async for batch in self.idefics2_scheduler.stream(ScoringTask(scorings, scoring, user)):
             yield batch
 
@@ -233,3 +237,12 @@ class _StoredImages(Sequence[Image.Image]):
             raise StoredImageUnreadable(
                 f"stored image {image.sha256[:16]} (position {image.position}) cannot be decoded: {exc}"
             ) from exc
+
+
+def _prefix_cache_use(scoring) -> str:
+    """How a scoring meets the metric prefix cache: hit, miss (its context decoded), inline or off."""
+    if not scoring.use_prefix:
+        return "off"
+    if scoring.context.cache_key is None:
+        return "inline"
+    return "miss" if scoring.context_pixels is not None else "hit"

@@ -9,16 +9,18 @@ code; this is the one place that knows which status code each one means.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
 from google.protobuf.message import DecodeError
 
+from viper_client.telemetry import request_id as current_request_id
 from viper_profiles import (
     USER_ID_PATTERN,
     InvalidText,
@@ -29,6 +31,7 @@ from viper_profiles import (
     quote_user_id,
 )
 
+from .. import tracing
 from ..domain import ContextError
 from ..engine.errors import ModelsNotReady, QueueFull, WorkerClosed
 from ..observability import Telemetry
@@ -39,6 +42,8 @@ from .validation import InvalidRequest
 log = logging.getLogger("viper_server.rpc")
 
 REQUEST_ID_KEY = "x-request-id"
+# W3C trace context: a caller's trace continues here.
+TRACE_KEYS = ("traceparent", "tracestate")
 # Probes must work without credentials.
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
 
@@ -124,6 +129,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 or self._authenticator.allows(metadata)
             ),
             telemetry=self._telemetry,
+            trace_carrier={key: value for key, value in metadata if key in TRACE_KEYS and isinstance(value, str)},
         )
         for kind, factory in _HANDLER_FACTORIES.items():
             behavior = getattr(handler, kind)
@@ -146,6 +152,7 @@ class _CallInfo:
     request_id: str
     authenticated: bool
     telemetry: Telemetry
+    trace_carrier: dict[str, str]
 
 
 class _Outcome:
@@ -156,6 +163,24 @@ class _Outcome:
         self.user = _loggable_user(getattr(request, "user_id", ""))
         self.code = grpc.StatusCode.OK
         self.started = time.monotonic()
+        self.span = None
+        self.answered = False
+
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[None]:
+        """The call's span (when tracing) and its request id, current for log lines written below."""
+        token = current_request_id.set(self.call.request_id)
+        try:
+            with tracing.rpc_span(self.call.method, self.call.trace_carrier) as self.span:
+                yield
+        finally:
+            current_request_id.reset(token)
+
+    def first_response(self) -> None:
+        """A stream's first message is about to go out."""
+        if not self.answered:
+            self.answered = True
+            tracing.first_response(self.span)
 
     def check(self, request: object) -> None:
         """What every call must pass before its handler runs: auth, then a parsable request."""
@@ -174,7 +199,8 @@ class _Outcome:
         self.code, message = status_for(exc)
         if self.code is grpc.StatusCode.INTERNAL:
             log.error("rpc method=%s request_id=%s failed", self.call.method, self.call.request_id, exc_info=exc)
-            message = f"{message} (request_id {self.call.request_id})"
+            trace_id = tracing.current_trace_id()
+            message = f"{message} (request_id {self.call.request_id}{f', trace_id {trace_id}' if trace_id else ''})"
         await context.abort(self.code, message)
 
     def finish(self) -> None:
@@ -182,8 +208,12 @@ class _Outcome:
         self.call.telemetry.rpc_finished(self.call.method, self.code.name, elapsed)
         # Probes come every few seconds from every orchestrator: their lines only at debug.
         level = logging.DEBUG if self.call.method.startswith(OPEN_METHOD_PREFIXES) else logging.INFO
-        log.log(level, "rpc method=%s user=%s status=%s ms=%.1f request_id=%s",
-                self.call.method, self.user, self.code.name, elapsed * 1e3, self.call.request_id)
+        tracing.finish_rpc(self.span, self.code.name, self.user)
+        # The fields again as `extra`, for --log-format json.
+        fields = {"method": self.call.method, "user": self.user, "status": self.code.name,
+                  "duration_ms": round(elapsed * 1e3, 1), "request_id": self.call.request_id}
+        log.log(level, "rpc method=%s user=%s status=%s ms=%.1f request_id=%s", self.call.method, self.user,
+                self.code.name, elapsed * 1e3, self.call.request_id, extra=fields)
 
 
 def _loggable_user(user_id: str) -> str:
@@ -198,13 +228,14 @@ def _wrap_awaitable(call: _CallInfo, behavior):
 
     async def handle(request, context):
         outcome = _Outcome(call, request)
-        try:
-            outcome.check(request)
-            return await behavior(request, context)
-        except BaseException as exc:
-            await outcome.fail(exc, context)
-        finally:
-            outcome.finish()
+        with outcome.scope():
+            try:
+                outcome.check(request)
+                return await behavior(request, context)
+            except BaseException as exc:
+                await outcome.fail(exc, context)
+            finally:
+                outcome.finish()
 
     return handle
 
@@ -214,13 +245,15 @@ def _wrap_stream(call: _CallInfo, behavior):
 
     async def handle(request, context):
         outcome = _Outcome(call, request)
-        try:
-            outcome.check(request)
-            async for response in behavior(request, context):
-                yield response
-        except BaseException as exc:
-            await outcome.fail(exc, context)
-        finally:
-            outcome.finish()
+        with outcome.scope():
+            try:
+                outcome.check(request)
+                async for response in behavior(request, context):
+                    outcome.first_response()
+                    yield response
+            except BaseException as exc:
+                await outcome.fail(exc, context)
+            finally:
+                outcome.finish()
 
     return handle

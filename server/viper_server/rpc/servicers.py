@@ -19,6 +19,7 @@ from viper_proto.v1 import (
     profile_pb2_grpc,
 )
 
+from .. import tracing
 from ..application import InlineContext, ViperService
 from ..config import Limits
 from . import validation
@@ -37,7 +38,9 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
     async def ExtractProfile(self, request: profile_pb2.ExtractProfileRequest,
                              context: grpc.aio.ServicerContext) -> profile_pb2.Profile:
         # Decoding dozens of images is CPU work: keep it off the event loop.
-        user_id, uploads = await asyncio.to_thread(validation.check_extract, request, self._limits, self._service)
+        with tracing.span("validate"):
+            user_id, uploads = await asyncio.to_thread(validation.check_extract, request, self._limits,
+                                                       self._service)
         return profile_to_proto(await self._service.extract_profile(user_id, uploads))
 
     async def GetProfile(self, request: profile_pb2.GetProfileRequest,
@@ -73,9 +76,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self._max_message_bytes = max_message_bytes
 
     async def Generate(self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
-        user_id, params = validation.check_generate(
-            request, self._limits, default_size=self._service.default_image_size, vocabulary=self._service
-        )
+        with tracing.span("validate"):
+            user_id, params = validation.check_generate(
+                request, self._limits, default_size=self._service.default_image_size, vocabulary=self._service
+            )
         generation = await self._service.generate(user_id, params)
         async for event in generation.events:
             message = event_to_proto(event, generation.profile_version)
@@ -94,7 +98,8 @@ class MetricServicer(metric_pb2_grpc.MetricServiceServicer):
         self._limits = limits
 
     async def Score(self, request: metric_pb2.ScoreRequest, context: grpc.aio.ServicerContext):
-        checked = await asyncio.to_thread(validation.check_score, request, self._limits)
+        with tracing.span("validate"):
+            checked = await asyncio.to_thread(validation.check_score, request, self._limits)
         inline = InlineContext(checked.liked, checked.disliked) if checked.liked is not None else None
         scoring = await self._service.score(checked.user_id, checked.queries, inline)
         async for result in scoring.results:
