@@ -44,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         config = config_from_args(args)
-    except ValueError as exc:
-        parser.error(str(exc))
+    except ValueError as exc:  # one line saying why, exit status 2 (as argparse's own errors)
+        print(f"viper-server: error: {exc}", file=sys.stderr)
+        return 2
     configure_logging(config.log_level)
     from .server import serve  # torch and the models: only once the arguments are known to be good
 
