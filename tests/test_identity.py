@@ -3,7 +3,11 @@ hostile matrix (every forged, stale or misdirected credential; every reach for a
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -25,7 +29,15 @@ from jwtkeys import (
     write_jwks,
 )
 
-from viper_client import GeneratedImage, NotFound, PermissionDenied, RatedImage, Unauthenticated, ViperClient
+from viper_client import (
+    AsyncViperClient,
+    GeneratedImage,
+    NotFound,
+    PermissionDenied,
+    RatedImage,
+    Unauthenticated,
+    ViperClient,
+)
 from viper_proto.v1 import generation_pb2, metric_pb2, profile_pb2, profile_pb2_grpc
 from viper_server.rpc.interceptor import PERMISSION_OF
 from viper_server.testing import ServerProcess
@@ -171,6 +183,47 @@ def test_listing_shows_a_user_nothing_but_their_own_profile(server, keys):
         assert list(carol.list_profiles()) == []
     with ViperClient(server.target, token=SHOP_ADMIN) as admin:
         assert {p.user_id for p in admin.list_profiles()} >= {"alice", "bob"}
+
+
+# --- the SDK and the CLI ------------------------------------------------------------------------
+
+
+def test_the_sdk_asks_a_token_callable_before_every_call(server, keys):
+    issued = []
+
+    def fresh_token() -> str:
+        issued.append(keys["ec"].sign(claims("alice", lifetime=60)))
+        return issued[-1]
+
+    with ViperClient(server.target, token=fresh_token) as client:
+        assert client.get_profile("alice").user_id == "alice"
+        with pytest.raises(PermissionDenied):
+            client.get_profile("bob")
+    assert len(issued) == 2
+
+    async def asynchronously():
+        async with AsyncViperClient(server.target, token=fresh_token) as client:
+            return (await client.get_profile("alice")).user_id
+
+    assert asyncio.run(asynchronously()) == "alice"
+    assert len(issued) == 3
+
+
+def test_a_token_callable_is_never_sent_in_plaintext_to_another_host():
+    with pytest.raises(ValueError, match="TLS"):
+        ViperClient("192.0.2.1:50051", token=lambda: "t")
+
+
+def test_the_cli_reads_viper_token(server, keys):
+    env = {**os.environ, "VIPER_TARGET": server.target, "VIPER_TOKEN": keys["rsa"].sign(claims("alice"))}
+    viper = [sys.executable, "-c", "import sys; from viper_client.cli import main; sys.exit(main())"]
+    own = subprocess.run([*viper, "profile", "get", "--user", "alice", "--json"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert own.returncode == 0, own.stderr
+    assert json.loads(own.stdout)["user_id"] == "alice"
+    other = subprocess.run([*viper, "profile", "get", "--user", "bob"],
+                           env=env, capture_output=True, text=True, timeout=60)
+    assert other.returncode != 0 and "PERMISSION_DENIED" in other.stderr
 
 
 # --- tenants ------------------------------------------------------------------------------------
