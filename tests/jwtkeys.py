@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -82,3 +83,32 @@ def tampered(token: str, **changes: Any) -> str:
 
 def sha256_hex(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def bad_tokens(rsa: SigningKey, service_token: str) -> dict[str, str]:
+    """Every kind of credential that must be UNAUTHENTICATED, by name; rsa is a key the issuer publishes."""
+    now = time.time()
+    other = SigningKey("rsa-1", "RS256")  # a key of our own, under the issuer's kid
+    good = rsa.sign(claims("alice"))
+    return {
+        "expired": rsa.sign(claims(issued=now - 3600, lifetime=600)),
+        "not yet valid (nbf)": rsa.sign(claims(nbf=int(now + 600))),
+        "issued in the future": rsa.sign(claims(issued=now + 600)),
+        "wrong audience": rsa.sign(claims(aud="someone-else")),
+        "wrong issuer": rsa.sign(claims(iss="https://evil.test/")),
+        "no exp": rsa.sign(claims(exp=None)),
+        "no iat": rsa.sign(claims(iat=None)),
+        "no sub": rsa.sign(claims(sub=None)),
+        "no aud": rsa.sign(claims(aud=None)),
+        "no iss": rsa.sign(claims(iss=None)),
+        "lives longer than max_lifetime": rsa.sign(claims(lifetime=2 * 86400)),
+        "sub not a user id": rsa.sign(claims("al/ice")),
+        "alg none": unsigned(claims()),
+        "HS256 with the public key": hs256_with_public_key(rsa, claims()),
+        "another key under a known kid": other.sign(claims()),
+        "unknown kid": SigningKey("never-published", "RS256").sign(claims()),
+        "tampered payload": tampered(good, sub="bob"),
+        "garbage": "not.a.jwt",
+        "random bytes": os.urandom(16).hex(),
+        "a service token's digest": sha256_hex(service_token),
+    }
