@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import psutil
@@ -408,3 +409,54 @@ def test_every_denial_is_audited_and_the_log_holds_no_secret(server, folder, key
     for secret in (SHOP_ADMIN, SHOP_READER, BANK_ADMIN, FILE_TOKEN, alice_token, alice_token.split(".")[2],
                    SECRET_COMMENT, SECRET_FEATURE):
         assert secret not in log
+
+
+# --- configuration ------------------------------------------------------------------------------
+
+
+def test_the_kubernetes_example_uses_a_valid_auth_config(tmp_path):
+    import yaml
+
+    from viper_server.rpc.auth_config import load_auth_config
+
+    kubernetes = Path(__file__).resolve().parents[1] / "deploy" / "kubernetes"
+    secrets = {doc["metadata"]["name"]: doc for doc in yaml.safe_load_all((kubernetes / "secret.yaml").read_text())}
+    (tmp_path / "auth.toml").write_text(secrets["viper-auth"]["stringData"]["auth.toml"])
+    config = load_auth_config(tmp_path / "auth.toml")
+    assert config.services and config.issuers[0].jwks.startswith("https://")
+    replicas = next(doc for doc in yaml.safe_load_all((kubernetes / "replicas.yaml").read_text())
+                    if doc["kind"] == "StatefulSet")
+    assert "--auth-config=/etc/viper/auth.toml" in replicas["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+@pytest.mark.parametrize("text, complaint", [
+    ('[[services]]\nname = "a"\ntoken_sha256 = "abc"\npermissions = ["*"]\n', "64 hex"),
+    ('[[services]]\nname = "a"\ntoken_sha256 = "' + "a" * 64 + '"\npermissions = ["profiles.read"]\n',
+     "unknown permission"),
+    ('[[issuers]]\nissuer = "i"\naudience = "a"\njwks = "http://x/jwks.json"\n', "https://"),
+    ('[[issuers]]\nissuer = "i"\naudience = "a"\njwks = "j.json"\nleeway = 300\n', "leeway"),
+    ('[[issuers]]\nissuer = "i"\naudience = "a"\njwks = "j.json"\ntenant = "No/Good"\n', "tenant"),
+    ('[[issuers]]\nissuer = "i"\njwks = "j.json"\n', "missing"),
+    ("[[issuers]]\nissuer = 'i'\nfoo = 1\n", "unknown key"),
+    ("", "every call would be refused"),
+])
+def test_a_bad_auth_config_stops_the_server_with_one_line(tmp_path, text, complaint):
+    (tmp_path / "auth.toml").write_text(text)
+    result = subprocess.run(
+        [sys.executable, "-m", "viper_server", "serve", "--port", "0", "--db", str(tmp_path / "p.db"),
+         "--auth-config", str(tmp_path / "auth.toml"), "--models-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert complaint in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_serving_beyond_loopback_without_auth_exits_2_with_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "viper_server", "serve", "--host", "0.0.0.0", "--port", "0", "--db",
+         str(tmp_path / "p.db")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "--auth-config" in result.stderr and not (tmp_path / "p.db").exists()
