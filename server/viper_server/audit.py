@@ -55,6 +55,7 @@ class JsonLinesAudit:
         self._queue: queue.Queue[AuditEvent | None] = queue.Queue(QUEUE_SIZE)
         self._reopen = threading.Event()
         self.dropped = 0
+        self._failing = False  # logs the first failure of a run of them, not each
         self._file: IO[str] | None = None
         self._open()  # a path that cannot be opened stops the server at start, not silently later
         self._thread = threading.Thread(target=self._write_all, name="audit-log", daemon=True)
@@ -100,8 +101,12 @@ class JsonLinesAudit:
                 self._file.write(json.dumps(asdict(event), separators=(",", ":")) + "\n")
                 if self._queue.empty():
                     self._file.flush()
+                self._failing = False
             except (OSError, ValueError) as error:  # a full disk, a closed file: the record is lost, not the call
                 self.dropped += 1
-                log.warning("audit log %s: cannot write (%s)", self._path, error)
+                if not self._failing:
+                    log.warning("audit log %s: cannot write (%s); records are dropped until it can",
+                                self._path, error)
+                self._failing = True
         if self._file is not None and self._file is not sys.stderr:
             self._file.close()
