@@ -6,7 +6,7 @@ import enum
 import json
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -149,7 +149,7 @@ def enable_ring_hash() -> None:
 
 def create_channel(
     target: str | Sequence[str], *, max_message_bytes: int, tls: Tls | None = None, asynchronous: bool = False,
-    retries: bool = True,
+    retries: bool = True, call_credentials: grpc.CallCredentials | None = None,
 ) -> grpc.Channel | grpc.aio.Channel:
     """A channel (sync, or grpc.aio when asynchronous), TLS when tls is given, allowing messages up to
     max_message_bytes.
@@ -157,6 +157,7 @@ def create_channel(
     Several targets (a list, or commas): one channel over all of them with the ring_hash policy, so each
     user's calls go to one of them (consistent hashing of the user header) and move to the next one on the
     ring while theirs is down. retries: the safe calls (RETRIED_METHODS) are retried after UNAVAILABLE.
+    call_credentials go with every call: gRPC sends them over TLS, or in plaintext to loopback targets only.
     """
     targets = split_targets(target)
     several = len(targets) > 1
@@ -175,12 +176,48 @@ def create_channel(
         options.append(("grpc.default_authority", targets[0]))
     channel_target = resolve_targets(targets) if several else targets[0]
     api = grpc.aio if asynchronous else grpc
+    if call_credentials is not None:
+        return api.secure_channel(channel_target, _with_call_credentials(targets, tls, call_credentials),
+                                  options=options)
     if tls is None:
         return api.insecure_channel(channel_target, options=options)
     return api.secure_channel(channel_target, tls.credentials(), options=options)
 
 
+def _with_call_credentials(targets: list[str], tls: Tls | None,
+                           call_credentials: grpc.CallCredentials) -> grpc.ChannelCredentials:
+    if tls is not None:
+        return grpc.composite_channel_credentials(tls.credentials(), call_credentials)
+    if not all(_is_loopback(target) for target in targets):
+        raise ValueError("a token callable is sent over TLS, or in plaintext to a loopback address only: "
+                         "pass tls=Tls(...), or a fixed token")
+    return grpc.composite_channel_credentials(grpc.local_channel_credentials(), call_credentials)
+
+
+def _is_loopback(target: str) -> bool:
+    host = target.rpartition(":")[0].strip("[]") if ":" in target else target
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 Metadata = tuple[tuple[str, str], ...]
+# A bearer token: fixed, or a callable asked for a fresh one before every call (an end user's JWT that
+# expires and is refreshed). A callable travels as gRPC call credentials.
+TokenSource = str | Callable[[], str] | None
+
+
+class BearerToken(grpc.AuthMetadataPlugin):
+    """Call credentials that ask `source` for the token before every call (gRPC runs it off the event loop)."""
+
+    def __init__(self, source: Callable[[], str]) -> None:
+        self._source = source
+
+    def __call__(self, context: grpc.AuthMetadataContext, callback: grpc.AuthMetadataPluginCallback) -> None:
+        try:
+            token = self._source()
+        except Exception as error:  # the call fails UNAVAILABLE with this error, instead of hanging
+            callback((), error)
+            return
+        callback((("authorization", f"Bearer {token}"),), None)
 
 
 @dataclass(frozen=True)
@@ -200,10 +237,13 @@ class Connection:
         return inject_trace_context(metadata)
 
 
-def connect(target: str | Sequence[str], *, max_message_bytes: int, token: str | None, tls: Tls | None,
+def connect(target: str | Sequence[str], *, max_message_bytes: int, token: TokenSource, tls: Tls | None,
             asynchronous: bool = False, retries: bool = True) -> Connection:
+    refreshed = grpc.metadata_call_credentials(BearerToken(token)) if callable(token) else None
     channel = create_channel(target, max_message_bytes=max_message_bytes, tls=tls, asynchronous=asynchronous,
-                             retries=retries)
+                             retries=retries, call_credentials=refreshed)
+    if callable(token):
+        token = None
     return Connection(
         channel=channel,
         profiles=profile_pb2_grpc.ProfileServiceStub(channel),

@@ -148,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # Never %(default)s here: the default comes from the environment and is a secret.
     parser.add_argument("--token", default=os.environ.get("VIPER_TOKEN"),
-                        help="bearer token sent with every call, for servers run with --auth-tokens "
-                             "(env VIPER_TOKEN; default: none)")
+                        help="bearer token sent with every call: a service token or an end user's JWT, for "
+                             "servers run with --auth-config or --auth-tokens (env VIPER_TOKEN; default: none)")
     parser.add_argument("--tls", action="store_true",
                         help="connect with TLS, verifying the server (implied by --tls-ca and --tls-cert; "
                              "default: plaintext)")

@@ -26,17 +26,20 @@ from .records import (
     StoreStats,
 )
 from .store import DB_ENV, DEFAULT_DB, DEFAULT_POOL_SIZE, DEFAULT_TIMEOUT, ProfileStore, open_store
+from .tenants import DEFAULT_TENANT, TENANT_PATTERN, InvalidTenant, validate_tenant
 from .user_ids import USER_ID_PATTERN, validate_user_id
 
 __all__ = [
     "DB_ENV",
     "DEFAULT_DB",
     "DEFAULT_POOL_SIZE",
+    "DEFAULT_TENANT",
     "DEFAULT_TIMEOUT",
     "USER_ID_PATTERN",
     "AppliedMigration",
     "BackupNotSupported",
     "ImageRef",
+    "InvalidTenant",
     "InvalidText",
     "InvalidUserId",
     "ProfileNotFound",
@@ -51,8 +54,10 @@ __all__ = [
     "StoreUnavailable",
     "StoredImage",
     "StoredProfile",
+    "TENANT_PATTERN",
     "VersionConflict",
     "open_store",
     "quote_user_id",
+    "validate_tenant",
     "validate_user_id",
 ]

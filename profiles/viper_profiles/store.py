@@ -27,6 +27,7 @@ from .records import (
     StoredProfile,
     StoreStats,
 )
+from .tenants import DEFAULT_TENANT, validate_tenant
 from .user_ids import validate_user_id
 
 # How long an operation waits for the database (SQLite: another process's write lock; PostgreSQL: a
@@ -88,6 +89,8 @@ class ProfileStore:
     A user's versions only ever go up, across deletes and processes: after a delete, the next
     extraction continues above the last version the user was given, so a version (and an
     expected_version) always names one content. Database unreachable -> StoreUnavailable.
+    Every operation on a profile acts in one tenant (`tenant=`, default DEFAULT_TENANT): a tenant's
+    profiles, versions and listing are its own.
     `ProfileStore(url)` is `open_store(url)`.
     """
 
@@ -120,6 +123,7 @@ class ProfileStore:
         raw_text: str,
         extractor_model: str,
         images: Sequence[SourceImage],
+        tenant: str = DEFAULT_TENANT,
     ) -> StoredProfile:
         """Creates the user's profile, or replaces all of it (features, text, images).
 
@@ -127,6 +131,7 @@ class ProfileStore:
         first save of the current profile.
         """
         validate_user_id(user_id)
+        validate_tenant(tenant)
         liked, disliked = _feature_list(liked_features, "liked"), _feature_list(disliked_features, "disliked")
         _check_text(raw_text, "raw_text")
         _check_text(extractor_model, "extractor_model")
@@ -159,18 +164,18 @@ class ProfileStore:
             tx.replace_images(user_id, stored)
             return tx.find_profile(user_id)
 
-        return self._backend.write(save)
+        return self._backend.write(save, tenant)
 
-    def get(self, user_id: str) -> StoredProfile:
+    def get(self, user_id: str, *, tenant: str = DEFAULT_TENANT) -> StoredProfile:
         validate_user_id(user_id)
-        return self._backend.read(lambda tx: _found(tx.find_profile(user_id), user_id))
+        return self._backend.read(lambda tx: _found(tx.find_profile(user_id), user_id), validate_tenant(tenant))
 
-    def list(self, *, page_size: int, after: str | None = None) -> list[StoredProfile]:
-        """Up to page_size profiles in byte order of user_id, starting after the given user_id."""
+    def list(self, *, page_size: int, after: str | None = None, tenant: str = DEFAULT_TENANT) -> list[StoredProfile]:
+        """Up to page_size profiles of the tenant in byte order of user_id, starting after the given user_id."""
         if page_size < 1:
             raise ValueError(f"page_size must be at least 1, got {page_size}")
         # `after` is only a bound to compare with, so it needs no user_id validation.
-        return self._backend.read(lambda tx: tx.list_profiles(after, page_size))
+        return self._backend.read(lambda tx: tx.list_profiles(after, page_size), validate_tenant(tenant))
 
     def update_features(
         self,
@@ -179,9 +184,11 @@ class ProfileStore:
         liked_features: Sequence[str] | None = None,
         disliked_features: Sequence[str] | None = None,
         expected_version: int | None = None,
+        tenant: str = DEFAULT_TENANT,
     ) -> StoredProfile:
         """Replaces the given feature lists (None keeps one); the version goes up by one."""
         validate_user_id(user_id)
+        validate_tenant(tenant)
         liked = None if liked_features is None else _feature_list(liked_features, "liked")
         disliked = None if disliked_features is None else _feature_list(disliked_features, "disliked")
         now = _utc_now()
@@ -197,26 +204,30 @@ class ProfileStore:
             )
             return tx.find_profile(user_id)
 
-        return self._backend.write(update)
+        return self._backend.write(update, tenant)
 
-    def delete(self, user_id: str, *, expected_version: int | None = None) -> int:
+    def delete(self, user_id: str, *, expected_version: int | None = None, tenant: str = DEFAULT_TENANT) -> int:
         """Deletes the profile, and every image of it that no other profile uses; returns the deleted version."""
         validate_user_id(user_id)
+        validate_tenant(tenant)
 
         def delete(tx: Transaction) -> int:
             version = _checked_version(tx, user_id, expected_version)
             tx.delete_profile(user_id)
             return version
 
-        return self._backend.write(delete)
+        return self._backend.write(delete, tenant)
 
-    def get_with_images(self, user_id: str) -> tuple[StoredProfile, list[StoredImage]]:
+    def get_with_images(self, user_id: str, *, tenant: str = DEFAULT_TENANT) -> tuple[StoredProfile, list[StoredImage]]:
         """The profile and its images (with their bytes, by position) from one snapshot: the images are
         exactly those of that version."""
         validate_user_id(user_id)
-        return self._backend.read(lambda tx: (_found(tx.find_profile(user_id), user_id), tx.read_images(user_id)))
+        return self._backend.read(
+            lambda tx: (_found(tx.find_profile(user_id), user_id), tx.read_images(user_id)), validate_tenant(tenant)
+        )
 
     def count(self) -> int:
+        """Profiles in every tenant."""
         return self._backend.read(lambda tx: tx.count_profiles())
 
     # --- the operator's view of the whole database (viper-profiles)

@@ -71,8 +71,12 @@ class ServerConfig:
     scheduling_policy: str = "fair"
     prefill_images: int = 1
     prefill_tokens: int = 256
-    # Bearer tokens, one a line (`sha256:<hex>` or plain); unset = no auth.
+    # Bearer tokens, one a line (`sha256:<hex>` or plain): services with "*" in the tenant "default".
     auth_tokens: Path | None = None
+    # The auth configuration (TOML: [[services]] and [[issuers]]; README "Security"). Neither set = no auth.
+    auth_config: Path | None = None
+    # One JSON line per call (README "Security"); "-" = stderr; unset = no audit log.
+    audit_log: str | None = None
     # Serving a non-loopback address without auth must be asked for explicitly.
     allow_unauthenticated: bool = False
     reflection: bool = True
@@ -160,6 +164,11 @@ _SERVE_FLAGS: dict[str, _Flag] = {
     "auth_tokens": _Flag("VIPER_AUTH_TOKENS", Path,
                          "file of accepted bearer tokens, one a line (sha256:<hex> or plain)",
                          shown_default="none: no auth, allowed on loopback only"),
+    "auth_config": _Flag("VIPER_AUTH_CONFIG", Path,
+                         "auth configuration (TOML): calling services with their permissions and tenants, and "
+                         "identity providers whose end-user JWTs are accepted", shown_default="none"),
+    "audit_log": _Flag("VIPER_AUDIT_LOG", str, "audit log, one JSON line per call (- = stderr; reopened on SIGHUP)",
+                       shown_default="none"),
     "allow_unauthenticated": _switch("VIPER_ALLOW_UNAUTHENTICATED", "serve a non-loopback address without auth"),
     "reflection": _switch("VIPER_REFLECTION", "gRPC server reflection (behind auth when auth is on)"),
     "tls_cert": _Flag("VIPER_TLS_CERT", Path, "server certificate chain (PEM)", shown_default="none: no TLS"),
@@ -245,8 +254,9 @@ def check_config(config: ServerConfig) -> None:
         raise ValueError("--tls-cert and --tls-key go together")
     if config.tls_client_ca is not None and config.tls_cert is None:
         raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
-    if not is_loopback(config.host) and config.auth_tokens is None and not config.allow_unauthenticated:
+    unauthenticated = config.auth_tokens is None and config.auth_config is None
+    if not is_loopback(config.host) and unauthenticated and not config.allow_unauthenticated:
         raise ValueError(
-            f"refusing to serve {config.host} without auth: pass --auth-tokens FILE "
+            f"refusing to serve {config.host} without auth: pass --auth-config FILE or --auth-tokens FILE "
             "(or --allow-unauthenticated on if something in front of the server authenticates)"
         )

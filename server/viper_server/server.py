@@ -29,12 +29,14 @@ from viper_proto.v1 import (
 
 from . import tracing
 from .application import ViperService
+from .audit import JsonLinesAudit
 from .config import BUILT_MODELS_ROOT, ServerConfig
 from .engine.engine import ModelEngine
 from .engine.loading import LoadSettings
 from .engine.presets import model_preset
 from .observability import Telemetry
-from .rpc.auth import TokenAuthenticator
+from .rpc.auth import Authenticator, token_file_services
+from .rpc.auth_config import AuthConfig, load_auth_config
 from .rpc.interceptor import RpcInterceptor
 from .rpc.servicers import GenerationServicer, MetricServicer, ProfileServicer
 
@@ -70,9 +72,9 @@ class ViperServer:
         self.port: int | None = None
         self._database_ok = True
         self._watching: asyncio.Task | None = None
-        authenticator = TokenAuthenticator.from_file(config.auth_tokens) if config.auth_tokens else None
+        self.audit = JsonLinesAudit(config.audit_log) if config.audit_log else None
         self._server = grpc.aio.server(
-            interceptors=[RpcInterceptor(self.telemetry, authenticator)],
+            interceptors=[RpcInterceptor(self.telemetry, authenticator(config), self.audit)],
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
@@ -106,7 +108,8 @@ class ViperServer:
         await self._server.start()
         self._watching = asyncio.create_task(self._watch_database())
         log.info("viper-serve listening on %s:%d (models=%s, tls=%s, auth=%s)", self.config.host, self.port,
-                 self.config.models, credentials is not None, self.config.auth_tokens is not None)
+                 self.config.models, credentials is not None,
+                 self.config.auth_tokens is not None or self.config.auth_config is not None)
         if self.config.metrics_port:
             metrics_port = self.telemetry.serve(self.config.metrics_port, self.config.host)
             log.info("metrics on http://%s:%d/metrics", self.config.host, metrics_port)
@@ -131,6 +134,8 @@ class ViperServer:
             self._watching.cancel()
         self.engine.close()
         self.store.close()
+        if self.audit is not None:
+            self.audit.close()
         log.info("viper-serve stopped")
 
     async def _watch_database(self) -> None:
@@ -180,6 +185,16 @@ def load_settings(config: ServerConfig) -> LoadSettings:
     )
 
 
+def authenticator(config: ServerConfig) -> Authenticator | None:
+    """The credentials of --auth-config and --auth-tokens together; None when neither is set (no auth)."""
+    if config.auth_config is None and config.auth_tokens is None:
+        return None
+    auth = load_auth_config(config.auth_config) if config.auth_config else AuthConfig()
+    if config.auth_tokens:
+        auth = AuthConfig(services=(*auth.services, *token_file_services(config.auth_tokens)), issuers=auth.issuers)
+    return Authenticator(auth)
+
+
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     """TLS credentials from the configured PEM files; with a client CA, client certificates are required."""
     if config.tls_cert is None:
@@ -208,6 +223,8 @@ async def _serve(config: ServerConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, signals.put_nowait, sig)
 
+    if server.audit is not None:  # logrotate's postrotate: kill -HUP
+        loop.add_signal_handler(signal.SIGHUP, server.audit.reopen)
     await server.start()
     loading = asyncio.create_task(server.load_models())
     first = asyncio.create_task(signals.get())

@@ -25,6 +25,7 @@ from psycopg_pool import ConnectionPool, PoolClosed
 
 from ..errors import BackupNotSupported, StoreUnavailable
 from ..records import SchemaStatus
+from ..tenants import DEFAULT_TENANT
 from .queries import PostgresTransaction
 from .schema import migrate, schema_status
 
@@ -78,16 +79,16 @@ class PostgresBackend:
                 self._pool.close()
                 raise
 
-    def read(self, operation: Callable[[PostgresTransaction], T]) -> T:
+    def read(self, operation: Callable[[PostgresTransaction], T], tenant: str = DEFAULT_TENANT) -> T:
         with _unavailable_on_connection_errors(), self._pool.connection() as conn, conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            return operation(PostgresTransaction(conn))
+            return operation(PostgresTransaction(conn, tenant))
 
-    def write(self, operation: Callable[[PostgresTransaction], T]) -> T:
+    def write(self, operation: Callable[[PostgresTransaction], T], tenant: str = DEFAULT_TENANT) -> T:
         for attempt in range(1, WRITE_ATTEMPTS + 1):
             try:
                 with _unavailable_on_connection_errors(), self._pool.connection() as conn, conn.transaction():
-                    return operation(PostgresTransaction(conn))
+                    return operation(PostgresTransaction(conn, tenant))
             except _LOST_TO_ANOTHER_WRITE:
                 if attempt == WRITE_ATTEMPTS:
                     raise

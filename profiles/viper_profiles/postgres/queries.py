@@ -30,26 +30,35 @@ _PROFILE_COLUMNS = (
 
 
 class PostgresTransaction:
-    def __init__(self, conn: psycopg.Connection) -> None:
+    def __init__(self, conn: psycopg.Connection, tenant: str) -> None:
         self._conn = conn
+        self._tenant = tenant  # every statement is confined to it
 
     # --- reads
 
     def find_profile(self, user_id: str) -> StoredProfile | None:
-        rows = self._rows(f"SELECT {_PROFILE_COLUMNS} FROM profiles WHERE user_id = %s", [user_id])
+        rows = self._rows(
+            f"SELECT {_PROFILE_COLUMNS} FROM profiles WHERE tenant = %s AND user_id = %s", [self._tenant, user_id]
+        )
         return _profile(rows[0], self._image_refs([user_id])[user_id]) if rows else None
 
     def find_version(self, user_id: str) -> int | None:
-        row = self._conn.execute("SELECT version FROM profiles WHERE user_id = %s", [user_id]).fetchone()
+        row = self._conn.execute(
+            "SELECT version FROM profiles WHERE tenant = %s AND user_id = %s", [self._tenant, user_id]
+        ).fetchone()
         return None if row is None else row[0]
 
     def list_profiles(self, after: str | None, limit: int) -> list[StoredProfile]:
         if after is None:
-            rows = self._rows(f"SELECT {_PROFILE_COLUMNS} FROM profiles ORDER BY user_id LIMIT %s", [limit])
+            rows = self._rows(
+                f"SELECT {_PROFILE_COLUMNS} FROM profiles WHERE tenant = %s ORDER BY user_id LIMIT %s",
+                [self._tenant, limit],
+            )
         else:
             rows = self._rows(
-                f"SELECT {_PROFILE_COLUMNS} FROM profiles WHERE user_id > %s ORDER BY user_id LIMIT %s",
-                [after, limit],
+                f"SELECT {_PROFILE_COLUMNS} FROM profiles WHERE tenant = %s AND user_id > %s "
+                "ORDER BY user_id LIMIT %s",
+                [self._tenant, after, limit],
             )
         refs = self._image_refs([row["user_id"] for row in rows])
         return [_profile(row, refs[row["user_id"]]) for row in rows]
@@ -61,10 +70,10 @@ class PostgresTransaction:
                 """
                 SELECT profile_images.sha256, comment, rating, position, data
                 FROM profile_images JOIN images USING (sha256)
-                WHERE user_id = %s
+                WHERE tenant = %s AND user_id = %s
                 ORDER BY position
                 """,
-                [user_id],
+                [self._tenant, user_id],
             )
             return [
                 StoredImage(
@@ -84,16 +93,18 @@ class PostgresTransaction:
 
     def lock_user(self, user_id: str) -> None:
         # No row: the user never had a profile, and the caller's next read says so.
-        self._conn.execute("SELECT 1 FROM last_versions WHERE user_id = %s FOR UPDATE", [user_id])
+        self._conn.execute(
+            "SELECT 1 FROM last_versions WHERE tenant = %s AND user_id = %s FOR UPDATE", [self._tenant, user_id]
+        )
 
     def claim_version(self, user_id: str) -> int:
         return self._conn.execute(
             """
-            INSERT INTO last_versions (user_id, version) VALUES (%s, 1)
-            ON CONFLICT (user_id) DO UPDATE SET version = last_versions.version + 1
+            INSERT INTO last_versions (tenant, user_id, version) VALUES (%s, %s, 1)
+            ON CONFLICT (tenant, user_id) DO UPDATE SET version = last_versions.version + 1
             RETURNING version
             """,
-            [user_id],
+            [self._tenant, user_id],
         ).fetchone()[0]
 
     def put_profile(
@@ -110,8 +121,9 @@ class PostgresTransaction:
     ) -> None:
         self._conn.execute(
             f"""
-            INSERT INTO profiles ({_PROFILE_COLUMNS}) VALUES (%s, %s::text[], %s::text[], %s, %s, %s, %s, %s)
-            ON CONFLICT (user_id) DO UPDATE SET
+            INSERT INTO profiles (tenant, {_PROFILE_COLUMNS})
+            VALUES (%s, %s, %s::text[], %s::text[], %s, %s, %s, %s, %s)
+            ON CONFLICT (tenant, user_id) DO UPDATE SET
                 liked_features = EXCLUDED.liked_features,
                 disliked_features = EXCLUDED.disliked_features,
                 raw_text = EXCLUDED.raw_text,
@@ -121,6 +133,7 @@ class PostgresTransaction:
                 updated_at = EXCLUDED.updated_at
             """,
             [
+                self._tenant,
                 user_id,
                 list(liked_features),
                 list(disliked_features),
@@ -149,13 +162,14 @@ class PostgresTransaction:
                 updated_at = %s,
                 liked_features = COALESCE(%s::text[], liked_features),
                 disliked_features = COALESCE(%s::text[], disliked_features)
-            WHERE user_id = %s
+            WHERE tenant = %s AND user_id = %s
             """,
             [
                 version,
                 updated_at,
                 None if liked_features is None else list(liked_features),
                 None if disliked_features is None else list(disliked_features),
+                self._tenant,
                 user_id,
             ],
         )
@@ -173,14 +187,18 @@ class PostgresTransaction:
                 sorted({image.sha256: image.data for image in images}.items()),
             )
             cursor.executemany(
-                "INSERT INTO profile_images (user_id, position, sha256, comment, rating) VALUES (%s, %s, %s, %s, %s)",
-                [(user_id, image.position, image.sha256, image.comment, image.rating.value) for image in images],
+                "INSERT INTO profile_images (tenant, user_id, position, sha256, comment, rating) "
+                "VALUES (%s, %s, %s, %s, %s, %s)",
+                [
+                    (self._tenant, user_id, image.position, image.sha256, image.comment, image.rating.value)
+                    for image in images
+                ],
             )
         self._delete_unreferenced_images(set(dropped) - {image.sha256 for image in images})
 
     def delete_profile(self, user_id: str) -> None:
         dropped = self._drop_image_references(user_id)
-        self._conn.execute("DELETE FROM profiles WHERE user_id = %s", [user_id])
+        self._conn.execute("DELETE FROM profiles WHERE tenant = %s AND user_id = %s", [self._tenant, user_id])
         self._delete_unreferenced_images(dropped)
 
     # --- helpers
@@ -191,7 +209,9 @@ class PostgresTransaction:
 
     def _drop_image_references(self, user_id: str) -> list[str]:
         """Deletes the user's image references; returns the sha256s they pointed to."""
-        rows = self._conn.execute("DELETE FROM profile_images WHERE user_id = %s RETURNING sha256", [user_id])
+        rows = self._conn.execute(
+            "DELETE FROM profile_images WHERE tenant = %s AND user_id = %s RETURNING sha256", [self._tenant, user_id]
+        )
         return [sha for (sha,) in rows]
 
     def _delete_unreferenced_images(self, candidates: Iterable[str]) -> None:
@@ -218,10 +238,10 @@ class PostgresTransaction:
         rows = self._rows(
             """
             SELECT user_id, sha256, comment, rating, position FROM profile_images
-            WHERE user_id = ANY(%s)
+            WHERE tenant = %s AND user_id = ANY(%s)
             ORDER BY user_id, position
             """,
-            [list(user_ids)],
+            [self._tenant, list(user_ids)],
         )
         for row in rows:
             refs[row["user_id"]].append(

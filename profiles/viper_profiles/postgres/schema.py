@@ -62,7 +62,22 @@ def _create_last_versions(conn: psycopg.Connection) -> None:
     conn.execute("INSERT INTO last_versions (user_id, version) SELECT user_id, version FROM profiles")
 
 
-MIGRATIONS: tuple[Migration, ...] = (_create_profile_tables, _create_last_versions)
+def _add_tenants(conn: psycopg.Connection) -> None:
+    # Every row stored so far moves into the tenant "default"; the keys become (tenant, user_id).
+    conn.execute("ALTER TABLE profile_images DROP CONSTRAINT profile_images_user_id_fkey")
+    for table in ("profiles", "profile_images", "last_versions"):
+        conn.execute(f"ALTER TABLE {table} ADD COLUMN tenant text COLLATE \"C\" NOT NULL DEFAULT 'default'")
+        conn.execute(f"ALTER TABLE {table} ALTER COLUMN tenant DROP DEFAULT")
+        conn.execute(f"ALTER TABLE {table} DROP CONSTRAINT {table}_pkey")
+    conn.execute("ALTER TABLE profiles ADD PRIMARY KEY (tenant, user_id)")
+    conn.execute("ALTER TABLE last_versions ADD PRIMARY KEY (tenant, user_id)")
+    conn.execute("ALTER TABLE profile_images ADD PRIMARY KEY (tenant, user_id, position)")
+    conn.execute(
+        "ALTER TABLE profile_images ADD FOREIGN KEY (tenant, user_id) REFERENCES profiles (tenant, user_id)"
+    )
+
+
+MIGRATIONS: tuple[Migration, ...] = (_create_profile_tables, _create_last_versions, _add_tenants)
 
 
 def migration_name(migration: Migration) -> str:

@@ -11,6 +11,7 @@ from typing import TypeVar
 
 from ..errors import StoreNotFound, StoreUnavailable
 from ..records import SchemaStatus
+from ..tenants import DEFAULT_TENANT
 from .connection import open_database, transaction
 from .queries import SqliteTransaction
 from .schema import migrate, schema_status
@@ -46,13 +47,13 @@ class SqliteBackend:
                 self._db.close()
                 raise
 
-    def read(self, operation: Callable[[SqliteTransaction], T]) -> T:
+    def read(self, operation: Callable[[SqliteTransaction], T], tenant: str = DEFAULT_TENANT) -> T:
         with self._transaction(write=False) as db:
-            return operation(SqliteTransaction(db))
+            return operation(SqliteTransaction(db, tenant))
 
-    def write(self, operation: Callable[[SqliteTransaction], T]) -> T:
+    def write(self, operation: Callable[[SqliteTransaction], T], tenant: str = DEFAULT_TENANT) -> T:
         with self._transaction(write=True) as db:
-            return operation(SqliteTransaction(db))
+            return operation(SqliteTransaction(db, tenant))
 
     def ping(self, timeout: float | None = None) -> None:
         # No timeout to apply: a read in WAL mode waits for nobody.

@@ -64,7 +64,46 @@ def _create_last_versions(db: Database) -> None:
     db.execute("INSERT INTO last_versions (user_id, version) SELECT user_id, version FROM profiles")
 
 
-MIGRATIONS: tuple[Migration, ...] = (_create_profile_tables, _create_last_versions)
+def _add_tenants(db: Database) -> None:
+    # A primary key cannot be altered in SQLite: each table is rebuilt with tenant in its key, and every row
+    # stored so far moves into the tenant "default". Dropping the referencing table first keeps the foreign
+    # keys satisfied throughout; RENAME rewrites the references to the new tables' final names.
+    db.execute(
+        """
+        CREATE TABLE profiles_new (
+            tenant TEXT NOT NULL, user_id TEXT NOT NULL, liked_features TEXT NOT NULL,
+            disliked_features TEXT NOT NULL, raw_text TEXT NOT NULL, version INTEGER NOT NULL,
+            extractor_model TEXT NOT NULL, created_at TEXT NOT NULL, updated_at TEXT NOT NULL,
+            PRIMARY KEY (tenant, user_id)
+        ) STRICT
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE profile_images_new (
+            tenant TEXT NOT NULL, user_id TEXT NOT NULL, position INTEGER NOT NULL,
+            sha256 TEXT NOT NULL REFERENCES images (sha256), comment TEXT NOT NULL, rating TEXT NOT NULL,
+            PRIMARY KEY (tenant, user_id, position),
+            FOREIGN KEY (tenant, user_id) REFERENCES profiles_new (tenant, user_id)
+        ) STRICT
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE last_versions_new (
+            tenant TEXT NOT NULL, user_id TEXT NOT NULL, version INTEGER NOT NULL, PRIMARY KEY (tenant, user_id)
+        ) STRICT
+        """
+    )
+    for table in ("profiles", "profile_images", "last_versions"):
+        db.execute(f"INSERT INTO {table}_new SELECT 'default', * FROM {table}")
+    for table in ("profile_images", "profiles", "last_versions"):
+        db.execute(f"DROP TABLE {table}")
+        db.execute(f"ALTER TABLE {table}_new RENAME TO {table}")
+    db.execute("CREATE INDEX idx_profile_images_sha256 ON profile_images (sha256)")
+
+
+MIGRATIONS: tuple[Migration, ...] = (_create_profile_tables, _create_last_versions, _add_tenants)
 
 
 def schema_version(db: Database) -> int:

@@ -165,6 +165,7 @@ class ModelEngine:
     def stored_context(self, user_id: str, version: int, images: Sequence[StoredImage]) -> ScoringContext:
         """A user's stored images as a metric context, decoded only if the prefix is not cached.
 
+        user_id: the key that names the user in the caches (the application qualifies it with the tenant).
         The cache key names exactly the images the prompt uses, in order: two contexts share a cached
         prefix only if they are the same images. Raises ContextError when there is no pair to use."""
         liked = [image for image in images if image.rating is Rating.LIKED]
@@ -195,7 +196,9 @@ class ModelEngine:
             yield batch
 
     def forget_user(self, user_id: str, version: int) -> None:
-        """The user's profile changed (now at version) or was deleted: drop what is cached for them."""
+        """The user's profile changed (now at version) or was deleted: drop what is cached for them.
+
+        user_id: the same (tenant-qualified) key that stored_context was given."""
         if self._models is not None:
             self._models.scorer.invalidate(user_id, version)
 

@@ -1,7 +1,9 @@
 """The one server interceptor every RPC passes through.
 
-It authenticates the call, maps domain errors to gRPC status codes, counts
-and times the RPC and logs one line for it. Handlers raise plain exceptions
+It authenticates the call from its metadata, before the request message is
+parsed (an unauthenticated call of any size costs no more than a small one),
+maps domain errors to gRPC status codes, counts and times the RPC, logs one
+line for it and hands an audit record to the AuditSink. Handlers raise plain exceptions
 (InvalidRequest, ProfileNotFound, QueueFull, ...) and read as straight-line
 code; this is the one place that knows which status code each one means.
 """
@@ -15,7 +17,8 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -31,11 +34,14 @@ from viper_profiles import (
     quote_user_id,
 )
 
-from .. import tracing
+from .. import access, tracing
+from ..access import PermissionDenied
+from ..audit import AuditEvent, AuditSink
 from ..domain import ContextError
 from ..engine.errors import ModelsNotReady, QueueFull, WorkerClosed
 from ..observability import Telemetry
-from .auth import TokenAuthenticator
+from .auth import Authenticator, Unauthenticated
+from .context import CallState, bind_call
 from .servicers import ResponseTooLarge
 from .validation import InvalidRequest
 
@@ -46,10 +52,18 @@ REQUEST_ID_KEY = "x-request-id"
 TRACE_KEYS = ("traceparent", "tracestate")
 # Probes must work without credentials.
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
-
-
-class Unauthenticated(Exception):
-    """The call carries no valid bearer token."""
+# Any valid credential may use reflection.
+REFLECTION_PREFIX = "/grpc.reflection."
+# One permission per RPC; a method not listed here is refused to every credential (deny by default).
+PERMISSION_OF = {
+    "/viper.v1.ProfileService/ExtractProfile": access.EXTRACT,
+    "/viper.v1.ProfileService/GetProfile": access.GET,
+    "/viper.v1.ProfileService/ListProfiles": access.LIST,
+    "/viper.v1.ProfileService/UpdateProfile": access.UPDATE,
+    "/viper.v1.ProfileService/DeleteProfile": access.DELETE,
+    "/viper.v1.GenerationService/Generate": access.GENERATE,
+    "/viper.v1.MetricService/Score": access.SCORE,
+}
 
 
 _STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
@@ -65,7 +79,9 @@ _STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (WorkerClosed, grpc.StatusCode.UNAVAILABLE),
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
 )
+_REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 _HANDLER_FACTORIES = {
     "unary_unary": grpc.unary_unary_rpc_method_handler,
@@ -107,9 +123,11 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 class RpcInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, telemetry: Telemetry, authenticator: TokenAuthenticator | None = None) -> None:
+    def __init__(self, telemetry: Telemetry, authenticator: Authenticator | None = None,
+                 audit: AuditSink | None = None) -> None:
         self._telemetry = telemetry
         self._authenticator = authenticator
+        self._audit = audit
 
     async def intercept_service(
         self,
@@ -123,14 +141,14 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         call = _CallInfo(
             method=details.method,
             request_id=dict(metadata).get(REQUEST_ID_KEY) or uuid.uuid4().hex[:16],
-            authenticated=(
-                self._authenticator is None
-                or details.method.startswith(OPEN_METHOD_PREFIXES)
-                or self._authenticator.allows(metadata)
-            ),
             telemetry=self._telemetry,
             trace_carrier={key: value for key, value in metadata if key in TRACE_KEYS and isinstance(value, str)},
+            audit=self._audit,
         )
+        try:
+            await self._identify(details.method, metadata, call.state)
+        except (Unauthenticated, PermissionDenied) as refusal:
+            return _refusing(handler, call, refusal)
         for kind, factory in _HANDLER_FACTORIES.items():
             behavior = getattr(handler, kind)
             if behavior is not None:
@@ -143,6 +161,44 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 )
         return handler
 
+    async def _identify(self, method: str, metadata, state: CallState) -> None:
+        """Sets the call's caller, from the metadata alone; raises Unauthenticated or PermissionDenied.
+
+        An open method (health) has no caller."""
+        if method.startswith(OPEN_METHOD_PREFIXES):
+            return
+        state.caller = (access.UNAUTHENTICATED_CALLER if self._authenticator is None
+                        else await self._authenticator.authenticate(metadata))
+        if method.startswith(REFLECTION_PREFIX):
+            return
+        permission = PERMISSION_OF.get(method)
+        if permission is None:
+            raise PermissionDenied(f"{method} is not open to any credential")
+        access.authorize(state.caller, permission)  # the user id is checked by the application, once parsed
+
+
+def _refusing(handler: grpc.RpcMethodHandler, call: _CallInfo, refusal: Exception) -> grpc.RpcMethodHandler:
+    """A handler that refuses the call without parsing its request: the deserializer never reads the bytes."""
+    code, message = status_for(refusal)
+
+    async def refuse(request_or_iterator, context):
+        outcome = _Outcome(call, None)
+        outcome.code = code
+        with outcome.scope():
+            try:
+                await context.abort(code, message)
+            finally:
+                outcome.finish()
+
+    for kind, factory in _HANDLER_FACTORIES.items():
+        if getattr(handler, kind) is not None:
+            return factory(refuse, request_deserializer=_unread, response_serializer=handler.response_serializer)
+    return handler
+
+
+def _unread(data: bytes) -> None:
+    return None
+
 
 @dataclass(frozen=True)
 class _CallInfo:
@@ -150,9 +206,10 @@ class _CallInfo:
 
     method: str
     request_id: str
-    authenticated: bool
     telemetry: Telemetry
     trace_carrier: dict[str, str]
+    audit: AuditSink | None = None
+    state: CallState = field(default_factory=CallState)
 
 
 class _Outcome:
@@ -160,9 +217,11 @@ class _Outcome:
 
     def __init__(self, call: _CallInfo, request: object) -> None:
         self.call = call
-        self.user = _loggable_user(getattr(request, "user_id", ""))
+        self.user_id = getattr(request, "user_id", "")
+        self.user = _loggable_user(self.user_id)
         self.code = grpc.StatusCode.OK
         self.started = time.monotonic()
+        bind_call(call.state)
         self.span = None
         self.answered = False
 
@@ -183,9 +242,7 @@ class _Outcome:
             tracing.first_response(self.span)
 
     def check(self, request: object) -> None:
-        """What every call must pass before its handler runs: auth, then a parsable request."""
-        if not self.call.authenticated:
-            raise Unauthenticated("missing or unknown bearer token (metadata 'authorization: Bearer <token>')")
+        """What every call must pass before its handler runs (auth passed already): a parsable request."""
         if isinstance(request, _Undecodable):
             raise InvalidRequest(f"request: not a valid {self.call.method} message ({request.error})")
 
@@ -214,6 +271,27 @@ class _Outcome:
                   "duration_ms": round(elapsed * 1e3, 1), "request_id": self.call.request_id}
         log.log(level, "rpc method=%s user=%s status=%s ms=%.1f request_id=%s", self.call.method, self.user,
                 self.code.name, elapsed * 1e3, self.call.request_id, extra=fields)
+        if self.call.audit is not None:
+            self.call.audit.record(self._audit_event())
+
+    def _audit_event(self) -> AuditEvent:
+        caller = self.call.state.caller
+        user_id = self.user_id if self.user_id and USER_ID_PATTERN.fullmatch(self.user_id) else None
+        if user_id is None and caller is not None and self.call.method in PERMISSION_OF:
+            user_id = caller.user_id  # an end user's listing acts on their own profile
+        return AuditEvent(
+            time=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            request_id=self.call.request_id,
+            principal=None if caller is None else caller.name,
+            kind=None if caller is None else caller.kind,
+            tenant=None if caller is None else caller.tenant,
+            method=self.call.method,
+            user_id=user_id,
+            permission=PERMISSION_OF.get(self.call.method),
+            granted=self.code not in _REFUSED,
+            code=self.code.name,
+            items=self.call.state.items,
+        )
 
 
 def _loggable_user(user_id: str) -> str:
