@@ -119,8 +119,8 @@ def test_check_finds_an_orphaned_image_and_a_deleted_users_stray_rows(capsys, db
     raw_execute(
         db_url,
         f"INSERT INTO images (sha256, data) VALUES ('{hashlib.sha256(orphan).hexdigest()}', {blob})",
-        "INSERT INTO profile_images (user_id, position, sha256, comment, rating) "
-        f"VALUES ('deleted-user', 0, '{shared}', 'left behind', 'liked')",
+        "INSERT INTO profile_images (tenant, user_id, position, sha256, comment, rating) "
+        f"VALUES ('default', 'deleted-user', 0, '{shared}', 'left behind', 'liked')",
     )
     status, out, err = run(capsys, "check", "--db", db_url)
     assert status == 1

@@ -301,14 +301,17 @@ class PostgresTransaction:
                 (SELECT coalesce(sum(octet_length(data)), 0) FROM images WHERE NOT EXISTS (
                     SELECT 1 FROM profile_images WHERE profile_images.sha256 = images.sha256)) AS orphaned_image_bytes,
                 (SELECT count(*) FROM profile_images WHERE NOT EXISTS (
-                    SELECT 1 FROM profiles WHERE profiles.user_id = profile_images.user_id)) AS stray_references,
-                (SELECT count(DISTINCT user_id) FROM profile_images WHERE NOT EXISTS (
-                    SELECT 1 FROM profiles WHERE profiles.user_id = profile_images.user_id)) AS stray_users,
+                    SELECT 1 FROM profiles WHERE profiles.tenant = profile_images.tenant
+                    AND profiles.user_id = profile_images.user_id)) AS stray_references,
+                (SELECT count(*) FROM (SELECT DISTINCT tenant, user_id FROM profile_images WHERE NOT EXISTS (
+                    SELECT 1 FROM profiles WHERE profiles.tenant = profile_images.tenant
+                    AND profiles.user_id = profile_images.user_id)) AS stray) AS stray_users,
                 (SELECT count(*) FROM profile_images WHERE NOT EXISTS (
                     SELECT 1 FROM images WHERE images.sha256 = profile_images.sha256)) AS missing_images,
                 (SELECT count(*) FROM profiles WHERE NOT EXISTS (
                     SELECT 1 FROM last_versions
-                    WHERE last_versions.user_id = profiles.user_id AND last_versions.version >= profiles.version
+                    WHERE last_versions.tenant = profiles.tenant AND last_versions.user_id = profiles.user_id
+                    AND last_versions.version >= profiles.version
                 )) AS unversioned_profiles
             """,
             [],
@@ -320,13 +323,15 @@ class PostgresTransaction:
             SELECT
                 (SELECT count(*) FROM profiles) AS users,
                 (SELECT count(*) FROM last_versions WHERE NOT EXISTS (
-                    SELECT 1 FROM profiles WHERE profiles.user_id = last_versions.user_id)) AS deleted_users,
+                    SELECT 1 FROM profiles WHERE profiles.tenant = last_versions.tenant
+                    AND profiles.user_id = last_versions.user_id)) AS deleted_users,
                 (SELECT coalesce(sum(version), 0) FROM last_versions)::bigint AS versions,
                 (SELECT count(*) FROM images) AS images,
                 (SELECT coalesce(sum(octet_length(data)), 0) FROM images)::bigint AS image_bytes,
                 (SELECT count(*) FROM profile_images) AS image_references,
                 (SELECT count(*) FROM (
-                    SELECT sha256 FROM profile_images GROUP BY sha256 HAVING count(DISTINCT user_id) > 1
+                    SELECT sha256 FROM (SELECT DISTINCT sha256, tenant, user_id FROM profile_images) AS uses
+                    GROUP BY sha256 HAVING count(*) > 1
                 ) AS shared) AS shared_images,
                 pg_database_size(current_database()) AS database_bytes
             """,
