@@ -59,7 +59,9 @@ _CORS_REQUEST_HEADERS = (
     b"grpc-accept-encoding, x-grpc-web, x-user-agent"
 )
 _CORS_EXPOSED_HEADERS = b"x-request-id, grpc-status, grpc-message, grpc-status-details-bin"
-# On a refusal sent before the whole body was read: the rest of it is not worth reading.
+# On a refusal of a client too slow to send its body. Other refusals made before the body was read leave the
+# connection open: uvicorn drops the rest of the body as it comes (no memory), so the client can read the answer,
+# and the header deadline (http11) closes the connection if no new request follows within it.
 _CLOSE = (b"connection", b"close")
 MiB = 1024 * 1024
 
@@ -202,7 +204,7 @@ class Gateway:
         """The call's request message and its wire bytes, within the limits; None if the caller left first."""
         settings = self.settings
         if not headers.get("authorization") and (settings.require_auth or method.path in self._auth_learned):
-            exchange.extra_headers.append(_CLOSE)  # refused before a byte of the body is read
+            # Refused before a byte of the body is read (it is dropped as it comes, see _CLOSE).
             raise RpcError(grpc.StatusCode.UNAUTHENTICATED,
                            "missing bearer token (header 'authorization: Bearer <token>')")
         limit = settings.body_limit(method)
@@ -212,9 +214,6 @@ class Gateway:
             exchange.extra_headers.append(_CLOSE)
             raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED,
                            f"the request body did not arrive within {settings.body_timeout:g} s") from None
-        except RpcError:
-            exchange.extra_headers.append(_CLOSE)
-            raise
         if body is None:
             return None
         # Decoding (base64, gzip, JSON) is CPU work of up to a body's size: a worker thread does it.

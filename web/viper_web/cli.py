@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import socket
@@ -161,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     host = f"[{args.host}]" if ":" in args.host else args.host
     log.info("viper-web listening on http://%s:%d, back ends %s%s", host, port, ", ".join(targets),
              " (TLS)" if credentials is not None else "")
+    remote = [target for target in targets if not _is_loopback(target.rpartition(":")[0])]
+    if remote and credentials is None:
+        log.warning("back ends %s are reached in plaintext: callers' tokens cross the network in cleartext "
+                    "(--backend-tls)", ", ".join(remote))
     config = uvicorn.Config(
         app, lifespan="on", access_log=False, log_config=None, log_level=args.log_level,
         # Streams still open then (a generation) are cancelled, and with them their back-end calls.
@@ -170,6 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     asyncio.run(uvicorn.Server(config).serve(sockets=[sock]))
     return 0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -2,7 +2,8 @@
 
 uvicorn's keep-alive timer restarts on every byte received, so a client sending its headers a byte at a
 time holds a connection forever. Here a connection whose next request has not started (its headers
-complete) within the deadline is closed: at connect, and again after each response.
+complete) within the deadline is closed: at connect, and again after each response. The latter also bounds
+how long the rest of a refused request's body is read and dropped (nginx's lingering close).
 """
 
 from __future__ import annotations
