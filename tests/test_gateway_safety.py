@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import grpc
 import pytest
-from test_web_gateway import AUTH, GET_PROFILE, TOKEN, connect_json, grpc_web, post
+from test_web_gateway import AUTH, GET_PROFILE, SCORE, TOKEN, connect_json, connect_stream, grpc_web, post
 
 from viper_server.testing import ServerProcess
 from viper_web.testing import GatewayProcess
@@ -211,6 +211,8 @@ def test_require_auth_refuses_from_the_first_call_in_each_protocol(server):
         assert head.startswith(b"HTTP/1.1 401")
         _, messages, trailers = grpc_web(gateway.url, GET_PROFILE, b"\x0a\x01a")
         assert messages == [] and trailers["grpc-status"] == "16" and "bearer token" in trailers["grpc-message"]
+        _, messages, end = connect_stream(gateway.url, SCORE, {"userId": "a", "queries": ["AAAA"]})
+        assert messages == [] and end["error"]["code"] == "unauthenticated"
         assert connect_json(gateway.url, GET_PROFILE, {"userId": "nobody-here"}, AUTH).status == 404
         assert not any("GetProfile" in line and "status=UNAUTHENTICATED" in line and "backend=127" in line
                        for line in gateway.logs), "no call without a token reached the back end"

@@ -29,7 +29,7 @@ _ARRAY = ord("[")
 
 @dataclass(frozen=True)
 class JsonLimits:
-    # Values of any kind in one request (strings, numbers, objects, arrays...).
+    # Values of any kind in one request (strings, numbers, objects, arrays...; object keys count too).
     max_values: int = 100_000
     max_depth: int = 32
     # Elements of one array: far above any list the API takes (images, queries, features).
