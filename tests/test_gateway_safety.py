@@ -170,6 +170,16 @@ def test_body_limits_are_per_method(server):
         assert trailers["grpc-status"] == str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
 
 
+def test_bodies_held_at_once_are_bounded_and_released(server):
+    with GatewayProcess(server.target, extra_args=("--max-buffered-bytes", str(MiB))) as gateway:
+        padding = b" " * (600 * 1024)
+        over = post(gateway.url, EXTRACT, b'{"userId":"x"' + padding * 2 + b"}", "application/json", AUTH)
+        assert over.status == 429 and "--max-buffered-bytes" in over.json()["message"]
+        for _ in range(2):  # 600 KiB each, one after the other: each call's share is given back
+            reply = post(gateway.url, EXTRACT, b'{"userId":"x"' + padding + b"}", "application/json", AUTH)
+            assert reply.status == 400 and "image" in reply.json()["message"], reply.body
+
+
 def test_the_default_limit_of_profile_calls_is_small(gateway):
     padded = b'{"userId":"nobody-here"' + b" " * (2 * MiB) + b"}"
     reply = post(gateway.url, GET_PROFILE, padded, "application/json", AUTH)

@@ -77,6 +77,9 @@ class Settings:
     json_limits: JsonLimits = field(default_factory=JsonLimits)
     # Seconds a request's whole body may take to arrive; a client trickling it is cut off.
     body_timeout: float = 60.0
+    # Request bytes held at once over all calls, while their bodies are read and decoded: many large bodies
+    # arriving together are refused rather than run the gateway out of memory.
+    max_buffered_bytes: int = 512 * MiB
     # Refuse calls without an `authorization` header before reading their body. Off, this is learned per
     # method: once the back end refuses a call without one (UNAUTHENTICATED), the gateway refuses the next.
     require_auth: bool = False
@@ -96,6 +99,7 @@ class Gateway:
         self.settings = settings or Settings()
         self._json = codecs.JsonCodec(self.settings.json_limits)
         self._auth_learned: set[str] = set()  # methods the back end refused without a token
+        self._buffered = _Budget(self.settings.max_buffered_bytes)
 
     async def __call__(self, scope: dict, receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -208,17 +212,18 @@ class Gateway:
             raise RpcError(grpc.StatusCode.UNAUTHENTICATED,
                            "missing bearer token (header 'authorization: Bearer <token>')")
         limit = settings.body_limit(method)
-        try:
-            body = await asyncio.wait_for(_read_body(receive, headers, limit), settings.body_timeout)
-        except asyncio.TimeoutError:
-            exchange.extra_headers.append(_CLOSE)
-            raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                           f"the request body did not arrive within {settings.body_timeout:g} s") from None
-        if body is None:
-            return None
-        # Decoding (base64, gzip, JSON) is CPU work of up to a body's size: a worker thread does it.
-        return await asyncio.get_running_loop().run_in_executor(
-            WORKERS, exchange.decode, body, headers, min(settings.max_message_bytes, limit))
+        with self._buffered.share() as share:
+            try:
+                body = await asyncio.wait_for(_read_body(receive, headers, limit, share), settings.body_timeout)
+            except asyncio.TimeoutError:
+                exchange.extra_headers.append(_CLOSE)
+                raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                               f"the request body did not arrive within {settings.body_timeout:g} s") from None
+            if body is None:
+                return None
+            # Decoding (base64, gzip, JSON) is CPU work of up to a body's size: a worker thread does it.
+            return await asyncio.get_running_loop().run_in_executor(
+                WORKERS, exchange.decode, body, headers, min(settings.max_message_bytes, limit))
 
     def _learn_auth(self, method: Method, headers: dict[str, str], outcome: Outcome) -> None:
         if (outcome.code is grpc.StatusCode.UNAUTHENTICATED and not headers.get("authorization")
@@ -262,7 +267,36 @@ def _backend_metadata(headers: dict[str, str], request_id: str, user_id: str) ->
     return metadata
 
 
-async def _read_body(receive, headers: dict[str, str], limit: int) -> bytes | None:
+class _Budget:
+    """Bytes held by all calls together; each call takes its share as its body arrives."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    @contextlib.contextmanager
+    def share(self):
+        share = _Share(self)
+        try:
+            yield share
+        finally:
+            self.used -= share.taken
+
+
+class _Share:
+    def __init__(self, budget: _Budget) -> None:
+        self.budget = budget
+        self.taken = 0
+
+    def take(self, size: int) -> None:
+        if self.budget.used + size > self.budget.limit:
+            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "the gateway holds too many request bodies right "
+                                                               "now (--max-buffered-bytes): retry later")
+        self.budget.used += size
+        self.taken += size
+
+
+async def _read_body(receive, headers: dict[str, str], limit: int, share: _Share) -> bytes | None:
     """The whole request body; None if the caller disconnected first."""
     declared = headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
@@ -277,6 +311,7 @@ async def _read_body(receive, headers: dict[str, str], limit: int) -> bytes | No
         size += len(chunk)
         if size > limit:
             raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request body over this call's limit of {limit} bytes")
+        share.take(len(chunk))
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)

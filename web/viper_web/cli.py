@@ -72,6 +72,9 @@ def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
          "most elements of one JSON array (default %(default)s)"),
         ("--max-json-string-chars", "VIPER_WEB_MAX_JSON_STRING_CHARS", int, limits.max_string_chars,
          "longest JSON string of a text field, or key (default %(default)s; image bytes: the body limit)"),
+        ("--max-buffered-bytes", "VIPER_WEB_MAX_BUFFERED_BYTES", int, 512 * MiB,
+         "request bytes held at once over all calls while their bodies are read and decoded; past it new "
+         "bodies are refused (default 512 MiB)"),
         ("--body-timeout", "VIPER_WEB_BODY_TIMEOUT", float, 60.0,
          "seconds a request's whole body may take to arrive (default %(default)s)"),
         ("--header-timeout", "VIPER_WEB_HEADER_TIMEOUT", float, 10.0,
@@ -111,7 +114,7 @@ def _add_backend_tls_flags(parser: argparse.ArgumentParser) -> None:
 
 def _settings(parser: argparse.ArgumentParser, args: argparse.Namespace, origins: list[str]) -> Settings:
     for name in ("max_small_body_bytes", "max_json_values", "max_json_depth", "max_json_array",
-                 "max_json_string_chars", "limit_concurrency"):
+                 "max_json_string_chars", "limit_concurrency", "max_buffered_bytes"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: at least 1")
     if args.max_body_bytes is not None and args.max_body_bytes < 1024:
@@ -123,7 +126,8 @@ def _settings(parser: argparse.ArgumentParser, args: argparse.Namespace, origins
                         max_array=args.max_json_array, max_string_chars=args.max_json_string_chars)
     return Settings(max_message_bytes=args.max_message_bytes, allow_origins=frozenset(origins),
                     max_body_bytes=args.max_body_bytes, max_small_body_bytes=args.max_small_body_bytes,
-                    json_limits=limits, body_timeout=args.body_timeout, require_auth=args.require_auth)
+                    json_limits=limits, body_timeout=args.body_timeout, require_auth=args.require_auth,
+                    max_buffered_bytes=args.max_buffered_bytes)
 
 
 def _backend_credentials(parser: argparse.ArgumentParser, args: argparse.Namespace):
