@@ -50,11 +50,12 @@ class AsyncViperClient:
         token: TokenSource = None,
         tls: Tls | None = None,
         retries: bool = True,
+        insecure: bool = False,
     ) -> None:
         self._timeout = timeout
         self._long_timeout = long_timeout
         self._connection = connect(target, max_message_bytes=max_message_bytes, token=token, tls=tls,
-                                   asynchronous=True, retries=retries)
+                                   asynchronous=True, retries=retries, insecure=insecure)
 
     async def close(self) -> None:
         await self._connection.channel.close()

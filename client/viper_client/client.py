@@ -43,6 +43,8 @@ class ViperClient:
     fixed, or a callable returning a fresh one, asked before every call (gRPC call credentials: over TLS,
     or plaintext to a loopback address only); `tls` (a Tls) makes the
     channel TLS, verifying the server and, with a client certificate, authenticating the client.
+    A token goes in plaintext only to a loopback target: elsewhere, without `tls`, the client refuses to be
+    made (CleartextTokenError, a ValueError) unless `insecure=True`.
 
     `target` is one address ("host:port", or any gRPC target such as a proxy's), or several replicas' (a list,
     or "host1:port,host2:port"): then each user's calls go to one replica, chosen by consistent hashing of the
@@ -64,11 +66,12 @@ class ViperClient:
         token: TokenSource = None,
         tls: Tls | None = None,
         retries: bool = True,
+        insecure: bool = False,
     ) -> None:
         self._timeout = timeout
         self._long_timeout = long_timeout
         self._connection = connect(target, max_message_bytes=max_message_bytes, token=token, tls=tls,
-                                   retries=retries)
+                                   retries=retries, insecure=insecure)
 
     def close(self) -> None:
         self._connection.channel.close()
