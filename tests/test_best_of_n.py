@@ -8,13 +8,14 @@ that the candidates share UNet calls and their scorings share the metric's steps
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 
 import numpy as np
 import pytest
 
-from viper_client import FailedPrecondition, InvalidArgument, NotFound, RatedImage, ViperClient
+from viper_client import AsyncViperClient, FailedPrecondition, InvalidArgument, NotFound, RatedImage, ViperClient, cli
 from viper_client.types import GeneratedImage, Progress
 from viper_server.testing import ServerProcess
 from viper_server.toy import evaluate
@@ -110,6 +111,36 @@ def test_the_sdk_returns_the_best_images_best_first(client, plain):
     best = int(np.argmax(scores[:3]))
     [picture] = client.generate_images("fan", PROMPT, num_images=1, candidates=3, seed=SEED, **SMALL)
     assert np.array_equal(np.asarray(picture), np.asarray(images[best].image()))
+
+
+def test_the_async_sdk_returns_the_best_images_best_first(server, plain):
+    images, scores = plain
+    best = int(np.argmax(scores[:3]))
+
+    async def generate():
+        async with AsyncViperClient(server.target) as client:
+            return await client.generate_images("fan", PROMPT, num_images=1, candidates=3, seed=SEED, **SMALL)
+
+    [picture] = asyncio.run(generate())
+    assert np.array_equal(np.asarray(picture), np.asarray(images[best].image()))
+
+
+def test_the_cli_keeps_the_best_and_prints_each_score(server, plain, tmp_path, capsys):
+    images, scores = plain
+    out = tmp_path / "out"
+    code = cli.main(["--target", server.target, "generate", "--user", "fan", "--prompt", PROMPT, "--out", str(out),
+                     "--num-images", "2", "--best-of", "4", "--seed", str(SEED), "--width", "64", "--height", "64",
+                     "--steps", "10", "--preference-strength", "0"])
+    assert code == 0
+    best = sorted(range(4), key=lambda index: -scores[index])[:2]
+    lines = capsys.readouterr().out.splitlines()
+    assert [re.sub(r"score \d\.\d{4}", "score S", line) for line in lines] == [
+        f"{out / str(rank)}.png  (seed {SEED + index}, score S)" for rank, index in enumerate(best)
+    ]
+    for line, index in zip(lines, best):
+        assert float(re.search(r"score (\S+)\)", line).group(1)) == pytest.approx(scores[index], abs=TOLERANCE)
+    assert sorted(path.name for path in out.iterdir()) == ["0.png", "1.png"]
+    assert (out / "0.png").read_bytes() == images[best[0]].png
 
 
 @pytest.mark.parametrize(
