@@ -9,8 +9,13 @@ that the candidates share UNet calls and their scorings share the metric's steps
 from __future__ import annotations
 
 import asyncio
+import base64
+import http.client
+import json
 import re
+import struct
 import time
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -19,6 +24,7 @@ from viper_client import AsyncViperClient, FailedPrecondition, InvalidArgument, 
 from viper_client.types import GeneratedImage, Progress
 from viper_server.testing import ServerProcess
 from viper_server.toy import evaluate
+from viper_web.testing import GatewayProcess
 
 PROMPT = evaluate.GENERATION_PROMPT
 # Unpersonalized images vary in colour from seed to seed, so the metric's scores of the candidates differ by
@@ -194,3 +200,45 @@ def test_cancelling_mid_candidates_stops_them_and_frees_the_worker(server, clien
     assert images_of(next_events)
     cancelled = [entry for entry in server.logs[logs:] if "generation cancelled" in entry]
     assert len(cancelled) == 1, "one candidate was running (--generate-batch 1); the others never started"
+
+
+def connect_json_stream(base: str, path: str, request: dict) -> tuple[list[dict], dict]:
+    """A Connect server-streaming call in JSON: its messages and its end-of-stream message."""
+    connection = http.client.HTTPConnection(urlsplit(base).netloc, timeout=120)
+    try:
+        body = json.dumps(request).encode()
+        connection.request("POST", path, body=struct.pack(">BI", 0, len(body)) + body,
+                           headers={"Content-Type": "application/connect+json"})
+        response = connection.getresponse()
+        assert response.status == 200
+        data = response.read()
+    finally:
+        connection.close()
+    messages = []
+    while data:
+        flags, length = struct.unpack_from(">BI", data)
+        messages.append((flags, json.loads(data[5 : 5 + length])))
+        data = data[5 + length :]
+    assert [flags for flags, _ in messages] == [0] * (len(messages) - 1) + [2]
+    return [message for _, message in messages[:-1]], messages[-1][1]
+
+
+def test_the_gateway_forwards_candidates_and_scores(server, plain):
+    images, scores = plain
+    request = {"userId": "fan", "prompt": PROMPT, "numImages": 2, "candidates": 4, "seed": str(SEED), "width": 64,
+               "height": 64, "steps": 10, "preferenceStrength": 0}
+    with GatewayProcess(server.target) as gateway:
+        messages, end = connect_json_stream(gateway.url, "/viper.v1.GenerationService/Generate", request)
+        page = urlsplit(gateway.url)
+        connection = http.client.HTTPConnection(page.netloc, timeout=30)
+        connection.request("GET", "/")
+        html = connection.getresponse().read().decode()
+        connection.close()
+    assert end == {}
+    assert {message["progress"]["imageIndex"] for message in messages if "progress" in message} == {0, 1, 2, 3}
+    ranked = [message["image"] for message in messages if "image" in message]
+    best = sorted(range(4), key=lambda index: -scores[index])[:2]
+    assert [image["seed"] for image in ranked] == [str(SEED + index) for index in best]
+    assert [base64.b64decode(image["png"]) for image in ranked] == [images[index].png for index in best]
+    assert [image["score"] for image in ranked] == pytest.approx([scores[index] for index in best], abs=TOLERANCE)
+    assert 'id="best-of"' in html, "the page offers best of N"
