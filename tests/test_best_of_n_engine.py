@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import threading
+import time
 from dataclasses import replace
 
 import pytest
@@ -109,3 +110,26 @@ def test_the_candidates_scorings_share_query_steps_with_another_users_score(serv
     assert other.index == 0 and [type(event) for event in events].count(FinishedImage) == 1
     queries = [size for model, step, size in steps.batches if (model, step) == ("idefics2", "query")]
     assert queries == [5], f"query steps' batch sizes: {queries}"
+
+
+def test_cancelling_stops_the_running_candidates_within_a_step_and_starts_no_other(service):
+    service, engine, steps = service
+
+    async def cancel_midway() -> int:
+        generation = await service.generate("user-0", replace(PARAMS, steps=60, num_images=1, candidates=6))
+        async for event in generation.events:
+            if isinstance(event, Progress) and event.step >= 3:
+                break
+        await generation.events.aclose()  # what the servicer's cancellation does to the stream
+        return len(steps.batches)
+
+    steps.batches.clear()
+    at_cancel = asyncio.run(cancel_midway())
+    deadline = time.monotonic() + 30
+    while (engine.running or engine.queue_depths["sdxl"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not engine.running and not engine.queue_depths["sdxl"], "every candidate has left the scheduler"
+    after = [step for model, step, _ in steps.batches[at_cancel:] if model == "sdxl"]
+    assert len(after) <= 1, f"steps run after the cancel: {after}"
+    encoded = sum(size for model, step, size in steps.batches if (model, step) == ("sdxl", "encode"))
+    assert encoded == 4, "the candidates beyond the first --generate-batch never started"
