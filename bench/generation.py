@@ -6,6 +6,11 @@ steps, both evaluations as one batch-4 UNet call), same params and seeds, runs i
 gRPC section: the same request through a real server process and the client SDK against the
 production path in process, interleaved. The last line is `speedup: N.NNx` (reference time per image /
 production time per image, in process).
+Best-of-N section (issue 21), on the toy models through a server (--generate-batch 4): the time of
+num_images=1 with 4 candidates against num_images=4 without ranking (and against 4 one-image requests at once,
+which batch as the candidates do), interleaved; then, on the 20 held-out toy users, `--repeats` seeds each, how
+often the pick is at least as close to the liked colour as the median candidate, and the mean metric score of
+the pick against a random candidate.
 
     .venv/bin/python bench/generation.py [--size 64] [--steps 40] [--images 2] [--repeats 5]
 """
@@ -13,11 +18,13 @@ production time per image, in process).
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,12 +35,14 @@ import transformers
 from PIL import Image
 
 from viper_client import RatedImage, ViperClient
+from viper_client.types import GeneratedImage
 from viper_server.domain import FinishedImage, GenerationParams
 from viper_server.models.generation import PersonalizedGenerator
 from viper_server.models.sdxl import load_sdxl
 from viper_server.models.tiny import ensure_tiny_models
 from viper_server.testing import ServerProcess
 from viper_server.testing.reference_guidance import reference_generate
+from viper_server.toy import ensure_toy_models, evaluate
 
 # Like what the VPE extracts for a user with strong tastes (each list within CLIP's 77 tokens).
 LIKED = (
@@ -134,6 +143,95 @@ def bench_grpc(models_dir: Path, params: GenerationParams, repeats: int, threads
     )
 
 
+@dataclass(frozen=True)
+class BestOfFigures:
+    plain_seconds: float  # num_images=4, no ranking
+    together_seconds: float  # 4 requests of num_images=1 at once: the candidates' batching, no ranking
+    ranked_seconds: float  # num_images=1, candidates=4
+    cases: int
+    pick_at_least_median: int  # cases whose pick is at least as close to the liked colour as the median candidate
+    pick_score: float  # mean metric score of the pick
+    random_score: float  # mean metric score of a random candidate (the candidates' mean)
+    pick_liked_share: float  # mean share of the pick's coloured pixels nearest the liked colour
+    random_liked_share: float
+
+    def report(self) -> str:
+        return "\n".join(
+            [
+                f"num_images=4, no ranking:                  {self.plain_seconds:8.2f} s",
+                f"4 x num_images=1 at once, no ranking:      {self.together_seconds:8.2f} s",
+                f"num_images=1, candidates=4 (best of 4):    {self.ranked_seconds:8.2f} s",
+                f"best of 4 / num_images=4: {self.ranked_seconds / self.plain_seconds:.2f}x; "
+                f"/ 4 at once: {self.ranked_seconds / self.together_seconds:.2f}x",
+                f"pick at least as close to the liked colour as the median candidate: "
+                f"{self.pick_at_least_median}/{self.cases} ({self.pick_at_least_median / self.cases:.0%})",
+                f"mean metric score: pick {self.pick_score:.4f}, random candidate {self.random_score:.4f}",
+                f"mean share of coloured pixels in the liked colour: pick {self.pick_liked_share:.3f}, "
+                f"random candidate {self.random_liked_share:.3f}",
+            ]
+        )
+
+
+def bench_best_of_n(models_dir: Path, params: GenerationParams, repeats: int, threads: int) -> BestOfFigures:
+    """Best of 4 against generating 4, timed interleaved, then the quality of the picks on held-out users."""
+    server = ServerProcess(models_dir / "best-of.db", models_dir, "--generate-batch", "4", models="toy",
+                           env={"OMP_NUM_THREADS": str(threads)})
+    with server, ViperClient(server.target) as client:
+        users = evaluate.held_out_users()
+        for index, user in enumerate(users):
+            rated = evaluate.rated_in_mixed_order(user, seed=index)
+            client.extract_profile(f"user-{index}", [
+                RatedImage(r.image, comment=r.comment, rating="liked" if r.liked else "disliked") for r in rated])
+        request = dict(prompt=evaluate.GENERATION_PROMPT, width=params.width, height=params.height,
+                       steps=params.steps)
+        runs = {
+            "plain": lambda seed: list(client.generate("user-0", **request, num_images=4, seed=seed)),
+            "together": lambda seed: _at_once([
+                lambda i=i: list(client.generate("user-0", **request, seed=seed + i)) for i in range(4)]),
+            "ranked": lambda seed: list(client.generate("user-0", **request, candidates=4, seed=seed)),
+        }
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        for repeat in range(repeats + 1):  # the first round warms up
+            for name, run in runs.items():  # interleaved: all see the same load on the shared cores
+                seconds = _seconds(functools.partial(run, 100 + repeat))
+                if repeat:
+                    times[name].append(seconds)
+        quality = [_best_of_case(client, f"user-{index}", user.liked_colour, seed, min(params.steps, 10))
+                   for index, user in enumerate(users) for seed in range(1, repeats + 1)]
+    picks, candidates = zip(*quality)
+    return BestOfFigures(
+        plain_seconds=statistics.median(times["plain"]),
+        together_seconds=statistics.median(times["together"]),
+        ranked_seconds=statistics.median(times["ranked"]),
+        cases=len(quality),
+        pick_at_least_median=sum(pick[1] >= np.median([c[1] for c in cands]) for pick, cands in quality),
+        pick_score=float(np.mean([pick[0] for pick in picks])),
+        random_score=float(np.mean([c[0] for cands in candidates for c in cands])),
+        pick_liked_share=float(np.mean([pick[1] for pick in picks])),
+        random_liked_share=float(np.mean([c[1] for cands in candidates for c in cands])),
+    )
+
+
+def _best_of_case(client: ViperClient, user_id: str, liked_colour: str, seed: int,
+                  steps: int) -> tuple[tuple[float, float], list[tuple[float, float]]]:
+    """(score, liked share) of the pick of 4 candidates, and of each candidate (the same seeds, scored)."""
+    request = dict(prompt=evaluate.GENERATION_PROMPT, width=64, height=64, steps=steps, seed=seed)
+    [pick] = _images(client.generate(user_id, **request, num_images=1, candidates=4))
+    candidates = _images(client.generate(user_id, **request, num_images=4, score_images=True))
+    return ((pick.score, evaluate.colour_share(pick.image(), liked_colour)),
+            [(image.score, evaluate.colour_share(image.image(), liked_colour)) for image in candidates])
+
+
+def _images(events) -> list[GeneratedImage]:
+    return [event for event in events if isinstance(event, GeneratedImage)]
+
+
+def _at_once(calls: list[Callable[[], object]]) -> None:
+    with ThreadPoolExecutor(len(calls)) as pool:
+        for future in [pool.submit(call) for call in calls]:
+            future.result()  # re-raises a call's error
+
+
 def _png(color: tuple[int, int, int]) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), color).save(buffer, format="PNG")
@@ -182,6 +280,9 @@ def main() -> None:
         model = bench_model(models_dir, params, args.repeats)
         print(model.report())
         print(bench_grpc(models_dir, params, args.repeats, args.threads).report())
+        print(f"best of N: toy models, {args.size}x{args.size}, {args.steps} steps, generate batch 4")
+        toy_dir = ensure_toy_models(Path(tmp) / "toy-models")
+        print(bench_best_of_n(toy_dir, params, args.repeats, args.threads).report())
     print(f"speedup: {model.speedup:.2f}x")
 
 

@@ -251,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="write <index>.preview.png every this many steps, replaced by <index>.png when it is done "
              "(default 0: no previews)",
     )
+    generate.add_argument(
+        "--best-of", type=int, default=0, metavar="N",
+        help="generate N candidates (seeds seed, seed+1, ...), score each with the user's metric and keep the best "
+             "--num-images, best first as 0.png, 1.png, ...; prints each image's score; at most 16 on a server "
+             "with default limits (default 0: no ranking)",
+    )
     generate.set_defaults(handler=generate_images)
 
     score = commands.add_parser(
@@ -358,20 +364,22 @@ def generate_images(client: ViperClient, args: argparse.Namespace) -> None:
         refine=args.refine,
         seed=args.seed,
         preview_every=args.preview_every,
+        candidates=args.best_of,
     )
     try:
         # closing(): an error or Ctrl-C here cancels the generation on the server.
         with closing(events), tqdm(unit="step", disable=None) as bar:
             for event in events:
                 if isinstance(event, Progress):
-                    bar.total = event.total_steps * args.num_images
+                    bar.total = event.total_steps * max(args.num_images, args.best_of)
                     bar.n = event.image_index * event.total_steps + event.step
                     bar.refresh()
                 elif isinstance(event, Preview):
                     out.write_preview(event.image_index, event.png)
                 elif isinstance(event, GeneratedImage):
                     path = out.write_image(event.image_index, event.png)
-                    tqdm.write(f"{path}  (seed {event.seed})", file=sys.stdout)
+                    score = "" if event.score is None else f", score {event.score:.4f}"
+                    tqdm.write(f"{path}  (seed {event.seed}{score})", file=sys.stdout)
     except KeyboardInterrupt:
         out.discard_partial()
         kept = f"; kept {len(out.images)} finished image(s) in {args.out}" if out.images else ""

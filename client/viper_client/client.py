@@ -133,7 +133,7 @@ class ViperClient:
         return self._stream(self._connection.generation.Generate, request, user_id, timeout, convert.event_from_proto)
 
     def generate_images(self, user_id: str, prompt: str, **options: Any) -> list[Image.Image]:
-        """The generated images in index order; options are generate()'s."""
+        """The generated images in index order (with candidates: best first); options are generate()'s."""
         images = [event for event in self.generate(user_id, prompt, **options) if isinstance(event, GeneratedImage)]
         return [event.image() for event in sorted(images, key=lambda event: event.image_index)]
 

@@ -42,6 +42,10 @@ class GenerateOptions(TypedDict, total=False):
     refine: bool | None  # finish with the refiner (default True)
     seed: int  # 0 = random; the seed used comes with each image
     preview_every: int  # a preview every this many steps (default 0: none)
+    # Best of N: generate this many candidates (seeds seed, seed+1, ...), score each with the user's metric and
+    # send the best num_images, best first, each with its score (default 0 = num_images: no ranking)
+    candidates: int
+    score_images: bool  # each image with its metric score, also without ranking (default False)
 
 
 def extract_request(user_id: str, images: Iterable[RatedImage]) -> profile_pb2.ExtractProfileRequest:
@@ -153,6 +157,7 @@ def event_from_proto(message: generation_pb2.GenerateEvent) -> GenerateEvent | N
             width=i.width,
             height=i.height,
             profile_version=i.profile_version,
+            score=i.score if i.HasField("score") else None,
         )
     return None
 
