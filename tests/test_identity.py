@@ -243,6 +243,14 @@ def test_nothing_crosses_tenants(server):
             default.get_profile("alice")
 
 
+def test_the_metric_prefix_cache_keeps_tenants_apart(server):
+    with ViperClient(server.target, token=BANK_ADMIN) as bank, ViperClient(server.target, token=SHOP_ADMIN) as shop:
+        bank.score("alice", [png_bytes()])
+        shop.score("alice", [png_bytes()])
+    server.wait_for_log("metric context computed for bank/alice version")
+    server.wait_for_log("metric context computed for shop/alice version")
+
+
 # --- services -----------------------------------------------------------------------------------
 
 
