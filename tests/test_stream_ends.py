@@ -19,7 +19,11 @@ import pytest
 from viper_client import AsyncViperClient, ViperClient, ViperError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "processes"
-VIPER = [sys.executable, "-c", "import sys; from viper_client import cli; sys.exit(cli.main())"]
+FINALIZER = FIXTURES / "viper_in_a_finalizer.py"
+# `viper` as started from a terminal, Ctrl-C handled: a test run in the background (`make test &`, some CI
+# runners) hands its children SIGINT ignored, and a command started that way rightly keeps ignoring it.
+AS_FROM_A_TERMINAL = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)"
+VIPER = [sys.executable, "-c", f"{AS_FROM_A_TERMINAL}; import sys; from viper_client import cli; sys.exit(cli.main())"]
 # How long the fake server's "hang" call waits for a cancellation before ending the stream short.
 HANG_SECONDS = 30
 
@@ -119,7 +123,7 @@ def test_ctrl_c_that_lands_in_a_finalizer_is_not_lost(fake_server, tmp_path):
     was lost, and `viper generate` went on waiting, then exited 0 with 1 of 2 images."""
     out, parked, release = tmp_path / "out", tmp_path / "parked", tmp_path / "release"
     env = {"PARK_WHEN": str(out / "1.preview.png"), "PARKED": str(parked), "RELEASE": str(release)}
-    harness = [sys.executable, str(FIXTURES / "viper_in_a_finalizer.py")]
+    harness = [sys.executable, "-c", f"{AS_FROM_A_TERMINAL}; import runpy; runpy.run_path({str(FINALIZER)!r})"]
     viper = generate(fake_server, "hang", out, command=harness, env={**os.environ, **env})
     wait_for(parked, viper)
     viper.send_signal(signal.SIGINT)
