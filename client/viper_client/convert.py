@@ -166,6 +166,18 @@ def score_result_from_proto(message: metric_pb2.ScoreResult) -> ScoreResult:
     return ScoreResult(index=message.index, score=message.score, pairs_used=message.pairs_used)
 
 
+def images_in_index_order(events: Iterable[GenerateEvent], num_images: int) -> list[GeneratedImage]:
+    """The images of a whole Generate stream, by index; a stream that ended without all of them (a server or
+    proxy that closed it early with OK) is an error, never a short list taken for the whole."""
+    image_by_index = {event.image_index: event for event in events if isinstance(event, GeneratedImage)}
+    if sorted(image_by_index) != list(range(num_images)):
+        raise ViperError(
+            grpc.StatusCode.DATA_LOSS,
+            f"the stream ended after {len(image_by_index)} of {num_images} images (indexes {sorted(image_by_index)})",
+        )
+    return [image_by_index[index] for index in range(num_images)]
+
+
 def scores_in_query_order(results: Iterable[ScoreResult], query_count: int) -> list[float]:
     score_by_index = {result.index: result.score for result in results}
     if sorted(score_by_index) != list(range(query_count)):
