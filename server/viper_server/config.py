@@ -25,6 +25,8 @@ class Limits:
     max_comment_chars: int = 4000
     # Checked from the image header before decoding: stops decompression bombs.
     max_image_pixels: int = 36_000_000
+    # The pixels of all of a request's images together, from their headers: 16 images at the largest size.
+    max_request_pixels: int = 576_000_000
     max_generate_images: int = 8
     min_generate_size: int = 64
     max_generate_size: int = 2048
@@ -48,6 +50,8 @@ class ServerConfig:
     max_message_bytes: int = 64 * MiB
     # Model jobs waiting per model before RESOURCE_EXHAUSTED.
     max_queue: int = 16
+    # Images this process decodes at once (each is shrunk to the models' size as it is decoded).
+    max_concurrent_decodes: int = 2
     # Tokens the VPE may generate; unset = the preset's (2000 for viper, 64 for tiny).
     vpe_max_new_tokens: int | None = None
     # Seconds in-flight calls get to finish after SIGTERM.
@@ -132,6 +136,7 @@ _SERVE_FLAGS: dict[str, _Flag] = {
                             "IDEFICS2 precision: auto = bfloat16 on CUDA, float32 on CPU", choices=IDEFICS2_DTYPES),
     "max_message_bytes": _Flag("VIPER_MAX_MESSAGE_BYTES", int, "largest gRPC message accepted"),
     "max_queue": _Flag("VIPER_MAX_QUEUE", int, "model jobs that may wait per model"),
+    "max_concurrent_decodes": _Flag("VIPER_MAX_CONCURRENT_DECODES", int, "images decoded at once in this process"),
     "vpe_max_new_tokens": _Flag("VIPER_VPE_MAX_NEW_TOKENS", int, "tokens the preference extractor may generate",
                                 shown_default="2000 for viper, 64 for tiny, 32 for toy"),
     "grace_period": _Flag("VIPER_GRACE_PERIOD", float, "seconds to finish in-flight calls on SIGTERM"),
@@ -168,6 +173,7 @@ _LIMIT_FLAGS: dict[str, _Flag] = {
     "max_images": _Flag("VIPER_MAX_IMAGES", int, "images per extraction"),
     "max_comment_chars": _Flag("VIPER_MAX_COMMENT_CHARS", int, "characters per comment"),
     "max_image_pixels": _Flag("VIPER_MAX_IMAGE_PIXELS", int, "pixels per image (width x height)"),
+    "max_request_pixels": _Flag("VIPER_MAX_REQUEST_PIXELS", int, "pixels of all a request's images together"),
     "max_generate_images": _Flag("VIPER_MAX_GENERATE_IMAGES", int, "images per Generate call"),
     "min_generate_size": _Flag("VIPER_MIN_GENERATE_SIZE", int, "smallest generated width / height"),
     "max_generate_size": _Flag("VIPER_MAX_GENERATE_SIZE", int, "largest generated width / height"),
@@ -226,7 +232,8 @@ def is_loopback(host: str) -> bool:
 
 def check_config(config: ServerConfig) -> None:
     """Refuses settings that cannot work or would be unsafe; raises ValueError."""
-    for name in ("extract_batch", "generate_batch", "score_batch", "prefill_images", "prefill_tokens"):
+    for name in ("extract_batch", "generate_batch", "score_batch", "prefill_images", "prefill_tokens",
+                 "max_concurrent_decodes"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be at least 1, not {getattr(config, name)}")
     for name in ("models", "idefics2_dtype", "log_level", "scheduling_policy"):

@@ -31,6 +31,7 @@ from .config import BUILT_MODELS_ROOT, ServerConfig
 from .engine.engine import ModelEngine
 from .engine.loading import LoadSettings
 from .engine.presets import model_preset
+from .imaging import limit_concurrent_decodes
 from .observability import Telemetry
 from .rpc.auth import TokenAuthenticator
 from .rpc.interceptor import RpcInterceptor
@@ -53,6 +54,7 @@ class ViperServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.telemetry = Telemetry()
+        limit_concurrent_decodes(config.max_concurrent_decodes)
         self.store = open_store(config.db)
         self.engine = ModelEngine(
             model_preset(config.models, config.models_dir, BUILT_MODELS_ROOT),

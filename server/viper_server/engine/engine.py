@@ -195,6 +195,14 @@ class ModelEngine:
         if self._models is not None:
             self._models.scorer.invalidate(user_id, version)
 
+    @property
+    def metric_max_pairs(self) -> int:
+        return self._settings.metric_max_pairs
+
+    def check_room(self, kind: str) -> None:
+        """QueueFull when work of this kind ("extract", "score", "generate") would not queue now."""
+        self._check_room(self.sdxl_scheduler if kind == "generate" else self.idefics2_scheduler)
+
     @staticmethod
     def _check_room(scheduler: StepScheduler) -> None:
         """Refuses at once when the queue is full, before preparing the inputs (submitting checks again)."""

@@ -36,8 +36,10 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
 
     async def ExtractProfile(self, request: profile_pb2.ExtractProfileRequest,
                              context: grpc.aio.ServicerContext) -> profile_pb2.Profile:
-        # Decoding dozens of images is CPU work: keep it off the event loop.
-        user_id, uploads = await asyncio.to_thread(validation.check_extract, request, self._limits, self._service)
+        # Image work is CPU work: off the event loop. The headers and the queue's room before any pixel is decoded.
+        user_id = await asyncio.to_thread(validation.check_extract_fields, request, self._limits)
+        self._service.check_room("extract")
+        uploads = await asyncio.to_thread(validation.decode_extract, request, self._limits, self._service)
         return profile_to_proto(await self._service.extract_profile(user_id, uploads))
 
     async def GetProfile(self, request: profile_pb2.GetProfileRequest,
@@ -94,7 +96,10 @@ class MetricServicer(metric_pb2_grpc.MetricServiceServicer):
         self._limits = limits
 
     async def Score(self, request: metric_pb2.ScoreRequest, context: grpc.aio.ServicerContext):
-        checked = await asyncio.to_thread(validation.check_score, request, self._limits)
+        await asyncio.to_thread(validation.check_score_fields, request, self._limits)
+        self._service.check_room("score")
+        checked = await asyncio.to_thread(validation.decode_score, request, self._limits,
+                                          self._service.metric_max_pairs)
         inline = InlineContext(checked.liked, checked.disliked) if checked.liked is not None else None
         scoring = await self._service.score(checked.user_id, checked.queries, inline)
         async for result in scoring.results:
