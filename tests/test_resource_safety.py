@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import io
 import random
-import threading
-import time
 
 import grpc
 import numpy as np
-import psutil
 import pytest
 from PIL import Image, ImageDraw
 from transformers import Idefics2ImageProcessorPil
@@ -29,8 +26,8 @@ from viper_server.rpc.validation import InvalidRequest, check_score
 from viper_server.testing import ServerProcess
 
 from imagedata import corrupt_png, encode, png_bytes
+from memory import MB, PeakMemory
 
-MB = 1_000_000
 BOMB_SIDE = 5900
 BOMBS = 16
 # The issue's target: 16 bombs grew the server by 3,981 MB before bounded decoding.
@@ -57,34 +54,6 @@ def phone_photo() -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=92)
     return buffer.getvalue()
-
-
-class PeakMemory:
-    """Samples a process's resident set every few milliseconds while the block runs; growth = peak - before."""
-
-    def __init__(self, pid: int) -> None:
-        self._process = psutil.Process(pid)
-        self._done = threading.Event()
-        self.before = self.peak = 0
-
-    def __enter__(self) -> PeakMemory:
-        self.before = self.peak = self._process.memory_info().rss
-        self._sampler = threading.Thread(target=self._sample, daemon=True)
-        self._sampler.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._done.set()
-        self._sampler.join()
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.before
-
-    def _sample(self) -> None:
-        while not self._done.is_set():
-            self.peak = max(self.peak, self._process.memory_info().rss)
-            time.sleep(0.005)
 
 
 def extract_request(*images: bytes, user_id: str = "bombed") -> profile_pb2.ExtractProfileRequest:

@@ -48,6 +48,17 @@ class ServerConfig:
     # auto = bfloat16 on CUDA, float32 elsewhere (the reference runs IDEFICS2 in float32).
     idefics2_dtype: str = "auto"
     max_message_bytes: int = 64 * MiB
+    # Request bytes per method, checked before the message is parsed (RESOURCE_EXHAUSTED beyond): what the
+    # largest valid request of each needs, within max_message_bytes.
+    max_extract_bytes: int = 64 * MiB
+    max_score_bytes: int = 32 * MiB
+    max_generate_bytes: int = 8 * MiB
+    max_profile_call_bytes: int = 1 * MiB
+    # Calls in flight at once (more are RESOURCE_EXHAUSTED), and connection lifetimes in seconds (0 = none).
+    max_concurrent_rpcs: int = 128
+    max_connection_idle: float = 300.0
+    max_connection_age: float = 1800.0
+    max_connection_age_grace: float = 300.0
     # Model jobs waiting per model before RESOURCE_EXHAUSTED.
     max_queue: int = 16
     # Images this process decodes at once (each is shrunk to the models' size as it is decoded).
@@ -135,6 +146,18 @@ _SERVE_FLAGS: dict[str, _Flag] = {
     "idefics2_dtype": _Flag("VIPER_IDEFICS2_DTYPE", str,
                             "IDEFICS2 precision: auto = bfloat16 on CUDA, float32 on CPU", choices=IDEFICS2_DTYPES),
     "max_message_bytes": _Flag("VIPER_MAX_MESSAGE_BYTES", int, "largest gRPC message accepted"),
+    "max_extract_bytes": _Flag("VIPER_MAX_EXTRACT_BYTES", int, "largest ExtractProfile request, refused unparsed"),
+    "max_score_bytes": _Flag("VIPER_MAX_SCORE_BYTES", int, "largest Score request, refused unparsed"),
+    "max_generate_bytes": _Flag("VIPER_MAX_GENERATE_BYTES", int, "largest Generate request, refused unparsed"),
+    "max_profile_call_bytes": _Flag("VIPER_MAX_PROFILE_CALL_BYTES", int,
+                                    "largest Get/List/Update/DeleteProfile request, refused unparsed"),
+    "max_concurrent_rpcs": _Flag("VIPER_MAX_CONCURRENT_RPCS", int, "calls in flight at once (health probes too)"),
+    "max_connection_idle": _Flag("VIPER_MAX_CONNECTION_IDLE", float,
+                                 "seconds a connection without calls stays open; 0 = no limit"),
+    "max_connection_age": _Flag("VIPER_MAX_CONNECTION_AGE", float,
+                                "seconds before a connection is asked to reconnect; 0 = no limit"),
+    "max_connection_age_grace": _Flag("VIPER_MAX_CONNECTION_AGE_GRACE", float,
+                                      "seconds an aged connection's calls get to finish"),
     "max_queue": _Flag("VIPER_MAX_QUEUE", int, "model jobs that may wait per model"),
     "max_concurrent_decodes": _Flag("VIPER_MAX_CONCURRENT_DECODES", int, "images decoded at once in this process"),
     "vpe_max_new_tokens": _Flag("VIPER_VPE_MAX_NEW_TOKENS", int, "tokens the preference extractor may generate",
@@ -233,13 +256,17 @@ def is_loopback(host: str) -> bool:
 def check_config(config: ServerConfig) -> None:
     """Refuses settings that cannot work or would be unsafe; raises ValueError."""
     for name in ("extract_batch", "generate_batch", "score_batch", "prefill_images", "prefill_tokens",
-                 "max_concurrent_decodes"):
+                 "max_concurrent_decodes", "max_concurrent_rpcs", "max_extract_bytes", "max_score_bytes",
+                 "max_generate_bytes", "max_profile_call_bytes"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be at least 1, not {getattr(config, name)}")
     for name in ("models", "idefics2_dtype", "log_level", "scheduling_policy"):
         choices = _SERVE_FLAGS[name].choices
         if getattr(config, name) not in choices:
             raise ValueError(f"{name} must be {' or '.join(choices)}, not {getattr(config, name)!r}")
+    for name in ("max_connection_idle", "max_connection_age", "max_connection_age_grace"):
+        if getattr(config, name) < 0:
+            raise ValueError(f"{name} must not be negative, not {getattr(config, name)}")
     if (config.tls_cert is None) != (config.tls_key is None):
         raise ValueError("--tls-cert and --tls-key go together")
     if config.tls_client_ca is not None and config.tls_cert is None:

@@ -34,7 +34,7 @@ from .engine.presets import model_preset
 from .imaging import limit_concurrent_decodes
 from .observability import Telemetry
 from .rpc.auth import TokenAuthenticator
-from .rpc.interceptor import RpcInterceptor
+from .rpc.interceptor import RequestLimit, RpcInterceptor
 from .rpc.servicers import GenerationServicer, MetricServicer, ProfileServicer
 
 log = logging.getLogger(__name__)
@@ -71,13 +71,15 @@ class ViperServer:
         self._watching: asyncio.Task | None = None
         authenticator = TokenAuthenticator.from_file(config.auth_tokens) if config.auth_tokens else None
         self._server = grpc.aio.server(
-            interceptors=[RpcInterceptor(self.telemetry, authenticator)],
+            interceptors=[RpcInterceptor(self.telemetry, authenticator, request_limits(config))],
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
                 # Bind exclusively: with SO_REUSEPORT a second server on a busy port would start and share it.
                 ("grpc.so_reuseport", 0),
+                *connection_options(config),
             ],
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
         profile_pb2_grpc.add_ProfileServiceServicer_to_server(ProfileServicer(service, config.limits), self._server)
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(
@@ -177,6 +179,28 @@ def load_settings(config: ServerConfig) -> LoadSettings:
         prefill_images=config.prefill_images,
         prefill_tokens=config.prefill_tokens,
     )
+
+
+def request_limits(config: ServerConfig) -> dict[str, RequestLimit]:
+    """Each method's request size limit (checked on the raw bytes before parsing), within max_message_bytes."""
+    profile = f"/{SERVICE_NAMES[0]}/"
+    by_method = {
+        f"{profile}ExtractProfile": ("--max-extract-bytes", config.max_extract_bytes),
+        **{f"{profile}{method}": ("--max-profile-call-bytes", config.max_profile_call_bytes)
+           for method in ("GetProfile", "ListProfiles", "UpdateProfile", "DeleteProfile")},
+        f"/{SERVICE_NAMES[1]}/Generate": ("--max-generate-bytes", config.max_generate_bytes),
+        f"/{SERVICE_NAMES[2]}/Score": ("--max-score-bytes", config.max_score_bytes),
+    }
+    return {method: RequestLimit(min(limit, config.max_message_bytes), flag)
+            for method, (flag, limit) in by_method.items()}
+
+
+def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """gRPC's connection lifetime options, in milliseconds; a 0 setting leaves gRPC's default (no limit)."""
+    options = [("grpc.max_connection_idle_ms", config.max_connection_idle),
+               ("grpc.max_connection_age_ms", config.max_connection_age)]
+    return [(name, int(seconds * 1000)) for name, seconds in options if seconds > 0] + [
+        ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace * 1000))]
 
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
