@@ -92,8 +92,12 @@ class ServerConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    # The secret signing ListProfiles page tokens (shared by replicas); unset = derived from the database URL.
+    page_token_key: Path | None = None
     # Prometheus metrics over HTTP on this port of the same host; 0 = off.
     metrics_port: int = 0
+    # Where the metrics port binds: loopback unless asked (a scraper elsewhere needs e.g. 0.0.0.0).
+    metrics_host: str = "127.0.0.1"
     log_level: str = "info"
     limits: Limits = Limits()
 
@@ -188,7 +192,12 @@ _SERVE_FLAGS: dict[str, _Flag] = {
     "tls_key": _Flag("VIPER_TLS_KEY", Path, "server private key (PEM)", shown_default="none"),
     "tls_client_ca": _Flag("VIPER_TLS_CLIENT_CA", Path, "CA whose client certificates are required (mTLS)",
                            shown_default="none: no client certificates"),
+    "page_token_key": _Flag("VIPER_PAGE_TOKEN_KEY", Path, "file holding the secret that signs ListProfiles page "
+                            "tokens (the same on every replica)",
+                            shown_default="derived from --db, the same on every replica of one database"),
     "metrics_port": _Flag("VIPER_METRICS_PORT", int, "Prometheus metrics port; 0 = off"),
+    "metrics_host": _Flag("VIPER_METRICS_HOST", str, "address the metrics port binds (0.0.0.0 for a scraper "
+                          "on another host)"),
     "log_level": _Flag("VIPER_LOG_LEVEL", str, "log verbosity (debug shows the libraries' warnings and progress)",
                        choices=LOG_LEVELS),
 }

@@ -9,8 +9,10 @@ a second signal stops at once. The store is closed last.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import signal
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -34,6 +36,7 @@ from .engine.presets import model_preset
 from .imaging import limit_concurrent_decodes
 from .observability import Telemetry
 from .rpc.auth import TokenAuthenticator
+from .rpc.convert import PageTokens
 from .rpc.interceptor import RequestLimit, RpcInterceptor
 from .rpc.servicers import GenerationServicer, MetricServicer, ProfileServicer
 
@@ -54,6 +57,7 @@ class ViperServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.telemetry = Telemetry()
+        check_secret_files(config)
         limit_concurrent_decodes(config.max_concurrent_decodes)
         self.store = open_store(config.db)
         self.engine = ModelEngine(
@@ -81,7 +85,9 @@ class ViperServer:
             ],
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
-        profile_pb2_grpc.add_ProfileServiceServicer_to_server(ProfileServicer(service, config.limits), self._server)
+        profile_pb2_grpc.add_ProfileServiceServicer_to_server(
+            ProfileServicer(service, config.limits, PageTokens(page_token_key(config))), self._server
+        )
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(
             GenerationServicer(service, config.limits, config.max_message_bytes), self._server
         )
@@ -109,8 +115,8 @@ class ViperServer:
         log.info("viper-serve listening on %s:%d (models=%s, tls=%s, auth=%s)", self.config.host, self.port,
                  self.config.models, credentials is not None, self.config.auth_tokens is not None)
         if self.config.metrics_port:
-            metrics_port = self.telemetry.serve(self.config.metrics_port, self.config.host)
-            log.info("metrics on http://%s:%d/metrics", self.config.host, metrics_port)
+            metrics_port = self.telemetry.serve(self.config.metrics_port, self.config.metrics_host)
+            log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, metrics_port)
         return self.port
 
     async def load_models(self) -> None:
@@ -193,6 +199,31 @@ def request_limits(config: ServerConfig) -> dict[str, RequestLimit]:
     }
     return {method: RequestLimit(min(limit, config.max_message_bytes), flag)
             for method, (flag, limit) in by_method.items()}
+
+
+def check_secret_files(config: ServerConfig) -> None:
+    """Warns about a secret file that group or others may read (refusing it would break Kubernetes secret
+    volumes, 0644 unless defaultMode says otherwise); says which file and flag, never what it holds."""
+    secrets = {"--auth-tokens": config.auth_tokens, "--tls-key": config.tls_key,
+               "--page-token-key": config.page_token_key}
+    for flag, path in secrets.items():
+        if path is not None and path.exists() and path.stat().st_mode & 0o077:
+            log.warning("%s file %s is readable by group or others (mode %o): chmod 600 it", flag, path,
+                        path.stat().st_mode & 0o777)
+
+
+def read_secret(path: Path) -> bytes:
+    secret = path.read_bytes().strip()
+    if not secret:
+        raise ValueError(f"{path} is empty: a secret is needed")
+    return secret
+
+
+def page_token_key(config: ServerConfig) -> bytes:
+    """The key signing ListProfiles page tokens: --page-token-key's file, else one derived from the database URL
+    (its password included), so every replica on one database accepts the others' tokens."""
+    secret = read_secret(config.page_token_key) if config.page_token_key else config.db.encode()
+    return hashlib.sha256(b"viper-serve page tokens\0" + secret).digest()
 
 
 def connection_options(config: ServerConfig) -> list[tuple[str, int]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -39,6 +40,7 @@ from .validation import InvalidRequest
 log = logging.getLogger("viper_server.rpc")
 
 REQUEST_ID_KEY = "x-request-id"
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Probes must work without credentials.
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
 
@@ -145,7 +147,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         metadata = details.invocation_metadata or ()
         call = _CallInfo(
             method=details.method,
-            request_id=dict(metadata).get(REQUEST_ID_KEY) or uuid.uuid4().hex[:16],
+            request_id=_request_id(metadata),
             authenticated=(
                 self._authenticator is None
                 or details.method.startswith(OPEN_METHOD_PREFIXES)
@@ -215,6 +217,15 @@ class _Outcome:
         level = logging.DEBUG if self.call.method.startswith(OPEN_METHOD_PREFIXES) else logging.INFO
         log.log(level, "rpc method=%s user=%s status=%s ms=%.1f request_id=%s",
                 self.call.method, self.user, self.code.name, elapsed * 1e3, self.call.request_id)
+
+
+def _request_id(metadata) -> str:
+    """The caller's x-request-id if it is a plain short token, else a generated one: a raw value could write
+    fake fields (`r1 user=admin status=OK`) or megabytes into the log line."""
+    given = dict(metadata).get(REQUEST_ID_KEY)
+    if isinstance(given, str) and REQUEST_ID_PATTERN.fullmatch(given):
+        return given
+    return uuid.uuid4().hex[:16]
 
 
 def _loggable_user(user_id: str) -> str:

@@ -22,7 +22,7 @@ from viper_proto.v1 import (
 from ..application import InlineContext, ViperService
 from ..config import Limits
 from . import validation
-from .convert import event_to_proto, profile_to_proto, profiles_page_to_proto, score_to_proto
+from .convert import PageTokens, event_to_proto, profile_to_proto, profiles_page_to_proto, score_to_proto
 
 
 class ResponseTooLarge(Exception):
@@ -30,9 +30,10 @@ class ResponseTooLarge(Exception):
 
 
 class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
-    def __init__(self, service: ViperService, limits: Limits) -> None:
+    def __init__(self, service: ViperService, limits: Limits, page_tokens: PageTokens) -> None:
         self._service = service
         self._limits = limits
+        self._page_tokens = page_tokens
 
     async def ExtractProfile(self, request: profile_pb2.ExtractProfileRequest,
                              context: grpc.aio.ServicerContext) -> profile_pb2.Profile:
@@ -49,8 +50,8 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
 
     async def ListProfiles(self, request: profile_pb2.ListProfilesRequest,
                            context: grpc.aio.ServicerContext) -> profile_pb2.ListProfilesResponse:
-        page_size, after = validation.check_list(request)
-        return profiles_page_to_proto(*await self._service.list_profiles(page_size, after))
+        page_size, after = validation.check_list(request, self._page_tokens)
+        return profiles_page_to_proto(*await self._service.list_profiles(page_size, after), self._page_tokens)
 
     async def UpdateProfile(self, request: profile_pb2.UpdateProfileRequest,
                             context: grpc.aio.ServicerContext) -> profile_pb2.Profile:

@@ -19,7 +19,7 @@ from viper_proto.v1 import generation_pb2, metric_pb2, profile_pb2
 from ..config import Limits
 from ..domain import GenerationParams, RatedUpload
 from ..imaging import ImageDecodeError, decode_image, read_header
-from .convert import RATING_FROM_PROTO, decode_page_token
+from .convert import RATING_FROM_PROTO, PageTokens
 
 UPDATABLE_FIELDS = ("liked_features", "disliked_features")
 DEFAULT_PAGE_SIZE = 50
@@ -139,7 +139,7 @@ def decode_extract(request: profile_pb2.ExtractProfileRequest, limits: Limits,
     return uploads
 
 
-def check_list(request: profile_pb2.ListProfilesRequest) -> tuple[int, str | None]:
+def check_list(request: profile_pb2.ListProfilesRequest, tokens: PageTokens) -> tuple[int, str | None]:
     """(page size, the user id the page starts after)."""
     if request.page_size < 0:
         raise InvalidRequest("page_size: must not be negative")
@@ -147,7 +147,7 @@ def check_list(request: profile_pb2.ListProfilesRequest) -> tuple[int, str | Non
     if not request.page_token:
         return page_size, None
     try:
-        after = decode_page_token(request.page_token)
+        after = tokens.decode(request.page_token)
         validate_user_id(after)
     except ValueError:
         raise InvalidRequest("page_token: not a token returned by ListProfiles") from None
