@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from viper_proto.v1 import profile_pb2, profile_pb2_grpc
 from viper_server.config import MiB, ServerConfig
+from viper_server.rpc.wire import more_fields_than
 from viper_server.server import connection_options, request_limits
 from viper_server.testing import ServerProcess
 
@@ -97,3 +98,22 @@ def test_an_idle_connection_is_closed_by_the_server(server):
         assert went_idle.wait(30), f"the connection stayed open; states {states}"
         channel.unsubscribe(record)
     assert time.monotonic() - started >= 0.5  # not closed at once: after its idle second
+
+
+def test_counting_fields_stops_early_and_passes_valid_requests():
+    valid = profile_pb2.ExtractProfileRequest(user_id="a", images=[
+        profile_pb2.RatedImage(data=b"x" * 300, comment="c", rating=profile_pb2.RATING_LIKED)] * 64)
+    assert not more_fields_than(valid.SerializeToString(), 4 * 64 + 16)
+    started = time.monotonic()
+    assert more_fields_than(b"\x12\x00" * 8_000_000, 272)
+    assert time.monotonic() - started < 0.1  # a few hundred steps, not eight million
+    assert not more_fields_than(b"\x12\xff\xff\xff\xff\x0f", 10)  # malformed: left to the parser
+
+
+def test_far_too_many_entries_are_refused_unparsed_naming_the_limit(server):
+    wire_bytes = b"\x12\x00" * 50_000  # 100 KB: under the byte limit, 50,000 empty images
+    with grpc.insecure_channel(server.target) as channel:
+        with pytest.raises(grpc.RpcError) as error:
+            channel.unary_unary(EXTRACT)(wire_bytes, timeout=CALL_TIMEOUT)
+    assert error.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details() == "request: more than 272 fields (images: at most 64 (--max-images))"

@@ -83,6 +83,10 @@ class ServerConfig:
     scheduling_policy: str = "fair"
     prefill_images: int = 1
     prefill_tokens: int = 256
+    # Backpressure: unread events a streaming call may have before its work pauses between steps.
+    stream_buffer: int = 8
+    # Seconds a call without a client deadline may run (DEADLINE_EXCEEDED beyond; its work is cancelled).
+    max_call_seconds: float = 900.0
     # Bearer tokens, one a line (`sha256:<hex>` or plain); unset = no auth.
     auth_tokens: Path | None = None
     # Serving a non-loopback address without auth must be asked for explicitly.
@@ -183,6 +187,10 @@ _SERVE_FLAGS: dict[str, _Flag] = {
                                "kinds (kinds in turn first) or fifo", choices=POLICY_NAMES),
     "prefill_images": _Flag("VIPER_PREFILL_IMAGES", int, "an extraction's images encoded per step"),
     "prefill_tokens": _Flag("VIPER_PREFILL_TOKENS", int, "an extraction's prompt tokens prefilled per step"),
+    "stream_buffer": _Flag("VIPER_STREAM_BUFFER", int,
+                           "unread events a Generate or Score stream may have before its work pauses"),
+    "max_call_seconds": _Flag("VIPER_MAX_CALL_SECONDS", float,
+                              "seconds a call without a deadline may run (health Watch exempt); 0 = no limit"),
     "auth_tokens": _Flag("VIPER_AUTH_TOKENS", Path,
                          "file of accepted bearer tokens, one a line (sha256:<hex> or plain)",
                          shown_default="none: no auth, allowed on loopback only"),
@@ -266,14 +274,14 @@ def check_config(config: ServerConfig) -> None:
     """Refuses settings that cannot work or would be unsafe; raises ValueError."""
     for name in ("extract_batch", "generate_batch", "score_batch", "prefill_images", "prefill_tokens",
                  "max_concurrent_decodes", "max_concurrent_rpcs", "max_extract_bytes", "max_score_bytes",
-                 "max_generate_bytes", "max_profile_call_bytes"):
+                 "max_generate_bytes", "max_profile_call_bytes", "stream_buffer"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be at least 1, not {getattr(config, name)}")
     for name in ("models", "idefics2_dtype", "log_level", "scheduling_policy"):
         choices = _SERVE_FLAGS[name].choices
         if getattr(config, name) not in choices:
             raise ValueError(f"{name} must be {' or '.join(choices)}, not {getattr(config, name)!r}")
-    for name in ("max_connection_idle", "max_connection_age", "max_connection_age_grace"):
+    for name in ("max_connection_idle", "max_connection_age", "max_connection_age_grace", "max_call_seconds"):
         if getattr(config, name) < 0:
             raise ValueError(f"{name} must not be negative, not {getattr(config, name)}")
     if (config.tls_cert is None) != (config.tls_key is None):

@@ -39,6 +39,7 @@ from .rpc.auth import TokenAuthenticator
 from .rpc.convert import PageTokens
 from .rpc.interceptor import RequestLimit, RpcInterceptor
 from .rpc.servicers import GenerationServicer, MetricServicer, ProfileServicer
+from .rpc.validation import MAX_FEATURES
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,8 @@ class ViperServer:
         self._watching: asyncio.Task | None = None
         authenticator = TokenAuthenticator.from_file(config.auth_tokens) if config.auth_tokens else None
         self._server = grpc.aio.server(
-            interceptors=[RpcInterceptor(self.telemetry, authenticator, request_limits(config))],
+            interceptors=[RpcInterceptor(self.telemetry, authenticator, request_limits(config),
+                                         config.max_call_seconds)],
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
@@ -184,6 +186,7 @@ def load_settings(config: ServerConfig) -> LoadSettings:
         scheduling_policy=config.scheduling_policy,
         prefill_images=config.prefill_images,
         prefill_tokens=config.prefill_tokens,
+        stream_buffer=config.stream_buffer,
     )
 
 
@@ -197,8 +200,22 @@ def request_limits(config: ServerConfig) -> dict[str, RequestLimit]:
         f"/{SERVICE_NAMES[1]}/Generate": ("--max-generate-bytes", config.max_generate_bytes),
         f"/{SERVICE_NAMES[2]}/Score": ("--max-score-bytes", config.max_score_bytes),
     }
-    return {method: RequestLimit(min(limit, config.max_message_bytes), flag)
+    return {method: RequestLimit(min(limit, config.max_message_bytes), flag, *field_limit(method, config))
             for method, (flag, limit) in by_method.items()}
+
+
+def field_limit(method: str, config: ServerConfig) -> tuple[int, str]:
+    """A method's cap on top-level fields, counted on the raw bytes (rpc.wire): four times what its repeated
+    fields may hold, plus room for the rest, so only a request far beyond its limits is refused unparsed."""
+    limits = config.limits
+    if method.endswith("/ExtractProfile"):
+        return 4 * limits.max_images + 16, f"images: at most {limits.max_images} (--max-images)"
+    if method.endswith("/Score"):
+        return (4 * 3 * limits.max_score_queries + 16,
+                f"queries, liked, disliked: at most {limits.max_score_queries} each (--max-score-queries)")
+    if method.endswith("/UpdateProfile"):
+        return 4 * 2 * MAX_FEATURES + 16, f"at most {MAX_FEATURES} features a list"
+    return 64, "a few fields"
 
 
 def check_secret_files(config: ServerConfig) -> None:

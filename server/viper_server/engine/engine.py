@@ -66,6 +66,7 @@ class ModelEngine:
             model, max_queue=max_queue, slots=slots, policy=self._settings.scheduling_policy,
             on_step=lambda step, size, seconds: self._observer.step_ran(model, step, size, seconds),
             on_admit=lambda kind, seconds: self._observer.work_waited(model, kind, seconds),
+            event_buffer=self._settings.stream_buffer,
         )
 
     # -- lifecycle ------------------------------------------------------------------------------------

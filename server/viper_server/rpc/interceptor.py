@@ -9,6 +9,7 @@ code; this is the one place that knows which status code each one means.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import re
@@ -36,6 +37,7 @@ from ..observability import Telemetry
 from .auth import TokenAuthenticator
 from .servicers import ResponseTooLarge
 from .validation import InvalidRequest
+from .wire import more_fields_than
 
 log = logging.getLogger("viper_server.rpc")
 
@@ -47,6 +49,10 @@ OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
 
 class Unauthenticated(Exception):
     """The call carries no valid bearer token."""
+
+
+class CallTooLong(Exception):
+    """A call without a client deadline ran past the server's limit (--max-call-seconds); its work is cancelled."""
 
 
 class RequestTooLarge(Exception):
@@ -67,6 +73,7 @@ _STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (WorkerClosed, grpc.StatusCode.UNAVAILABLE),
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (CallTooLong, grpc.StatusCode.DEADLINE_EXCEEDED),
 )
 
 _HANDLER_FACTORIES = {
@@ -87,19 +94,23 @@ class _Undecodable:
 
 @dataclass(frozen=True)
 class RequestLimit:
-    """The most bytes a method's request may have, and the flag that says so."""
+    """The most bytes a method's request may have, and the flag that says so; and the most top-level fields
+    (0 = not counted), far above what a valid request has, so that validation names any moderate excess."""
 
     max_bytes: int
     flag: str
+    max_fields: int = 0
+    fields_hint: str = ""
 
 
 class _Oversized:
     """Stands for a request message refused unparsed: parsing is what costs (8 million empty images in 16 MB
     become half a gigabyte of objects)."""
 
-    def __init__(self, size: int, limit: RequestLimit) -> None:
-        self.error = RequestTooLarge(f"request: {size} bytes, more than this method accepts ({limit.flag} "
-                                     f"{limit.max_bytes})")
+    def __init__(self, size: int, limit: RequestLimit, *, fields: bool = False) -> None:
+        self.error = (InvalidRequest(f"request: more than {limit.max_fields} fields ({limit.fields_hint})") if fields
+                      else RequestTooLarge(f"request: {size} bytes, more than this method accepts ({limit.flag} "
+                                           f"{limit.max_bytes})"))
 
 
 def _tolerant(deserializer: Callable[[bytes], object] | None,
@@ -110,6 +121,8 @@ def _tolerant(deserializer: Callable[[bytes], object] | None,
     def deserialize(data: bytes) -> object:
         if limit is not None and len(data) > limit.max_bytes:
             return _Oversized(len(data), limit)
+        if limit is not None and limit.max_fields and more_fields_than(data, limit.max_fields):
+            return _Oversized(len(data), limit, fields=True)
         try:
             return deserializer(data)
         except DecodeError as error:
@@ -130,11 +143,12 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 class RpcInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, telemetry: Telemetry, authenticator: TokenAuthenticator | None = None,
-                 request_limits: dict[str, RequestLimit] | None = None) -> None:
+                 request_limits: dict[str, RequestLimit] | None = None, max_call_seconds: float = 0) -> None:
         self._telemetry = telemetry
         self._authenticator = authenticator
         # Method -> its request size limit, checked on the raw bytes before parsing.
         self._request_limits = request_limits or {}
+        self._max_call_seconds = max_call_seconds
 
     async def intercept_service(
         self,
@@ -154,6 +168,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 or self._authenticator.allows(metadata)
             ),
             telemetry=self._telemetry,
+            max_seconds=self._max_call_seconds,
         )
         for kind, factory in _HANDLER_FACTORIES.items():
             behavior = getattr(handler, kind)
@@ -177,6 +192,7 @@ class _CallInfo:
     request_id: str
     authenticated: bool
     telemetry: Telemetry
+    max_seconds: float = 0  # for calls without a client deadline; 0 = no limit
 
 
 class _Outcome:
@@ -235,6 +251,23 @@ def _loggable_user(user_id: str) -> str:
     return user_id if USER_ID_PATTERN.fullmatch(user_id) else quote_user_id(user_id)
 
 
+@contextlib.asynccontextmanager
+async def _time_limit(call: _CallInfo, context: grpc.aio.ServicerContext):
+    """The server's limit on a call the client gave no deadline (health probes' Watch streams excepted)."""
+    if not call.max_seconds or context.time_remaining() is not None or call.method.startswith(OPEN_METHOD_PREFIXES):
+        yield
+        return
+    limit = asyncio.timeout(call.max_seconds)
+    try:
+        async with limit:
+            yield
+    except TimeoutError:
+        if not limit.expired():  # the handler's own
+            raise
+        raise CallTooLong(f"the call ran longer than this server allows a call without a deadline "
+                          f"(--max-call-seconds {call.max_seconds:g})") from None
+
+
 def _wrap_awaitable(call: _CallInfo, behavior):
     """Unary responses, and streams written with context.write (health Watch)."""
 
@@ -242,7 +275,8 @@ def _wrap_awaitable(call: _CallInfo, behavior):
         outcome = _Outcome(call, request)
         try:
             outcome.check(request)
-            return await behavior(request, context)
+            async with _time_limit(call, context):
+                return await behavior(request, context)
         except BaseException as exc:
             await outcome.fail(exc, context)
         finally:
@@ -258,8 +292,10 @@ def _wrap_stream(call: _CallInfo, behavior):
         outcome = _Outcome(call, request)
         try:
             outcome.check(request)
-            async for response in behavior(request, context):
-                yield response
+            # Past the limit while the client is not reading, the call is cancelled (CANCELLED) instead.
+            async with _time_limit(call, context):
+                async for response in behavior(request, context):
+                    yield response
         except BaseException as exc:
             await outcome.fail(exc, context)
         finally:
