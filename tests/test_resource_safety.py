@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import random
+import threading
+import time
 
 import grpc
 import numpy as np
@@ -19,6 +21,7 @@ from PIL import Image, ImageDraw
 from transformers import Idefics2ImageProcessorPil
 
 from viper_proto.v1 import metric_pb2, profile_pb2, profile_pb2_grpc
+from viper_server import imaging
 from viper_server.config import Limits
 from viper_server.imaging import MODEL_LONGEST_EDGE, MODEL_SHORTEST_EDGE, decode_image, model_size, to_rgb
 from viper_server.models.idefics2 import VIPER_PROCESSOR_SETTINGS
@@ -159,3 +162,33 @@ def test_only_the_inline_context_images_the_metric_uses_are_decoded():
     assert len(checked.liked) == len(checked.disliked) == 1
     with pytest.raises(InvalidRequest, match=r"liked\[1\]: truncated"):
         check_score(request, Limits(), max_context=2)
+
+
+@pytest.mark.parametrize("slots", [1, 3])
+def test_at_most_the_configured_number_of_images_decode_at_once(monkeypatch, slots):
+    inside, most, lock = 0, 0, threading.Lock()
+    real_to_rgb = imaging.to_rgb
+
+    def counting_to_rgb(image):
+        nonlocal inside, most
+        with lock:
+            inside += 1
+            most = max(most, inside)
+        time.sleep(0.05)
+        with lock:
+            inside -= 1
+        return real_to_rgb(image)
+
+    monkeypatch.setattr(imaging, "to_rgb", counting_to_rgb)
+    imaging.limit_concurrent_decodes(slots)
+    try:
+        data = encode(Image.new("RGBA", (32, 32)), "PNG")
+        threads = [threading.Thread(target=decode_image, args=(data,), kwargs=dict(max_pixels=10_000))
+                   for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        imaging.limit_concurrent_decodes(imaging.DEFAULT_CONCURRENT_DECODES)
+    assert most == slots

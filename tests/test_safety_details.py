@@ -3,21 +3,29 @@ database, a warning for secret files others may read, and a metrics port on loop
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import re
 import socket
 import stat
 
 import grpc
+import numpy as np
 import psutil
 import pytest
+from PIL import Image, PngImagePlugin
 
+from viper_client import RatedImage, ViperClient
 from viper_profiles import open_store
 from viper_proto.v1 import profile_pb2, profile_pb2_grpc
 from viper_server.config import ServerConfig
+from viper_server.imaging import strip_metadata
 from viper_server.rpc.convert import PageTokens
 from viper_server.server import page_token_key
 from viper_server.testing import ServerProcess
+
+from imagedata import encode
 
 TOKEN = "s3cret-token-for-tests"
 CALL_TIMEOUT = 30.0
@@ -132,3 +140,51 @@ def test_the_database_and_its_wal_and_shm_are_owner_only(tmp_path):
         os.umask(previous)
     assert {"profiles.db", "profiles.db-wal", "profiles.db-shm"} <= set(modes), modes
     assert all(mode == 0o600 for mode in modes.values()), modes
+
+
+# -- metadata stripped from what is stored ----------------------------------------------------------------------
+
+
+def photo_with_gps(fmt: str) -> bytes:
+    image = Image.new("RGB", (64, 48), (10, 200, 30))
+    for x in range(64):
+        image.putpixel((x, x % 48), (x * 4, 0, 255 - x * 4))
+    exif = Image.Exif()
+    exif[0x010F] = "PhoneMaker"
+    exif[0x8825] = {1: "N", 2: (46.0, 31.0, 12.0), 3: "E", 4: (6.0, 34.0, 0.0)}  # GPSInfo: where it was taken
+    extra = {"JPEG": dict(comment=b"at home"), "PNG": dict(pnginfo=_text_chunk()), "WEBP": dict(xmp=b"<x>at home</x>")}
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, exif=exif.tobytes(), **extra[fmt])
+    return buffer.getvalue()
+
+
+def _text_chunk() -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Location", "at home")
+    return info
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_metadata_is_stripped_and_the_pixels_stay(fmt):
+    data = photo_with_gps(fmt)
+    assert 0x8825 in Image.open(io.BytesIO(data)).getexif()
+    stripped = strip_metadata(data)
+    assert not Image.open(io.BytesIO(stripped)).getexif()
+    assert b"PhoneMaker" not in stripped and b"at home" not in stripped
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(stripped))), np.asarray(Image.open(io.BytesIO(data))))
+
+
+def test_an_image_without_metadata_is_stored_as_uploaded():
+    plain = encode(Image.new("RGB", (16, 16), (1, 2, 3)), "PNG")
+    assert strip_metadata(plain) == plain
+
+
+def test_the_stored_image_has_no_gps_and_its_sha256_says_so(server):
+    upload = photo_with_gps("JPEG")
+    with ViperClient(server.target, token=TOKEN) as client:
+        profile = client.extract_profile("traveller", [RatedImage(upload, rating="liked"),
+                                                      RatedImage(encode(Image.new("RGB", (16, 16)), "PNG"),
+                                                                 rating="disliked")])
+    stored = next(image for image in profile.images if image.position == 0)
+    assert stored.sha256 == hashlib.sha256(strip_metadata(upload)).hexdigest()
+    assert stored.sha256 != hashlib.sha256(upload).hexdigest()

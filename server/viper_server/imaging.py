@@ -13,6 +13,7 @@ the processor's own resize (same size, same filter, same input), so the models s
 from __future__ import annotations
 
 import io
+import struct
 import threading
 
 from PIL import Image, UnidentifiedImageError
@@ -127,3 +128,75 @@ def to_rgb(image: Image.Image) -> Image.Image:
         backdrop = white if strip.size == white.size else white.crop((0, 0, *strip.size))
         rgb.paste(Image.alpha_composite(backdrop, strip).convert("RGB"), (0, top))
     return rgb
+
+
+# -- metadata -------------------------------------------------------------------------------------------------
+
+# JPEG segments dropped: APP1 (EXIF, with GPS; XMP), APP13 (IPTC / Photoshop) and comments. Kept: APP0 (JFIF),
+# APP2 (ICC colour profile), APP14 (Adobe: how to read the colours), the tables and frames.
+_JPEG_DROPPED = {0xE1, 0xED, 0xFE}
+_PNG_DROPPED = {b"eXIf", b"tEXt", b"zTXt", b"iTXt", b"tIME"}
+_WEBP_DROPPED = {b"EXIF", b"XMP "}
+_WEBP_METADATA_FLAGS = 0x08 | 0x04  # VP8X: EXIF and XMP present
+
+
+def strip_metadata(data: bytes) -> bytes:
+    """The image without its metadata (EXIF with GPS position and camera, XMP, IPTC, text, comments), rewritten
+    at the container level: the compressed pixels are the same bytes, so the decoded pixels are too. Bytes of
+    no known layout come back as they are (decoding refuses them)."""
+    try:
+        if data.startswith(b"\xff\xd8"):
+            return _strip_jpeg(data)
+        if data.startswith(b"\x89PNG\r\n\x1a\n"):
+            return _strip_png(data)
+        if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+            return _strip_webp(data)
+    except (IndexError, struct.error):  # truncated: left for decoding to refuse
+        pass
+    return data
+
+
+def _strip_jpeg(data: bytes) -> bytes:
+    kept, position = [data[:2]], 2
+    while position < len(data):
+        if data[position] != 0xFF:
+            raise IndexError("not a marker")
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker == 0xDA or 0xD0 <= marker <= 0xD9 or marker == 0x01:  # scan data (the rest) or no length
+            kept.append(data[position:])
+            break
+        end = position + 2 + struct.unpack(">H", data[position + 2 : position + 4])[0]
+        if marker not in _JPEG_DROPPED:
+            kept.append(data[position:end])
+        position = end
+    return b"".join(kept)
+
+
+def _strip_png(data: bytes) -> bytes:
+    kept, position = [data[:8]], 8
+    while position < len(data):
+        length = struct.unpack(">I", data[position : position + 4])[0]
+        end = position + 12 + length
+        if data[position + 4 : position + 8] not in _PNG_DROPPED:
+            kept.append(data[position:end])
+        position = end
+    return b"".join(kept)
+
+
+def _strip_webp(data: bytes) -> bytes:
+    kept, position = [], 12
+    while position + 8 <= len(data):
+        fourcc = data[position : position + 4]
+        size = struct.unpack("<I", data[position + 4 : position + 8])[0]
+        end = position + 8 + size + (size & 1)
+        chunk = data[position:end]
+        if fourcc == b"VP8X":
+            chunk = chunk[:8] + bytes([chunk[8] & ~_WEBP_METADATA_FLAGS & 0xFF]) + chunk[9:]
+        if fourcc not in _WEBP_DROPPED:
+            kept.append(chunk)
+        position = end
+    body = b"WEBP" + b"".join(kept)
+    return b"RIFF" + struct.pack("<I", len(body)) + body

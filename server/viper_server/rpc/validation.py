@@ -18,7 +18,7 @@ from viper_proto.v1 import generation_pb2, metric_pb2, profile_pb2
 
 from ..config import Limits
 from ..domain import GenerationParams, RatedUpload
-from ..imaging import ImageDecodeError, decode_image, read_header
+from ..imaging import ImageDecodeError, decode_image, read_header, strip_metadata
 from .convert import RATING_FROM_PROTO, PageTokens
 
 UPDATABLE_FIELDS = ("liked_features", "disliked_features")
@@ -123,12 +123,13 @@ def check_extract_fields(request: profile_pb2.ExtractProfileRequest, limits: Lim
 
 def decode_extract(request: profile_pb2.ExtractProfileRequest, limits: Limits,
                    vocabulary: Vocabulary) -> list[RatedUpload]:
-    """The rated images decoded one at a time (after check_extract_fields), then the comments' control tokens."""
-    uploads = [
-        RatedUpload(data=rated.data, image=check_image(rated.data, f"images[{index}].data", limits),
-                    comment=rated.comment, rating=RATING_FROM_PROTO[rated.rating])
-        for index, rated in enumerate(request.images)
-    ]
+    """The rated images decoded one at a time (after check_extract_fields), then the comments' control tokens.
+    Their metadata (EXIF with GPS, XMP, text) is stripped: kept are the bytes the models see, nothing more."""
+    uploads = []
+    for index, rated in enumerate(request.images):
+        data = strip_metadata(rated.data)
+        uploads.append(RatedUpload(data=data, image=check_image(data, f"images[{index}].data", limits),
+                                   comment=rated.comment, rating=RATING_FROM_PROTO[rated.rating]))
     control_tokens = sorted(vocabulary.control_tokens)
     for index, upload in enumerate(uploads):
         for token in control_tokens:
