@@ -37,10 +37,15 @@ bench: install
 	$(BIN)/python bench/generation.py
 	$(BIN)/python bench/metric.py
 	$(BIN)/python bench/concurrency.py
+	$(BIN)/python bench/tracing.py
 
 # The web page in one command: `viper serve` on its defaults (127.0.0.1:50051, the toy models) and the gateway
-# in front of it at http://127.0.0.1:8080. Ctrl-C stops both.
+# in front of it at http://127.0.0.1:8080. The server trusts the local development identity provider
+# (viper-server dev-token, var/dev-identity), and the printed address signs the page in as alice with one of its
+# JWTs. Ctrl-C stops both.
 web: install
-	@$(BIN)/viper serve & server=$$!; \
+	@token=$$($(BIN)/viper-server dev-token --user alice) || exit 1; \
+	$(BIN)/viper serve --auth-config var/dev-identity/auth.toml & server=$$!; \
 	trap 'kill $$server 2>/dev/null' EXIT INT TERM; \
+	echo "open http://127.0.0.1:8080/#token=$$token (signed in as alice; another user's token: viper-server dev-token --user NAME)"; \
 	$(BIN)/viper-web --backend 127.0.0.1:50051 --port 8080

@@ -30,6 +30,8 @@ def processes_marked(marker: str) -> list[int]:
     ("metric.py", ["--repeats", "1"], "speedup: "),
     ("generation.py", ["--repeats", "1", "--steps", "4", "--images", "1"], "speedup: "),
     ("concurrency.py", ["--repeats", "1", "--scores", "2", "--steps", "2", "--new-tokens", "4"], "concurrency: "),
+    ("tracing.py", ["--calls", "5", "--generations", "1", "--steps", "2"], "tracing: "),
+    ("auth.py", ["--calls", "20", "--rounds", "1"], "ratio: "),
 ])
 def test_a_bench_leaves_no_process_or_temp_folder_behind(tmp_path, bench, args, last):
     marker = f"VIPER_BENCH_MARKER={uuid.uuid4().hex}"

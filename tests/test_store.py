@@ -616,9 +616,12 @@ def test_a_version_1_sqlite_database_upgrades_in_place(tmp_path: Path):
     before = {table: sorted(old.query(f"SELECT * FROM {table}")) for table in TABLES[:3]}
 
     with open_store(path) as store:
-        assert {table: sorted(old.query(f"SELECT * FROM {table}")) for table in TABLES[:3]} == before
+        # Every row moved into the tenant "default", unchanged otherwise.
+        in_default = {table: sorted(("default", *row) if table != "images" else row for row in rows)
+                      for table, rows in before.items()}
+        assert {table: sorted(old.query(f"SELECT * FROM {table}")) for table in TABLES[:3]} == in_default
         assert old.query("PRAGMA user_version") == [(len(sqlite_schema.MIGRATIONS),)]
-        assert sorted(old.query("SELECT * FROM last_versions")) == [("alice", 3), ("bob", 1)]
+        assert sorted(old.query("SELECT * FROM last_versions")) == [("default", "alice", 3), ("default", "bob", 1)]
         alice, images = store.get_with_images("alice")
         assert (alice.version, alice.liked_features, alice.disliked_features) == (
             3,
@@ -1131,3 +1134,65 @@ def test_postgresql_pool_exhausted_past_the_timeout_is_store_unavailable(postgre
         assert held["profile"].version == 2
         assert store.get("bob").version == 1
 
+
+
+# --- tenants -----------------------------------------------------------------------
+
+
+def test_the_same_user_id_in_two_tenants_is_two_profiles(store: ProfileStore):
+    save(store, "alice", tenant="shop", liked_features=["shop"], images=[liked(b"shop image")])
+    save(store, "alice", tenant="bank", liked_features=["bank"], images=[liked(b"bank image")])
+    save(store, "alice", tenant="bank", liked_features=["bank again"], images=[liked(b"bank image")])
+    assert store.get("alice", tenant="shop").liked_features == ("shop",)
+    assert store.get("alice", tenant="shop").version == 1  # versions are per tenant too
+    assert store.get("alice", tenant="bank").version == 2
+    with pytest.raises(ProfileNotFound):
+        store.get("alice")  # the default tenant has no alice
+    assert [image.data for image in store.get_with_images("alice", tenant="shop")[1]] == [b"shop image"]
+
+    store.delete("alice", tenant="shop")
+    assert store.get("alice", tenant="bank").liked_features == ("bank again",)
+    with pytest.raises(ProfileNotFound):
+        store.update_features("alice", tenant="shop", liked_features=["x"])
+    with pytest.raises(ProfileNotFound):
+        store.delete("alice", tenant="shop")
+
+
+def test_listing_stays_in_its_tenant(store: ProfileStore):
+    for user in ("a", "b", "c"):
+        save(store, user, tenant="shop")
+    save(store, "bb", tenant="bank")
+    assert [p.user_id for p in store.list(page_size=10, tenant="shop")] == ["a", "b", "c"]
+    assert [p.user_id for p in store.list(page_size=10, after="a", tenant="shop")] == ["b", "c"]
+    assert [p.user_id for p in store.list(page_size=10, tenant="bank")] == ["bb"]
+    assert store.list(page_size=10) == []
+    assert store.count() == 4
+
+
+@pytest.mark.parametrize("tenant", ["", "Shop", "a/b", "x" * 64, "-x"])
+def test_a_malformed_tenant_is_refused(store: ProfileStore, tenant: str):
+    from viper_profiles import InvalidTenant
+
+    with pytest.raises(InvalidTenant):
+        store.get("alice", tenant=tenant)
+
+
+def test_rows_stored_before_tenants_move_into_the_default_tenant(db):
+    # A database at the schema before tenants, with data in it, as a released version left it.
+    with db.migration_connection() as connection:
+        db.schema.migrate(connection, db.schema.MIGRATIONS[:2])
+    at = "'2024-01-01T00:00:00+00:00'"
+    features = "'[]'" if db.name == "sqlite" else "'{}'"
+    db.execute(
+        "INSERT INTO images (sha256, data) VALUES ('s1', " + ("x'01'" if db.name == "sqlite" else "'\\x01'") + ")",
+        f"INSERT INTO profiles VALUES ('alice', {features}, {features}, 'text', 3, 'm', {at}, {at})",
+        "INSERT INTO profile_images VALUES ('alice', 0, 's1', 'nice', 'liked')",
+        "INSERT INTO last_versions VALUES ('alice', 3)",
+    )
+    with db.open() as store:
+        alice, images = store.get_with_images("alice")
+        assert (alice.version, [image.comment for image in images]) == (3, ["nice"])
+        with pytest.raises(ProfileNotFound):
+            store.get("alice", tenant="shop")
+        assert save(store, "alice").version == 4  # the last version given moved too
+        assert save(store, "alice", tenant="shop").version == 1

@@ -312,3 +312,37 @@ def check_tile_order(events: list[tuple[str, str, str | None]]) -> None:
     assert [old for _, old in states] == ["waiting", "running"], "waiting -> running -> done"
     assert states[0][0] < first_picture < states[1][0], "the tile is done only after its previews"
 
+
+
+@pytest.fixture(scope="module")
+def signed_gateway(tiny_models_dir, tmp_path_factory):
+    """A server trusting the development identity provider (as `make web` sets it up), and its gateway."""
+    from viper_server.dev_identity import ensure_dev_identity
+
+    folder = tmp_path_factory.mktemp("dev-identity")
+    config = ensure_dev_identity(folder)
+    with ServerProcess(folder / "profiles.db", tiny_models_dir, "--auth-config", str(config)) as process:
+        with GatewayProcess(process.target) as gateway:
+            yield gateway, folder
+
+
+def test_the_page_signs_in_with_a_users_jwt_and_refuses_a_service_token(browser, signed_gateway, artifacts):
+    from viper_server.dev_identity import dev_token
+
+    gateway, folder = signed_gateway
+    page = Page(browser, artifacts)
+    browser.get(f"{gateway.url}/#token={dev_token('alice', folder=folder)}")
+    page.until("document.body.dataset.ready === 'true'")
+    page.until("document.getElementById('profile-meta').textContent.includes('No profile for alice')")
+    user = page.find("#user-id")
+    assert user.get_attribute("value") == "alice" and user.get_attribute("readonly") is not None
+    assert "token" not in browser.current_url  # taken out of the address at once
+    assert page.errors() == []
+
+    token = page.find("#token")
+    token.clear()
+    token.send_keys("a-service-token-never-belongs-in-a-page")
+    browser.execute_script("document.getElementById('token').dispatchEvent(new Event('change'))")
+    page.until("document.querySelectorAll('#errors .error').length > 0")
+    assert any("Not a sign-in token" in error for error in page.errors())
+    assert token.get_attribute("value") == "" and user.get_attribute("readonly") is None

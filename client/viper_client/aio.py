@@ -17,6 +17,7 @@ from viper_client.channel import (
     UNSET,
     Timeout,
     Tls,
+    TokenSource,
     connect,
     resolve_timeout,
 )
@@ -34,7 +35,8 @@ T = TypeVar("T")
 class AsyncViperClient:
     """ViperClient for asyncio: create it inside the running event loop; `async with` it or await close().
 
-    Deadlines, token, tls, several targets and retries are as in ViperClient. Closing a stream's async
+    Deadlines, token (a string, or a callable returning a fresh one), tls, several targets and retries are as
+    in ViperClient. Closing a stream's async
     iterator (aclose(), or `async with contextlib.aclosing(...)`) cancels the RPC on the server.
     """
 
@@ -45,14 +47,15 @@ class AsyncViperClient:
         timeout: float | None = DEFAULT_TIMEOUT,
         long_timeout: float | None = DEFAULT_LONG_TIMEOUT,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        token: str | None = None,
+        token: TokenSource = None,
         tls: Tls | None = None,
         retries: bool = True,
+        insecure: bool = False,
     ) -> None:
         self._timeout = timeout
         self._long_timeout = long_timeout
         self._connection = connect(target, max_message_bytes=max_message_bytes, token=token, tls=tls,
-                                   asynchronous=True, retries=retries)
+                                   asynchronous=True, retries=retries, insecure=insecure)
 
     async def close(self) -> None:
         await self._connection.channel.close()

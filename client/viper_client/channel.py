@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import enum
+import ipaddress
 import json
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -15,6 +16,8 @@ import grpc
 import grpc.aio
 
 from viper_proto.v1 import generation_pb2_grpc, metric_pb2_grpc, profile_pb2_grpc
+
+from .telemetry import inject_trace_context
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 30.0
@@ -147,7 +150,7 @@ def enable_ring_hash() -> None:
 
 def create_channel(
     target: str | Sequence[str], *, max_message_bytes: int, tls: Tls | None = None, asynchronous: bool = False,
-    retries: bool = True,
+    retries: bool = True, call_credentials: grpc.CallCredentials | None = None,
 ) -> grpc.Channel | grpc.aio.Channel:
     """A channel (sync, or grpc.aio when asynchronous), TLS when tls is given, allowing messages up to
     max_message_bytes.
@@ -155,6 +158,7 @@ def create_channel(
     Several targets (a list, or commas): one channel over all of them with the ring_hash policy, so each
     user's calls go to one of them (consistent hashing of the user header) and move to the next one on the
     ring while theirs is down. retries: the safe calls (RETRIED_METHODS) are retried after UNAVAILABLE.
+    call_credentials go with every call: gRPC sends them over TLS, or in plaintext to loopback targets only.
     """
     targets = split_targets(target)
     several = len(targets) > 1
@@ -173,12 +177,74 @@ def create_channel(
         options.append(("grpc.default_authority", targets[0]))
     channel_target = resolve_targets(targets) if several else targets[0]
     api = grpc.aio if asynchronous else grpc
+    if call_credentials is not None:
+        return api.secure_channel(channel_target, _with_call_credentials(targets, tls, call_credentials),
+                                  options=options)
     if tls is None:
         return api.insecure_channel(channel_target, options=options)
     return api.secure_channel(channel_target, tls.credentials(), options=options)
 
 
+def _with_call_credentials(targets: list[str], tls: Tls | None,
+                           call_credentials: grpc.CallCredentials) -> grpc.ChannelCredentials:
+    if tls is not None:
+        return grpc.composite_channel_credentials(tls.credentials(), call_credentials)
+    if not all(_is_loopback(target) for target in targets):
+        raise ValueError("a token callable is sent over TLS, or in plaintext to a loopback address only: "
+                         "pass tls=Tls(...), or a fixed token")
+    return grpc.composite_channel_credentials(grpc.local_channel_credentials(), call_credentials)
+
+
+class CleartextTokenError(ValueError):
+    """A token would go in plaintext to a host that is not this machine."""
+
+
+def refuse_cleartext_token(target: str | Sequence[str], *, tls: Tls | None, insecure: bool) -> None:
+    """Raises CleartextTokenError unless every target is loopback, the channel is TLS, or insecure is set."""
+    if tls is not None or insecure:
+        return
+    for each in split_targets(target):
+        if not _is_loopback(each):
+            raise CleartextTokenError(
+                f"refusing to send a bearer token in cleartext to {each!r}, which is not a loopback address: "
+                "use TLS (tls=Tls(...), the CLI's --tls), or insecure=True (the CLI's --insecure, "
+                "env VIPER_INSECURE=1) on a network you trust")
+
+
+def _is_loopback(target: str) -> bool:
+    """Whether a target is this machine: a loopback IP or localhost, or a Unix socket. Names are not resolved."""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    target = target.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:")
+    host = target.rpartition(":")[0] if target.count(":") == 1 or target.startswith("[") else target
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 Metadata = tuple[tuple[str, str], ...]
+# A bearer token: fixed, or a callable asked for a fresh one before every call (an end user's JWT that
+# expires and is refreshed). A callable travels as gRPC call credentials.
+TokenSource = str | Callable[[], str] | None
+
+
+class BearerToken(grpc.AuthMetadataPlugin):
+    """Call credentials that ask `source` for the token before every call (gRPC runs it off the event loop)."""
+
+    def __init__(self, source: Callable[[], str]) -> None:
+        self._source = source
+
+    def __call__(self, context: grpc.AuthMetadataContext, callback: grpc.AuthMetadataPluginCallback) -> None:
+        try:
+            token = self._source()
+        except Exception as error:  # the call fails UNAVAILABLE with this error, instead of hanging
+            callback((), error)
+            return
+        callback((("authorization", f"Bearer {token}"),), None)
 
 
 @dataclass(frozen=True)
@@ -192,14 +258,21 @@ class Connection:
     metadata: Metadata
 
     def metadata_for(self, user_id: str | None) -> Metadata:
-        """A call's metadata: the connection's, plus the user id header for a per-user call."""
-        return self.metadata if user_id is None else (*self.metadata, (USER_HEADER, user_id))
+        """A call's metadata: the connection's, plus the user id header for a per-user call, plus the caller's
+        trace context (`traceparent`) when it uses OpenTelemetry."""
+        metadata = self.metadata if user_id is None else (*self.metadata, (USER_HEADER, user_id))
+        return inject_trace_context(metadata)
 
 
-def connect(target: str | Sequence[str], *, max_message_bytes: int, token: str | None, tls: Tls | None,
-            asynchronous: bool = False, retries: bool = True) -> Connection:
+def connect(target: str | Sequence[str], *, max_message_bytes: int, token: TokenSource, tls: Tls | None,
+            asynchronous: bool = False, retries: bool = True, insecure: bool = False) -> Connection:
+    if token:
+        refuse_cleartext_token(target, tls=tls, insecure=insecure)
+    refreshed = grpc.metadata_call_credentials(BearerToken(token)) if callable(token) else None
     channel = create_channel(target, max_message_bytes=max_message_bytes, tls=tls, asynchronous=asynchronous,
-                             retries=retries)
+                             retries=retries, call_credentials=refreshed)
+    if callable(token):
+        token = None
     return Connection(
         channel=channel,
         profiles=profile_pb2_grpc.ProfileServiceStub(channel),

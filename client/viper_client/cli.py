@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "health":
             return check_health(args, tls)
-        with ViperClient(args.target, token=args.token, tls=tls, **timeouts) as client:
+        with ViperClient(args.target, token=args.token, tls=tls, insecure=args.insecure, **timeouts) as client:
             args.handler(client, args)
     except ViperError as error:
         report_error(error, args.target)
@@ -148,8 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # Never %(default)s here: the default comes from the environment and is a secret.
     parser.add_argument("--token", default=os.environ.get("VIPER_TOKEN"),
-                        help="bearer token sent with every call, for servers run with --auth-tokens "
-                             "(env VIPER_TOKEN; default: none)")
+                        help="bearer token sent with every call: a service token or an end user's JWT, for "
+                             "servers run with --auth-config or --auth-tokens (env VIPER_TOKEN; default: none)")
+    parser.add_argument("--insecure", action="store_true",
+                        default=os.environ.get("VIPER_INSECURE", "") in ("1", "true", "yes"),
+                        help="send --token in plaintext to a host that is not this machine (env VIPER_INSECURE=1; "
+                             "default: refused without TLS)")
     parser.add_argument("--tls", action="store_true",
                         help="connect with TLS, verifying the server (implied by --tls-ca and --tls-cert; "
                              "default: plaintext)")

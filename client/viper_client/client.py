@@ -17,6 +17,7 @@ from viper_client.channel import (
     UNSET,
     Timeout,
     Tls,
+    TokenSource,
     connect,
     resolve_timeout,
 )
@@ -38,8 +39,12 @@ class ViperClient:
     `long_timeout` seconds (default 600) for extract_profile, generate and score, which run models
     and may queue. A stream's deadline covers the whole stream; list_profiles' covers each page.
     Each method's timeout= overrides the default for that call; None means no deadline.
-    `token` is sent as `authorization: Bearer <token>` with every call; `tls` (a Tls) makes the
+    `token` is sent as `authorization: Bearer <token>` with every call: a service token or an end user's JWT,
+    fixed, or a callable returning a fresh one, asked before every call (gRPC call credentials: over TLS,
+    or plaintext to a loopback address only); `tls` (a Tls) makes the
     channel TLS, verifying the server and, with a client certificate, authenticating the client.
+    A token goes in plaintext only to a loopback target: elsewhere, without `tls`, the client refuses to be
+    made (CleartextTokenError, a ValueError) unless `insecure=True`.
 
     `target` is one address ("host:port", or any gRPC target such as a proxy's), or several replicas' (a list,
     or "host1:port,host2:port"): then each user's calls go to one replica, chosen by consistent hashing of the
@@ -58,14 +63,15 @@ class ViperClient:
         timeout: float | None = DEFAULT_TIMEOUT,
         long_timeout: float | None = DEFAULT_LONG_TIMEOUT,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        token: str | None = None,
+        token: TokenSource = None,
         tls: Tls | None = None,
         retries: bool = True,
+        insecure: bool = False,
     ) -> None:
         self._timeout = timeout
         self._long_timeout = long_timeout
         self._connection = connect(target, max_message_bytes=max_message_bytes, token=token, tls=tls,
-                                   retries=retries)
+                                   retries=retries, insecure=insecure)
 
     def close(self) -> None:
         self._connection.channel.close()

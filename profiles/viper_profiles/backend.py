@@ -3,6 +3,8 @@
 ProfileStore writes each operation once, against `Transaction`; a backend (sqlite/, postgres/) says how
 each step is done in its database and how transactions are isolated:
 
+- every step of a transaction acts on one tenant's rows (the tenant it was opened for); the user ids
+  it names are that tenant's;
 - a read sees one snapshot from its first statement to its end;
 - a write starts with `lock_user` or `claim_version`, which hold off every other write of that user (in
   any process) until the transaction ends, so a check-then-write cannot interleave with another one.
@@ -12,9 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Protocol, TypeVar
 
-from .records import StoredImage, StoredProfile
+from .records import AppliedMigration, RowCheck, SchemaStatus, StoredImage, StoredProfile, StoreStats
 
 T = TypeVar("T")
 
@@ -27,12 +30,13 @@ class Transaction(Protocol):
         """The profile's current version; None if the user has no profile."""
 
     def list_profiles(self, after: str | None, limit: int) -> list[StoredProfile]:
-        """Up to limit profiles in byte order of user_id, after the given one."""
+        """Up to limit profiles of the transaction's tenant in byte order of user_id, after the given one."""
 
     def read_images(self, user_id: str) -> list[StoredImage]:
         """The profile's images with their bytes, by position; [] if there is no profile."""
 
-    def count_profiles(self) -> int: ...
+    def count_profiles(self) -> int:
+        """Profiles in every tenant."""
 
     # --- writes
     def lock_user(self, user_id: str) -> None:
@@ -76,13 +80,22 @@ class Transaction(Protocol):
     def delete_profile(self, user_id: str) -> None:
         """Deletes the profile row, its image references and the images no other profile uses."""
 
+    # --- whole-database reads, for the operator's commands (viper-profiles)
+    def integrity_problems(self) -> list[str]:
+        """What the database's own checks find wrong (damaged pages, broken foreign keys); [] if nothing."""
+
+    def check_rows(self) -> RowCheck: ...
+
+    def stats(self) -> StoreStats: ...
+
 
 class Backend(Protocol):
-    def read(self, operation: Callable[[Transaction], T]) -> T:
-        """Runs operation in a read-only transaction."""
+    def read(self, operation: Callable[[Transaction], T], tenant: str = ...) -> T:
+        """Runs operation in a read-only transaction confined to the tenant."""
 
-    def write(self, operation: Callable[[Transaction], T]) -> T:
-        """Runs operation in a write transaction: committed if it returns, rolled back if it raises.
+    def write(self, operation: Callable[[Transaction], T], tenant: str = ...) -> T:
+        """Runs operation in a write transaction confined to the tenant: committed if it returns, rolled back
+        if it raises.
 
         May run it again after a transient conflict, so it must have no effect outside the transaction.
         """
@@ -92,3 +105,12 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Releases the connections; idempotent. Later calls raise StoreUnavailable."""
+
+    # The migrations opening the database applied (none if it was current, or opened without migrating).
+    applied_migrations: tuple[AppliedMigration, ...]
+
+    def schema_status(self) -> SchemaStatus: ...
+
+    def backup(self, target: Path) -> None:
+        """Writes an online, consistent copy of the database to target (a new file), or raises
+        BackupNotSupported where the database has its own tool for it."""

@@ -51,3 +51,12 @@ class InvalidUserId(StoreError, ValueError):
         # The message travels in gRPC trailers and log lines: never the whole id.
         super().__init__(f"invalid user_id {quote_user_id(user_id)}: {reason}")
         self.user_id = user_id
+
+
+class StoreNotFound(StoreError):
+    """There is no database to open as it is (open_store(..., migrate=False)): for SQLite, no such file.
+    Only opening with migration creates one."""
+
+
+class BackupNotSupported(StoreError):
+    """ProfileStore.backup on a backend whose database has its own backup tool (PostgreSQL: pg_dump)."""

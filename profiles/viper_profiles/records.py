@@ -55,3 +55,86 @@ class StoredProfile:
     @property
     def disliked_image_count(self) -> int:
         return sum(image.rating is Rating.DISLIKED for image in self.images)
+
+
+# --- what the operator's commands (viper-profiles) read about a database as a whole
+
+
+@dataclass(frozen=True)
+class AppliedMigration:
+    version: int  # 1-based: the schema version this migration brought the database to
+    name: str
+
+
+@dataclass(frozen=True)
+class SchemaStatus:
+    """A database's migrations against this code's."""
+
+    applied: tuple[str, ...]  # the migrations the database has had, in order ("#N" where it cannot name them)
+    known: tuple[str, ...]  # this code's migrations, in order
+
+    @property
+    def version(self) -> int:
+        return len(self.applied)
+
+    @property
+    def latest(self) -> int:
+        return len(self.known)
+
+    @property
+    def pending(self) -> tuple[str, ...]:
+        return self.known[len(self.applied):]
+
+    @property
+    def current(self) -> bool:
+        return self.applied == self.known
+
+    def problem(self) -> str | None:
+        if self.version > self.latest:
+            return (f"schema version {self.version} is newer than this code's ({self.latest}): "
+                    "upgrade viper-serve-profiles")
+        if self.applied != self.known[: self.version]:
+            return f"the database's migrations {list(self.applied)} are not this code's {list(self.known)}"
+        if self.pending:
+            return (f"schema version {self.version} of {self.latest}: {len(self.pending)} migration(s) pending "
+                    f"({', '.join(self.pending)}); run `viper-profiles migrate`")
+        return None
+
+
+@dataclass(frozen=True)
+class RowCheck:
+    """Rows that break the store's invariants (each count 0 in a healthy database)."""
+
+    orphaned_images: int  # image rows no profile references (a delete or re-extraction removes them)
+    orphaned_image_bytes: int
+    stray_references: int  # image references of users without a profile (a deleted user's leftovers)
+    stray_users: int  # the users those belong to
+    missing_images: int  # image references whose image row is gone
+    unversioned_profiles: int  # profiles whose last given version is missing or below theirs: versions may repeat
+
+    def problems(self) -> list[str]:
+        problems = []
+        if self.orphaned_images:
+            problems.append(f"{self.orphaned_images} orphaned image(s), {self.orphaned_image_bytes} bytes: "
+                            "stored images no profile references")
+        if self.stray_references:
+            problems.append(f"{self.stray_references} stray image reference(s) of {self.stray_users} user(s) "
+                            "without a profile (rows left behind by deleted users)")
+        if self.missing_images:
+            problems.append(f"{self.missing_images} image reference(s) to an image that is not stored")
+        if self.unversioned_profiles:
+            problems.append(f"{self.unversioned_profiles} profile(s) above their user's last given version "
+                            "(last_versions): a later version could repeat")
+        return problems
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    users: int  # users with a profile
+    deleted_users: int  # users who had one (their last version is kept) and have none now
+    versions: int  # versions given so far, all users together, deletes included
+    images: int  # distinct stored images (content-addressed)
+    image_bytes: int
+    image_references: int  # (profile, image) pairs
+    shared_images: int  # images used by more than one profile
+    database_bytes: int  # the database's size on disk (SQLite: the main file, without its WAL)

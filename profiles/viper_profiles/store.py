@@ -17,7 +17,17 @@ from urllib.parse import unquote, urlsplit
 
 from .backend import Backend, Transaction
 from .errors import InvalidText, ProfileNotFound, VersionConflict
-from .records import Rating, SourceImage, StoredImage, StoredProfile
+from .records import (
+    AppliedMigration,
+    Rating,
+    RowCheck,
+    SchemaStatus,
+    SourceImage,
+    StoredImage,
+    StoredProfile,
+    StoreStats,
+)
+from .tenants import DEFAULT_TENANT, validate_tenant
 from .user_ids import validate_user_id
 
 # How long an operation waits for the database (SQLite: another process's write lock; PostgreSQL: a
@@ -25,44 +35,51 @@ from .user_ids import validate_user_id
 DEFAULT_TIMEOUT = 5.0
 # Most PostgreSQL connections one store opens (SQLite: always one).
 DEFAULT_POOL_SIZE = 10
+# Where the server and viper-profiles read the database URL from when --db is not given, and its default.
+DB_ENV = "VIPER_DB"
+DEFAULT_DB = "var/profiles.db"
 
 _URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 def open_store(url: str | os.PathLike[str], *, timeout: float = DEFAULT_TIMEOUT,
-               pool_size: int = DEFAULT_POOL_SIZE) -> ProfileStore:
+               pool_size: int = DEFAULT_POOL_SIZE, migrate: bool = True) -> ProfileStore:
     """Opens (creating and migrating if needed) the store at url.
 
     - a plain path, or `sqlite:///relative/path`, `sqlite:////absolute/path` -> SQLite;
     - `postgresql://user:password@host:port/dbname` (or `postgres://`, any libpq URL) -> PostgreSQL.
 
+    migrate=False opens the database as it is, for inspection: nothing is created or migrated (a missing
+    SQLite file raises StoreNotFound), and only the operator's reads (schema_status, integrity_problems,
+    check_rows, stats, backup) are meant for a database whose schema_status is not current.
+
     Raises StoreUnavailable if the database cannot be reached within `timeout` seconds, StoreError if
     its schema is newer than this code, ValueError for a URL of another kind.
     """
-    return ProfileStore(url, timeout=timeout, pool_size=pool_size)
+    return ProfileStore(url, timeout=timeout, pool_size=pool_size, migrate=migrate)
 
 
-def _open_backend(url: str | os.PathLike[str], *, timeout: float, pool_size: int) -> Backend:
+def _open_backend(url: str | os.PathLike[str], *, timeout: float, pool_size: int, migrate: bool = True) -> Backend:
     if isinstance(url, os.PathLike) or not (match := _URL_SCHEME.match(url)):
-        return _sqlite(Path(url), timeout)
+        return _sqlite(Path(url), timeout, migrate)
     scheme = match.group(1).lower()
     if scheme == "sqlite":
         # As SQLAlchemy spells it: the path is what follows the third slash.
         parts = urlsplit(url)
         if parts.netloc or len(parts.path) < 2:
             raise ValueError("a SQLite URL is sqlite:///relative/path or sqlite:////absolute/path")
-        return _sqlite(Path(unquote(parts.path[1:])), timeout)
+        return _sqlite(Path(unquote(parts.path[1:])), timeout, migrate)
     if scheme in ("postgresql", "postgres"):
         from .postgres import PostgresBackend  # psycopg is imported only when used
 
-        return PostgresBackend(url, timeout=timeout, pool_size=pool_size)
+        return PostgresBackend(url, timeout=timeout, pool_size=pool_size, migrate_schema=migrate)
     raise ValueError(f"unsupported database URL scheme {scheme!r}: use a path, sqlite:/// or postgresql://")
 
 
-def _sqlite(path: Path, timeout: float) -> Backend:
+def _sqlite(path: Path, timeout: float, migrate: bool = True) -> Backend:
     from .sqlite import SqliteBackend
 
-    return SqliteBackend(path, timeout=timeout)
+    return SqliteBackend(path, timeout=timeout, migrate_schema=migrate)
 
 
 class ProfileStore:
@@ -72,12 +89,14 @@ class ProfileStore:
     A user's versions only ever go up, across deletes and processes: after a delete, the next
     extraction continues above the last version the user was given, so a version (and an
     expected_version) always names one content. Database unreachable -> StoreUnavailable.
+    Every operation on a profile acts in one tenant (`tenant=`, default DEFAULT_TENANT): a tenant's
+    profiles, versions and listing are its own.
     `ProfileStore(url)` is `open_store(url)`.
     """
 
     def __init__(self, url: str | os.PathLike[str], *, timeout: float = DEFAULT_TIMEOUT,
-                 pool_size: int = DEFAULT_POOL_SIZE) -> None:
-        self._backend = _open_backend(url, timeout=timeout, pool_size=pool_size)
+                 pool_size: int = DEFAULT_POOL_SIZE, migrate: bool = True) -> None:
+        self._backend = _open_backend(url, timeout=timeout, pool_size=pool_size, migrate=migrate)
 
     def close(self) -> None:
         self._backend.close()
@@ -104,6 +123,7 @@ class ProfileStore:
         raw_text: str,
         extractor_model: str,
         images: Sequence[SourceImage],
+        tenant: str = DEFAULT_TENANT,
     ) -> StoredProfile:
         """Creates the user's profile, or replaces all of it (features, text, images).
 
@@ -111,6 +131,7 @@ class ProfileStore:
         first save of the current profile.
         """
         validate_user_id(user_id)
+        validate_tenant(tenant)
         liked, disliked = _feature_list(liked_features, "liked"), _feature_list(disliked_features, "disliked")
         _check_text(raw_text, "raw_text")
         _check_text(extractor_model, "extractor_model")
@@ -143,18 +164,18 @@ class ProfileStore:
             tx.replace_images(user_id, stored)
             return tx.find_profile(user_id)
 
-        return self._backend.write(save)
+        return self._backend.write(save, tenant)
 
-    def get(self, user_id: str) -> StoredProfile:
+    def get(self, user_id: str, *, tenant: str = DEFAULT_TENANT) -> StoredProfile:
         validate_user_id(user_id)
-        return self._backend.read(lambda tx: _found(tx.find_profile(user_id), user_id))
+        return self._backend.read(lambda tx: _found(tx.find_profile(user_id), user_id), validate_tenant(tenant))
 
-    def list(self, *, page_size: int, after: str | None = None) -> list[StoredProfile]:
-        """Up to page_size profiles in byte order of user_id, starting after the given user_id."""
+    def list(self, *, page_size: int, after: str | None = None, tenant: str = DEFAULT_TENANT) -> list[StoredProfile]:
+        """Up to page_size profiles of the tenant in byte order of user_id, starting after the given user_id."""
         if page_size < 1:
             raise ValueError(f"page_size must be at least 1, got {page_size}")
         # `after` is only a bound to compare with, so it needs no user_id validation.
-        return self._backend.read(lambda tx: tx.list_profiles(after, page_size))
+        return self._backend.read(lambda tx: tx.list_profiles(after, page_size), validate_tenant(tenant))
 
     def update_features(
         self,
@@ -163,9 +184,11 @@ class ProfileStore:
         liked_features: Sequence[str] | None = None,
         disliked_features: Sequence[str] | None = None,
         expected_version: int | None = None,
+        tenant: str = DEFAULT_TENANT,
     ) -> StoredProfile:
         """Replaces the given feature lists (None keeps one); the version goes up by one."""
         validate_user_id(user_id)
+        validate_tenant(tenant)
         liked = None if liked_features is None else _feature_list(liked_features, "liked")
         disliked = None if disliked_features is None else _feature_list(disliked_features, "disliked")
         now = _utc_now()
@@ -181,27 +204,61 @@ class ProfileStore:
             )
             return tx.find_profile(user_id)
 
-        return self._backend.write(update)
+        return self._backend.write(update, tenant)
 
-    def delete(self, user_id: str, *, expected_version: int | None = None) -> int:
+    def delete(self, user_id: str, *, expected_version: int | None = None, tenant: str = DEFAULT_TENANT) -> int:
         """Deletes the profile, and every image of it that no other profile uses; returns the deleted version."""
         validate_user_id(user_id)
+        validate_tenant(tenant)
 
         def delete(tx: Transaction) -> int:
             version = _checked_version(tx, user_id, expected_version)
             tx.delete_profile(user_id)
             return version
 
-        return self._backend.write(delete)
+        return self._backend.write(delete, tenant)
 
-    def get_with_images(self, user_id: str) -> tuple[StoredProfile, list[StoredImage]]:
+    def get_with_images(self, user_id: str, *, tenant: str = DEFAULT_TENANT) -> tuple[StoredProfile, list[StoredImage]]:
         """The profile and its images (with their bytes, by position) from one snapshot: the images are
         exactly those of that version."""
         validate_user_id(user_id)
-        return self._backend.read(lambda tx: (_found(tx.find_profile(user_id), user_id), tx.read_images(user_id)))
+        return self._backend.read(
+            lambda tx: (_found(tx.find_profile(user_id), user_id), tx.read_images(user_id)), validate_tenant(tenant)
+        )
 
     def count(self) -> int:
+        """Profiles in every tenant."""
         return self._backend.read(lambda tx: tx.count_profiles())
+
+    # --- the operator's view of the whole database (viper-profiles)
+
+    @property
+    def applied_migrations(self) -> tuple[AppliedMigration, ...]:
+        """The migrations opening this store applied, in order: none if the schema was current already (or
+        another process migrated it first), or if it was opened with migrate=False."""
+        return self._backend.applied_migrations
+
+    def schema_status(self) -> SchemaStatus:
+        return self._backend.schema_status()
+
+    def integrity_problems(self) -> list[str]:
+        """What the database's own checks find wrong (SQLite: integrity_check, foreign_key_check; PostgreSQL:
+        foreign keys not enforced, checksum failures); [] if nothing."""
+        return self._backend.read(lambda tx: tx.integrity_problems())
+
+    def check_rows(self) -> RowCheck:
+        """Rows breaking the store's invariants (orphaned images, stray rows of deleted users...); needs a
+        current schema."""
+        return self._backend.read(lambda tx: tx.check_rows())
+
+    def stats(self) -> StoreStats:
+        """Counts and sizes, from one snapshot; needs a current schema."""
+        return self._backend.read(lambda tx: tx.stats())
+
+    def backup(self, target: str | os.PathLike[str]) -> None:
+        """Writes an online, consistent copy to target (replaced if it exists). SQLite only: PostgreSQL
+        raises BackupNotSupported (use pg_dump)."""
+        self._backend.backup(Path(target))
 
 
 def _checked_version(tx: Transaction, user_id: str, expected_version: int | None) -> int:

@@ -3,7 +3,8 @@
 The gRPC servicers (rpc/) call these after validation; a second transport would call them unchanged.
 Each operation reads or writes the store (off the event loop) and hands model work to the engine.
 Errors are the domain's own exceptions (ProfileNotFound, VersionConflict, ContextError, QueueFull, ...);
-the RPC layer maps them to status codes.
+the RPC layer maps them to status codes. Every operation takes the `Caller` first and is authorized
+(access.authorize) before it reads anything, and acts only in the caller's tenant.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from viper_profiles import ProfileStore, SourceImage, StoredProfile
+from viper_profiles import ProfileNotFound, ProfileStore, SourceImage, StoredProfile
 
+from . import access
+from .access import Caller
 from .domain import GenerationEvent, GenerationParams, RatedUpload, ScoredQuery, ScoringContext
 from .engine.engine import ModelEngine
 
@@ -78,10 +81,11 @@ class ViperService:
 
     # -- profiles -------------------------------------------------------------------------------------
 
-    async def extract_profile(self, user_id: str, uploads: Sequence[RatedUpload]) -> StoredProfile:
+    async def extract_profile(self, caller: Caller, user_id: str, uploads: Sequence[RatedUpload]) -> StoredProfile:
         """Runs the VPE over the rated images and stores the profile with them, replacing any earlier one."""
+        access.authorize(caller, access.EXTRACT, user_id)
         images, comments = [u.image for u in uploads], [u.comment for u in uploads]
-        preferences = await self._engine.extract(images, comments, user=user_id)
+        preferences = await self._engine.extract(images, comments, user=caller.scope(user_id))
         stored = await asyncio.to_thread(
             self._store.save_extraction,
             user_id,
@@ -90,52 +94,77 @@ class ViperService:
             raw_text=preferences.raw_text,
             extractor_model=self._engine.extractor_name,
             images=[SourceImage(data=u.data, comment=u.comment, rating=u.rating) for u in uploads],
+            tenant=caller.tenant,
         )
-        self._engine.forget_user(user_id, stored.version)
+        self._engine.forget_user(caller.scope(user_id), stored.version)
         return stored
 
-    async def get_profile(self, user_id: str) -> StoredProfile:
-        return await asyncio.to_thread(self._store.get, user_id)
+    async def get_profile(self, caller: Caller, user_id: str) -> StoredProfile:
+        access.authorize(caller, access.GET, user_id)
+        return await asyncio.to_thread(self._store.get, user_id, tenant=caller.tenant)
 
-    async def list_profiles(self, page_size: int, after: str | None) -> tuple[list[StoredProfile], bool]:
-        """Up to page_size profiles after the user id `after`, and whether more follow."""
+    async def list_profiles(self, caller: Caller, page_size: int,
+                            after: str | None) -> tuple[list[StoredProfile], bool]:
+        """Up to page_size profiles of the caller's tenant after the user id `after`, and whether more follow.
+
+        An end user's listing holds their own profile only."""
+        access.authorize(caller, access.LIST)
+        if caller.user_id is not None:
+            return await self._own_listing(caller, after), False
         # One extra row tells whether another page follows.
-        rows = await asyncio.to_thread(self._store.list, page_size=page_size + 1, after=after)
+        rows = await asyncio.to_thread(self._store.list, page_size=page_size + 1, after=after, tenant=caller.tenant)
         return rows[:page_size], len(rows) > page_size
 
-    async def update_profile(self, user_id: str, *, liked_features: Sequence[str] | None,
+    async def _own_listing(self, caller: Caller, after: str | None) -> list[StoredProfile]:
+        if after is not None and caller.user_id <= after:
+            return []
+        try:
+            return [await asyncio.to_thread(self._store.get, caller.user_id, tenant=caller.tenant)]
+        except ProfileNotFound:
+            return []
+
+    async def update_profile(self, caller: Caller, user_id: str, *, liked_features: Sequence[str] | None,
                              disliked_features: Sequence[str] | None, expected_version: int | None) -> StoredProfile:
         """Replaces the feature lists given (None keeps one)."""
+        access.authorize(caller, access.UPDATE, user_id)
         stored = await asyncio.to_thread(
             self._store.update_features, user_id, liked_features=liked_features,
-            disliked_features=disliked_features, expected_version=expected_version,
+            disliked_features=disliked_features, expected_version=expected_version, tenant=caller.tenant,
         )
-        self._engine.forget_user(user_id, stored.version)
+        self._engine.forget_user(caller.scope(user_id), stored.version)
         return stored
 
-    async def delete_profile(self, user_id: str, *, expected_version: int | None) -> None:
-        deleted_version = await asyncio.to_thread(self._store.delete, user_id, expected_version=expected_version)
+    async def delete_profile(self, caller: Caller, user_id: str, *, expected_version: int | None) -> None:
+        access.authorize(caller, access.DELETE, user_id)
+        deleted_version = await asyncio.to_thread(
+            self._store.delete, user_id, expected_version=expected_version, tenant=caller.tenant
+        )
         # Versions are never reused: a Score that read the deleted profile must not cache it afterwards.
-        self._engine.forget_user(user_id, deleted_version + 1)
+        self._engine.forget_user(caller.scope(user_id), deleted_version + 1)
 
     # -- generation and scoring -----------------------------------------------------------------------
 
-    async def generate(self, user_id: str, params: GenerationParams) -> Generation:
+    async def generate(self, caller: Caller, user_id: str, params: GenerationParams) -> Generation:
         """Starts generating images for the prompt, guided by the user's liked and disliked features."""
-        profile = await asyncio.to_thread(self._store.get, user_id)
-        events = self._engine.generate(params, profile.liked_features, profile.disliked_features, user=user_id)
+        access.authorize(caller, access.GENERATE, user_id)
+        profile = await asyncio.to_thread(self._store.get, user_id, tenant=caller.tenant)
+        events = self._engine.generate(params, profile.liked_features, profile.disliked_features,
+                                       user=caller.scope(user_id))
         return Generation(profile_version=profile.version, events=events)
 
-    async def score(self, user_id: str, queries: Sequence[Image.Image], inline: InlineContext | None = None) -> Scoring:
+    async def score(self, caller: Caller, user_id: str, queries: Sequence[Image.Image],
+                    inline: InlineContext | None = None) -> Scoring:
         """Scores the queries for the user's stored liked / disliked images, or for an inline context."""
+        access.authorize(caller, access.SCORE, user_id)
+        scope = caller.scope(user_id)
         if inline is not None:
             context = ScoringContext(liked=inline.liked, disliked=inline.disliked)
         else:
             # The profile and its images from one snapshot: the images are exactly that version's.
-            profile, images = await asyncio.to_thread(self._store.get_with_images, user_id)
-            context = self._engine.stored_context(user_id, profile.version, images)
+            profile, images = await asyncio.to_thread(self._store.get_with_images, user_id, tenant=caller.tenant)
+            context = self._engine.stored_context(scope, profile.version, images)
         pairs = self._engine.context_pairs(context)  # ContextError before any model work
-        return Scoring(pairs_used=pairs, results=self._flatten(self._engine.score(context, queries, user=user_id)))
+        return Scoring(pairs_used=pairs, results=self._flatten(self._engine.score(context, queries, user=scope)))
 
     @staticmethod
     async def _flatten(batches: AsyncIterator[list[ScoredQuery]]) -> AsyncIterator[ScoredQuery]:

@@ -1,4 +1,4 @@
-"""`viper-server`: the server's own commands (`serve`, `build-tiny-models`, `train-toy-models`).
+"""`viper-server`: the server's own commands (`serve`, `build-tiny-models`, `train-toy-models`, `dev-token`).
 
 The client's `viper serve` hands its process over to this command (python -m viper_server).
 """
@@ -11,6 +11,8 @@ import logging
 import sys
 import warnings
 from pathlib import Path
+
+from viper_client.telemetry import TEXT_FORMAT, configure_log_format
 
 from .config import add_serve_arguments, config_from_args
 
@@ -27,6 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     train = commands.add_parser("train-toy-models", help="train the toy-world models into DIR (minutes on a CPU)")
     train.add_argument("dir", type=Path)
     train.add_argument("--seed", type=int, default=0, help="the seed every random draw derives from")
+    dev = commands.add_parser("dev-token", help="print an end user's JWT signed by the local development key "
+                              "(made in --dir on first use, with an auth config naming it: for local use only)")
+    dev.add_argument("--user", required=True, help="the user id the token stands for")
+    dev.add_argument("--ttl", type=int, default=8 * 3600, help="seconds the token is valid (default 8 h, at most 24 h)")
+    dev.add_argument("--dir", type=Path, default=Path("var/dev-identity"),
+                     help="where the key, its JWKS and auth.toml live (default var/dev-identity)")
     args = parser.parse_args(argv)
 
     if args.command == "build-tiny-models":
@@ -34,6 +42,15 @@ def main(argv: list[str] | None = None) -> int:
         from .models.tiny import ensure_tiny_models
 
         print(ensure_tiny_models(args.dir))
+        return 0
+    if args.command == "dev-token":
+        from .dev_identity import dev_token
+
+        try:
+            print(dev_token(args.user, folder=args.dir, ttl=args.ttl))
+        except ValueError as exc:
+            print(f"viper-server: error: {exc}", file=sys.stderr)
+            return 2
         return 0
     if args.command == "train-toy-models":
         configure_logging("info")
@@ -44,9 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         config = config_from_args(args)
-    except ValueError as exc:
-        parser.error(str(exc))
-    configure_logging(config.log_level)
+    except ValueError as exc:  # one line saying why, exit status 2 (as argparse's own errors)
+        print(f"viper-server: error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_level, config.log_format)
     from .server import serve  # torch and the models: only once the arguments are known to be good
 
     try:
@@ -57,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def configure_logging(level: str) -> None:
-    """Our log lines at `level`; the model libraries' warnings and progress bars only at debug."""
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """Our log lines at `level`, as text or JSON; the model libraries' warnings and progress bars only at debug."""
+    logging.basicConfig(level=level.upper(), format=TEXT_FORMAT, stream=sys.stderr)
+    configure_log_format(log_format)
     if level == "debug":
         return
     for name in _NOISY_LIBRARIES:

@@ -9,12 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from viper_profiles import DB_ENV, DEFAULT_DB
+
 from .engine.policy import POLICY_NAMES
 from .engine.presets import PRESET_NAMES
 
 MiB = 1024 * 1024
 IDEFICS2_DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     # The profile store: a SQLite file path (or sqlite:///path), or postgresql://user:password@host/db.
-    db: str = "var/profiles.db"
+    db: str = DEFAULT_DB
     models: str = "toy"
     # viper: a folder holding local copies of the model repos; unset = the HF cache.
     # toy / tiny: where the checkpoints are installed or built; unset = var/models/toy or var/models/tiny.
@@ -87,8 +90,12 @@ class ServerConfig:
     stream_buffer: int = 8
     # Seconds a call without a client deadline may run (DEADLINE_EXCEEDED beyond; its work is cancelled).
     max_call_seconds: float = 900.0
-    # Bearer tokens, one a line (`sha256:<hex>` or plain); unset = no auth.
+    # Bearer tokens, one a line (`sha256:<hex>` or plain): services with "*" in the tenant "default".
     auth_tokens: Path | None = None
+    # The auth configuration (TOML: [[services]] and [[issuers]]; README "Security"). Neither set = no auth.
+    auth_config: Path | None = None
+    # One JSON line per call (README "Security"); "-" = stderr; unset = no audit log.
+    audit_log: str | None = None
     # Serving a non-loopback address without auth must be asked for explicitly.
     allow_unauthenticated: bool = False
     reflection: bool = True
@@ -103,6 +110,8 @@ class ServerConfig:
     # Where the metrics port binds: loopback unless asked (a scraper elsewhere needs e.g. 0.0.0.0).
     metrics_host: str = "127.0.0.1"
     log_level: str = "info"
+    # text for a terminal; json: one object a line (time, level, logger, message, request and trace ids, ...).
+    log_format: str = "text"
     limits: Limits = Limits()
 
     @property
@@ -142,7 +151,8 @@ def _switch(env: str, help_text: str) -> _Flag:
 _SERVE_FLAGS: dict[str, _Flag] = {
     "host": _Flag("VIPER_HOST", str, "address to bind"),
     "port": _Flag("VIPER_PORT", int, "port to bind; 0 picks a free one"),
-    "db": _Flag("VIPER_DB", str, "profile store: a SQLite file path (or sqlite:///path) or a "
+    # The store's own CLI (viper-profiles) reads the same variable: the name lives in viper_profiles.
+    "db": _Flag(DB_ENV, str, "profile store: a SQLite file path (or sqlite:///path) or a "
                 "postgresql://user:password@host:port/database URL"),
     "models": _Flag("VIPER_MODELS", str, "tiny (random-weight test models), toy (small models trained on a toy "
                     "world of colours), viper (the real weights) or full-random (the real architectures at full "
@@ -194,6 +204,11 @@ _SERVE_FLAGS: dict[str, _Flag] = {
     "auth_tokens": _Flag("VIPER_AUTH_TOKENS", Path,
                          "file of accepted bearer tokens, one a line (sha256:<hex> or plain)",
                          shown_default="none: no auth, allowed on loopback only"),
+    "auth_config": _Flag("VIPER_AUTH_CONFIG", Path,
+                         "auth configuration (TOML): calling services with their permissions and tenants, and "
+                         "identity providers whose end-user JWTs are accepted", shown_default="none"),
+    "audit_log": _Flag("VIPER_AUDIT_LOG", str, "audit log, one JSON line per call (- = stderr; reopened on SIGHUP)",
+                       shown_default="none"),
     "allow_unauthenticated": _switch("VIPER_ALLOW_UNAUTHENTICATED", "serve a non-loopback address without auth"),
     "reflection": _switch("VIPER_REFLECTION", "gRPC server reflection (behind auth when auth is on)"),
     "tls_cert": _Flag("VIPER_TLS_CERT", Path, "server certificate chain (PEM)", shown_default="none: no TLS"),
@@ -208,6 +223,8 @@ _SERVE_FLAGS: dict[str, _Flag] = {
                           "on another host)"),
     "log_level": _Flag("VIPER_LOG_LEVEL", str, "log verbosity (debug shows the libraries' warnings and progress)",
                        choices=LOG_LEVELS),
+    "log_format": _Flag("VIPER_LOG_FORMAT", str, "log lines as text, or json: one object a line for log pipelines",
+                        choices=LOG_FORMATS),
 }
 _LIMIT_FLAGS: dict[str, _Flag] = {
     "max_images": _Flag("VIPER_MAX_IMAGES", int, "images per extraction"),
@@ -277,7 +294,7 @@ def check_config(config: ServerConfig) -> None:
                  "max_generate_bytes", "max_profile_call_bytes", "stream_buffer"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be at least 1, not {getattr(config, name)}")
-    for name in ("models", "idefics2_dtype", "log_level", "scheduling_policy"):
+    for name in ("models", "idefics2_dtype", "log_level", "log_format", "scheduling_policy"):
         choices = _SERVE_FLAGS[name].choices
         if getattr(config, name) not in choices:
             raise ValueError(f"{name} must be {' or '.join(choices)}, not {getattr(config, name)!r}")
@@ -288,8 +305,9 @@ def check_config(config: ServerConfig) -> None:
         raise ValueError("--tls-cert and --tls-key go together")
     if config.tls_client_ca is not None and config.tls_cert is None:
         raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
-    if not is_loopback(config.host) and config.auth_tokens is None and not config.allow_unauthenticated:
+    unauthenticated = config.auth_tokens is None and config.auth_config is None
+    if not is_loopback(config.host) and unauthenticated and not config.allow_unauthenticated:
         raise ValueError(
-            f"refusing to serve {config.host} without auth: pass --auth-tokens FILE "
+            f"refusing to serve {config.host} without auth: pass --auth-config FILE or --auth-tokens FILE "
             "(or --allow-unauthenticated on if something in front of the server authenticates)"
         )

@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from viper_client.telemetry import tracer_provider_from_env
 from viper_profiles import StoreUnavailable, open_store
 from viper_proto.v1 import (
     generation_pb2,
@@ -28,14 +29,17 @@ from viper_proto.v1 import (
     profile_pb2_grpc,
 )
 
+from . import tracing
 from .application import ViperService
+from .audit import JsonLinesAudit
 from .config import BUILT_MODELS_ROOT, ServerConfig
 from .engine.engine import ModelEngine
 from .engine.loading import LoadSettings
 from .engine.presets import model_preset
 from .imaging import limit_concurrent_decodes
 from .observability import Telemetry
-from .rpc.auth import TokenAuthenticator
+from .rpc.auth import Authenticator, token_file_services
+from .rpc.auth_config import AuthConfig, load_auth_config
 from .rpc.convert import PageTokens
 from .rpc.interceptor import RequestLimit, RpcInterceptor
 from .rpc.servicers import GenerationServicer, MetricServicer, ProfileServicer
@@ -69,14 +73,15 @@ class ViperServer:
             observer=self.telemetry,
         )
         self.telemetry.watch(self.engine, self.store)
-        service = ViperService(self.store, self.engine)
+        # Traced: the store's reads and writes become spans (only while tracing is on).
+        service = ViperService(tracing.Traced(self.store, "store") if tracing.enabled() else self.store, self.engine)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self._database_ok = True
         self._watching: asyncio.Task | None = None
-        authenticator = TokenAuthenticator.from_file(config.auth_tokens) if config.auth_tokens else None
+        self.audit = JsonLinesAudit(config.audit_log) if config.audit_log else None
         self._server = grpc.aio.server(
-            interceptors=[RpcInterceptor(self.telemetry, authenticator, request_limits(config),
+            interceptors=[RpcInterceptor(self.telemetry, authenticator(config), self.audit, request_limits(config),
                                          config.max_call_seconds)],
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -115,7 +120,8 @@ class ViperServer:
         await self._server.start()
         self._watching = asyncio.create_task(self._watch_database())
         log.info("viper-serve listening on %s:%d (models=%s, tls=%s, auth=%s)", self.config.host, self.port,
-                 self.config.models, credentials is not None, self.config.auth_tokens is not None)
+                 self.config.models, credentials is not None,
+                 self.config.auth_tokens is not None or self.config.auth_config is not None)
         if self.config.metrics_port:
             metrics_port = self.telemetry.serve(self.config.metrics_port, self.config.metrics_host)
             log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, metrics_port)
@@ -140,6 +146,8 @@ class ViperServer:
             self._watching.cancel()
         self.engine.close()
         self.store.close()
+        if self.audit is not None:
+            self.audit.close()
         log.info("viper-serve stopped")
 
     async def _watch_database(self) -> None:
@@ -188,6 +196,16 @@ def load_settings(config: ServerConfig) -> LoadSettings:
         prefill_tokens=config.prefill_tokens,
         stream_buffer=config.stream_buffer,
     )
+
+
+def authenticator(config: ServerConfig) -> Authenticator | None:
+    """The credentials of --auth-config and --auth-tokens together; None when neither is set (no auth)."""
+    if config.auth_config is None and config.auth_tokens is None:
+        return None
+    auth = load_auth_config(config.auth_config) if config.auth_config else AuthConfig()
+    if config.auth_tokens:
+        auth = AuthConfig(services=(*auth.services, *token_file_services(config.auth_tokens)), issuers=auth.issuers)
+    return Authenticator(auth)
 
 
 def request_limits(config: ServerConfig) -> dict[str, RequestLimit]:
@@ -265,12 +283,22 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
 
 async def serve(config: ServerConfig) -> None:
     """Runs the server until SIGTERM / SIGINT, then drains it."""
+    tracing.configure(tracer_provider_from_env("viper-server"))  # OTEL_TRACES_EXPORTER; off by default
+    try:
+        await _serve(config)
+    finally:
+        tracing.shutdown()  # sends the spans still buffered
+
+
+async def _serve(config: ServerConfig) -> None:
     server = ViperServer(config)
     loop = asyncio.get_running_loop()
     signals = asyncio.Queue()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, signals.put_nowait, sig)
 
+    if server.audit is not None:  # logrotate's postrotate: kill -HUP
+        loop.add_signal_handler(signal.SIGHUP, server.audit.reopen)
     await server.start()
     loading = asyncio.create_task(server.load_models())
     first = asyncio.create_task(signals.get())

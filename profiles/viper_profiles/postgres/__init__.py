@@ -16,15 +16,18 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolClosed
 
-from ..errors import StoreUnavailable
+from ..errors import BackupNotSupported, StoreUnavailable
+from ..records import SchemaStatus
+from ..tenants import DEFAULT_TENANT
 from .queries import PostgresTransaction
-from .schema import migrate
+from .schema import migrate, schema_status
 
 T = TypeVar("T")
 
@@ -38,11 +41,15 @@ RECONNECT_TIMEOUT = 5.0
 
 
 class PostgresBackend:
-    def __init__(self, url: str, *, timeout: float, pool_size: int) -> None:
+    def __init__(self, url: str, *, timeout: float, pool_size: int, migrate_schema: bool = True) -> None:
         if pool_size < 1:
             raise ValueError(f"pool_size must be at least 1, got {pool_size}")
         self._timeout = timeout
-        settings = conninfo_to_dict(url)  # also rejects a malformed URL, before any connection
+        self.applied_migrations = ()
+        try:
+            settings = conninfo_to_dict(url)  # also rejects a malformed URL, before any connection
+        except psycopg.ProgrammingError as error:
+            raise ValueError(f"invalid PostgreSQL URL: {error}") from error
         kwargs: dict[str, object] = {"autocommit": True}
         if "connect_timeout" not in settings:
             kwargs["connect_timeout"] = max(2, math.ceil(timeout))  # libpq's minimum is 2 s
@@ -64,23 +71,24 @@ class PostgresBackend:
             # One connection of our own first: a failure says why (wrong password, no such database), where
             # the pool would only time out. No lock_timeout on it: a replica migrating first is waited for.
             with psycopg.connect(url, **kwargs) as conn:
-                migrate(conn)
+                if migrate_schema:
+                    self.applied_migrations = tuple(migrate(conn))
             try:
                 self._pool.open(wait=True, timeout=timeout)
             except BaseException:
                 self._pool.close()
                 raise
 
-    def read(self, operation: Callable[[PostgresTransaction], T]) -> T:
+    def read(self, operation: Callable[[PostgresTransaction], T], tenant: str = DEFAULT_TENANT) -> T:
         with _unavailable_on_connection_errors(), self._pool.connection() as conn, conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            return operation(PostgresTransaction(conn))
+            return operation(PostgresTransaction(conn, tenant))
 
-    def write(self, operation: Callable[[PostgresTransaction], T]) -> T:
+    def write(self, operation: Callable[[PostgresTransaction], T], tenant: str = DEFAULT_TENANT) -> T:
         for attempt in range(1, WRITE_ATTEMPTS + 1):
             try:
                 with _unavailable_on_connection_errors(), self._pool.connection() as conn, conn.transaction():
-                    return operation(PostgresTransaction(conn))
+                    return operation(PostgresTransaction(conn, tenant))
             except _LOST_TO_ANOTHER_WRITE:
                 if attempt == WRITE_ATTEMPTS:
                     raise
@@ -92,6 +100,16 @@ class PostgresBackend:
     def ping(self, timeout: float | None = None) -> None:
         with _unavailable_on_connection_errors(), self._pool.connection(timeout=timeout) as conn:
             conn.execute("SELECT 1").fetchone()
+
+    def schema_status(self) -> SchemaStatus:
+        with _unavailable_on_connection_errors(), self._pool.connection() as conn:
+            return schema_status(conn)
+
+    def backup(self, target: Path) -> None:
+        raise BackupNotSupported(
+            "a PostgreSQL database is backed up with its own tool: "
+            "pg_dump --format=custom --file=FILE URL (restore with pg_restore)"
+        )
 
     def close(self) -> None:
         self._pool.close()  # a no-op once closed

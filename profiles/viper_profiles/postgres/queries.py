@@ -20,34 +20,45 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from ..records import ImageRef, Rating, StoredImage, StoredProfile
+from ..records import ImageRef, Rating, RowCheck, StoredImage, StoredProfile, StoreStats
 
+# The store's tables, for the integrity checks.
+_TABLES = ["profiles", "images", "profile_images", "last_versions"]
 _PROFILE_COLUMNS = (
     "user_id, liked_features, disliked_features, raw_text, version, extractor_model, created_at, updated_at"
 )
 
 
 class PostgresTransaction:
-    def __init__(self, conn: psycopg.Connection) -> None:
+    def __init__(self, conn: psycopg.Connection, tenant: str) -> None:
         self._conn = conn
+        self._tenant = tenant  # every statement is confined to it
 
     # --- reads
 
     def find_profile(self, user_id: str) -> StoredProfile | None:
-        rows = self._rows(f"SELECT {_PROFILE_COLUMNS} FROM profiles WHERE user_id = %s", [user_id])
+        rows = self._rows(
+            f"SELECT {_PROFILE_COLUMNS} FROM profiles WHERE tenant = %s AND user_id = %s", [self._tenant, user_id]
+        )
         return _profile(rows[0], self._image_refs([user_id])[user_id]) if rows else None
 
     def find_version(self, user_id: str) -> int | None:
-        row = self._conn.execute("SELECT version FROM profiles WHERE user_id = %s", [user_id]).fetchone()
+        row = self._conn.execute(
+            "SELECT version FROM profiles WHERE tenant = %s AND user_id = %s", [self._tenant, user_id]
+        ).fetchone()
         return None if row is None else row[0]
 
     def list_profiles(self, after: str | None, limit: int) -> list[StoredProfile]:
         if after is None:
-            rows = self._rows(f"SELECT {_PROFILE_COLUMNS} FROM profiles ORDER BY user_id LIMIT %s", [limit])
+            rows = self._rows(
+                f"SELECT {_PROFILE_COLUMNS} FROM profiles WHERE tenant = %s ORDER BY user_id LIMIT %s",
+                [self._tenant, limit],
+            )
         else:
             rows = self._rows(
-                f"SELECT {_PROFILE_COLUMNS} FROM profiles WHERE user_id > %s ORDER BY user_id LIMIT %s",
-                [after, limit],
+                f"SELECT {_PROFILE_COLUMNS} FROM profiles WHERE tenant = %s AND user_id > %s "
+                "ORDER BY user_id LIMIT %s",
+                [self._tenant, after, limit],
             )
         refs = self._image_refs([row["user_id"] for row in rows])
         return [_profile(row, refs[row["user_id"]]) for row in rows]
@@ -59,10 +70,10 @@ class PostgresTransaction:
                 """
                 SELECT profile_images.sha256, comment, rating, position, data
                 FROM profile_images JOIN images USING (sha256)
-                WHERE user_id = %s
+                WHERE tenant = %s AND user_id = %s
                 ORDER BY position
                 """,
-                [user_id],
+                [self._tenant, user_id],
             )
             return [
                 StoredImage(
@@ -82,16 +93,18 @@ class PostgresTransaction:
 
     def lock_user(self, user_id: str) -> None:
         # No row: the user never had a profile, and the caller's next read says so.
-        self._conn.execute("SELECT 1 FROM last_versions WHERE user_id = %s FOR UPDATE", [user_id])
+        self._conn.execute(
+            "SELECT 1 FROM last_versions WHERE tenant = %s AND user_id = %s FOR UPDATE", [self._tenant, user_id]
+        )
 
     def claim_version(self, user_id: str) -> int:
         return self._conn.execute(
             """
-            INSERT INTO last_versions (user_id, version) VALUES (%s, 1)
-            ON CONFLICT (user_id) DO UPDATE SET version = last_versions.version + 1
+            INSERT INTO last_versions (tenant, user_id, version) VALUES (%s, %s, 1)
+            ON CONFLICT (tenant, user_id) DO UPDATE SET version = last_versions.version + 1
             RETURNING version
             """,
-            [user_id],
+            [self._tenant, user_id],
         ).fetchone()[0]
 
     def put_profile(
@@ -108,8 +121,9 @@ class PostgresTransaction:
     ) -> None:
         self._conn.execute(
             f"""
-            INSERT INTO profiles ({_PROFILE_COLUMNS}) VALUES (%s, %s::text[], %s::text[], %s, %s, %s, %s, %s)
-            ON CONFLICT (user_id) DO UPDATE SET
+            INSERT INTO profiles (tenant, {_PROFILE_COLUMNS})
+            VALUES (%s, %s, %s::text[], %s::text[], %s, %s, %s, %s, %s)
+            ON CONFLICT (tenant, user_id) DO UPDATE SET
                 liked_features = EXCLUDED.liked_features,
                 disliked_features = EXCLUDED.disliked_features,
                 raw_text = EXCLUDED.raw_text,
@@ -119,6 +133,7 @@ class PostgresTransaction:
                 updated_at = EXCLUDED.updated_at
             """,
             [
+                self._tenant,
                 user_id,
                 list(liked_features),
                 list(disliked_features),
@@ -147,13 +162,14 @@ class PostgresTransaction:
                 updated_at = %s,
                 liked_features = COALESCE(%s::text[], liked_features),
                 disliked_features = COALESCE(%s::text[], disliked_features)
-            WHERE user_id = %s
+            WHERE tenant = %s AND user_id = %s
             """,
             [
                 version,
                 updated_at,
                 None if liked_features is None else list(liked_features),
                 None if disliked_features is None else list(disliked_features),
+                self._tenant,
                 user_id,
             ],
         )
@@ -171,14 +187,18 @@ class PostgresTransaction:
                 sorted({image.sha256: image.data for image in images}.items()),
             )
             cursor.executemany(
-                "INSERT INTO profile_images (user_id, position, sha256, comment, rating) VALUES (%s, %s, %s, %s, %s)",
-                [(user_id, image.position, image.sha256, image.comment, image.rating.value) for image in images],
+                "INSERT INTO profile_images (tenant, user_id, position, sha256, comment, rating) "
+                "VALUES (%s, %s, %s, %s, %s, %s)",
+                [
+                    (self._tenant, user_id, image.position, image.sha256, image.comment, image.rating.value)
+                    for image in images
+                ],
             )
         self._delete_unreferenced_images(set(dropped) - {image.sha256 for image in images})
 
     def delete_profile(self, user_id: str) -> None:
         dropped = self._drop_image_references(user_id)
-        self._conn.execute("DELETE FROM profiles WHERE user_id = %s", [user_id])
+        self._conn.execute("DELETE FROM profiles WHERE tenant = %s AND user_id = %s", [self._tenant, user_id])
         self._delete_unreferenced_images(dropped)
 
     # --- helpers
@@ -189,7 +209,9 @@ class PostgresTransaction:
 
     def _drop_image_references(self, user_id: str) -> list[str]:
         """Deletes the user's image references; returns the sha256s they pointed to."""
-        rows = self._conn.execute("DELETE FROM profile_images WHERE user_id = %s RETURNING sha256", [user_id])
+        rows = self._conn.execute(
+            "DELETE FROM profile_images WHERE tenant = %s AND user_id = %s RETURNING sha256", [self._tenant, user_id]
+        )
         return [sha for (sha,) in rows]
 
     def _delete_unreferenced_images(self, candidates: Iterable[str]) -> None:
@@ -216,10 +238,10 @@ class PostgresTransaction:
         rows = self._rows(
             """
             SELECT user_id, sha256, comment, rating, position FROM profile_images
-            WHERE user_id = ANY(%s)
+            WHERE tenant = %s AND user_id = ANY(%s)
             ORDER BY user_id, position
             """,
-            [list(user_ids)],
+            [self._tenant, list(user_ids)],
         )
         for row in rows:
             refs[row["user_id"]].append(
@@ -231,6 +253,90 @@ class PostgresTransaction:
                 )
             )
         return refs
+
+    # --- whole-database reads, for the operator's commands (viper-profiles)
+
+    def integrity_problems(self) -> list[str]:
+        """What can make PostgreSQL's own guarantees not hold: foreign keys not validated or with their
+        triggers disabled (rows could break them), and data checksum failures (damaged pages)."""
+        problems = [
+            f"foreign key {name} of {table} is not validated: rows may break it"
+            for table, name in self._conn.execute(
+                """
+                SELECT conrelid::regclass::text, conname FROM pg_constraint
+                WHERE contype = 'f' AND NOT convalidated
+                  AND conrelid IN (SELECT to_regclass(name) FROM unnest(%s::text[]) AS name)
+                ORDER BY 1, 2
+                """,
+                [_TABLES],
+            )
+        ]
+        problems += [
+            f"{count} foreign key trigger(s) of {table} are disabled: rows may break its foreign keys"
+            for table, count in self._conn.execute(
+                """
+                SELECT tgrelid::regclass::text, count(*) FROM pg_trigger
+                WHERE tgisinternal AND tgenabled = 'D'
+                  AND tgrelid IN (SELECT to_regclass(name) FROM unnest(%s::text[]) AS name)
+                GROUP BY 1 ORDER BY 1
+                """,
+                [_TABLES],
+            )
+        ]
+        # NULL when the cluster runs without data checksums (initdb --data-checksums).
+        (failures,) = self._conn.execute(
+            "SELECT checksum_failures FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()
+        if failures:
+            problems.append(f"{failures} data checksum failure(s) in this database: damaged pages")
+        return problems
+
+    def check_rows(self) -> RowCheck:
+        # octet_length of an out-of-line bytea reads its TOAST pointer, not the bytes.
+        return RowCheck(**self._rows(
+            """
+            SELECT
+                (SELECT count(*) FROM images WHERE NOT EXISTS (
+                    SELECT 1 FROM profile_images WHERE profile_images.sha256 = images.sha256)) AS orphaned_images,
+                (SELECT coalesce(sum(octet_length(data)), 0) FROM images WHERE NOT EXISTS (
+                    SELECT 1 FROM profile_images WHERE profile_images.sha256 = images.sha256)) AS orphaned_image_bytes,
+                (SELECT count(*) FROM profile_images WHERE NOT EXISTS (
+                    SELECT 1 FROM profiles WHERE profiles.tenant = profile_images.tenant
+                    AND profiles.user_id = profile_images.user_id)) AS stray_references,
+                (SELECT count(*) FROM (SELECT DISTINCT tenant, user_id FROM profile_images WHERE NOT EXISTS (
+                    SELECT 1 FROM profiles WHERE profiles.tenant = profile_images.tenant
+                    AND profiles.user_id = profile_images.user_id)) AS stray) AS stray_users,
+                (SELECT count(*) FROM profile_images WHERE NOT EXISTS (
+                    SELECT 1 FROM images WHERE images.sha256 = profile_images.sha256)) AS missing_images,
+                (SELECT count(*) FROM profiles WHERE NOT EXISTS (
+                    SELECT 1 FROM last_versions
+                    WHERE last_versions.tenant = profiles.tenant AND last_versions.user_id = profiles.user_id
+                    AND last_versions.version >= profiles.version
+                )) AS unversioned_profiles
+            """,
+            [],
+        )[0])
+
+    def stats(self) -> StoreStats:
+        return StoreStats(**self._rows(
+            """
+            SELECT
+                (SELECT count(*) FROM profiles) AS users,
+                (SELECT count(*) FROM last_versions WHERE NOT EXISTS (
+                    SELECT 1 FROM profiles WHERE profiles.tenant = last_versions.tenant
+                    AND profiles.user_id = last_versions.user_id)) AS deleted_users,
+                (SELECT coalesce(sum(version), 0) FROM last_versions)::bigint AS versions,
+                (SELECT count(*) FROM images) AS images,
+                (SELECT coalesce(sum(octet_length(data)), 0) FROM images)::bigint AS image_bytes,
+                (SELECT count(*) FROM profile_images) AS image_references,
+                (SELECT count(*) FROM (
+                    SELECT sha256 FROM (SELECT DISTINCT sha256, tenant, user_id FROM profile_images) AS uses
+                    GROUP BY sha256 HAVING count(*) > 1
+                ) AS shared) AS shared_images,
+                pg_database_size(current_database()) AS database_bytes
+            """,
+            [],
+        )[0])
 
 
 def _profile(row: dict[str, Any], images: Sequence[ImageRef]) -> StoredProfile:

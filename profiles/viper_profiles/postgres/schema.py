@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import psycopg
 
 from ..errors import StoreError
+from ..records import AppliedMigration, SchemaStatus
 
 Migration = Callable[[psycopg.Connection], None]
 
@@ -61,7 +62,22 @@ def _create_last_versions(conn: psycopg.Connection) -> None:
     conn.execute("INSERT INTO last_versions (user_id, version) SELECT user_id, version FROM profiles")
 
 
-MIGRATIONS: tuple[Migration, ...] = (_create_profile_tables, _create_last_versions)
+def _add_tenants(conn: psycopg.Connection) -> None:
+    # Every row stored so far moves into the tenant "default"; the keys become (tenant, user_id).
+    conn.execute("ALTER TABLE profile_images DROP CONSTRAINT profile_images_user_id_fkey")
+    for table in ("profiles", "profile_images", "last_versions"):
+        conn.execute(f"ALTER TABLE {table} ADD COLUMN tenant text COLLATE \"C\" NOT NULL DEFAULT 'default'")
+        conn.execute(f"ALTER TABLE {table} ALTER COLUMN tenant DROP DEFAULT")
+        conn.execute(f"ALTER TABLE {table} DROP CONSTRAINT {table}_pkey")
+    conn.execute("ALTER TABLE profiles ADD PRIMARY KEY (tenant, user_id)")
+    conn.execute("ALTER TABLE last_versions ADD PRIMARY KEY (tenant, user_id)")
+    conn.execute("ALTER TABLE profile_images ADD PRIMARY KEY (tenant, user_id, position)")
+    conn.execute(
+        "ALTER TABLE profile_images ADD FOREIGN KEY (tenant, user_id) REFERENCES profiles (tenant, user_id)"
+    )
+
+
+MIGRATIONS: tuple[Migration, ...] = (_create_profile_tables, _create_last_versions, _add_tenants)
 
 
 def migration_name(migration: Migration) -> str:
@@ -75,12 +91,20 @@ def schema_version(conn: psycopg.Connection) -> int:
     return conn.execute("SELECT count(*) FROM schema_migrations").fetchone()[0]
 
 
-def migrate(conn: psycopg.Connection, migrations: Sequence[Migration] = MIGRATIONS) -> None:
+def schema_status(conn: psycopg.Connection, migrations: Sequence[Migration] = MIGRATIONS) -> SchemaStatus:
+    applied: tuple[str, ...] = ()
+    if conn.execute("SELECT to_regclass('schema_migrations')").fetchone()[0] is not None:
+        applied = tuple(name for (name,) in conn.execute("SELECT name FROM schema_migrations ORDER BY version"))
+    return SchemaStatus(applied=applied, known=tuple(migration_name(migration) for migration in migrations))
+
+
+def migrate(conn: psycopg.Connection, migrations: Sequence[Migration] = MIGRATIONS) -> list[AppliedMigration]:
     """Applies the migrations the database has not had yet, in order, each recorded in schema_migrations.
 
     One transaction (PostgreSQL's DDL is transactional): a failed upgrade leaves the database as it was.
     The advisory lock, held to the end of it, makes processes starting together take turns: the first
     migrates, the others then find every migration recorded and do nothing.
+    Returns the migrations it applied (none if the database was current).
     """
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", [MIGRATION_LOCK_ID])
@@ -102,8 +126,11 @@ def migrate(conn: psycopg.Connection, migrations: Sequence[Migration] = MIGRATIO
             )
         if applied != known[: len(applied)]:
             raise StoreError(f"the database's migrations {applied} are not this code's {known[: len(applied)]}")
+        done = []
         for version, migration in enumerate(migrations[len(applied) :], start=len(applied) + 1):
             migration(conn)
             conn.execute(
                 "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", [version, migration_name(migration)]
             )
+            done.append(AppliedMigration(version, migration_name(migration)))
+    return done

@@ -9,10 +9,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-from ..errors import StoreUnavailable
+from ..errors import StoreNotFound, StoreUnavailable
+from ..records import SchemaStatus
+from ..tenants import DEFAULT_TENANT
 from .connection import open_database, transaction
 from .queries import SqliteTransaction
-from .schema import migrate
+from .schema import migrate, schema_status
 
 T = TypeVar("T")
 
@@ -28,30 +30,52 @@ class SqliteBackend:
     changing pool threads, plus SQLITE_BUSY waits between our own threads.
     """
 
-    def __init__(self, path: Path, *, timeout: float) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, *, timeout: float, migrate_schema: bool = True) -> None:
+        if migrate_schema:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        elif not path.is_file():  # opened as it is: never create an empty file for a mistyped path
+            raise StoreNotFound(f"no SQLite database at {path}")
         self._lock = threading.Lock()
         self._closed = False
+        self.applied_migrations = ()
         with _unavailable_when_busy():
             self._db = open_database(path, timeout=timeout)
             try:
-                migrate(self._db)
+                if migrate_schema:
+                    self.applied_migrations = tuple(migrate(self._db))
             except BaseException:
                 self._db.close()
                 raise
 
-    def read(self, operation: Callable[[SqliteTransaction], T]) -> T:
+    def read(self, operation: Callable[[SqliteTransaction], T], tenant: str = DEFAULT_TENANT) -> T:
         with self._transaction(write=False) as db:
-            return operation(SqliteTransaction(db))
+            return operation(SqliteTransaction(db, tenant))
 
-    def write(self, operation: Callable[[SqliteTransaction], T]) -> T:
+    def write(self, operation: Callable[[SqliteTransaction], T], tenant: str = DEFAULT_TENANT) -> T:
         with self._transaction(write=True) as db:
-            return operation(SqliteTransaction(db))
+            return operation(SqliteTransaction(db, tenant))
 
     def ping(self, timeout: float | None = None) -> None:
         # No timeout to apply: a read in WAL mode waits for nobody.
         with self._transaction(write=False) as db:
             db.execute("SELECT 1").fetchone()
+
+    def schema_status(self) -> SchemaStatus:
+        with self._transaction(write=False) as db:
+            return schema_status(db)
+
+    def backup(self, target: Path) -> None:
+        # The backup API copies every page in one step under a read transaction: a consistent snapshot,
+        # while other processes keep reading and writing (WAL). Written aside, then renamed: a failed
+        # backup leaves no partial file under the target's name.
+        partial = target.with_name(target.name + ".partial")
+        partial.unlink(missing_ok=True)
+        with _unavailable_when_busy(), self._lock:
+            if self._closed:
+                raise StoreUnavailable("the profile store is closed")
+            with contextlib.closing(sqlite3.connect(partial)) as copy:
+                self._db.conn.backup(copy)
+        partial.replace(target)
 
     def close(self) -> None:
         with self._lock:

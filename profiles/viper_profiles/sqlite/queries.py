@@ -15,12 +15,13 @@ from typing import Any
 from sqlite_utils import Database
 from sqlite_utils.db import NotFoundError
 
-from ..records import ImageRef, Rating, StoredImage, StoredProfile
+from ..records import ImageRef, Rating, RowCheck, StoredImage, StoredProfile, StoreStats
 
 
 class SqliteTransaction:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, tenant: str) -> None:
         self._db = db
+        self._tenant = tenant  # every statement is confined to it
 
     # --- reads
 
@@ -29,12 +30,16 @@ class SqliteTransaction:
         return None if row is None else _profile(row, self._image_refs([user_id])[user_id])
 
     def find_version(self, user_id: str) -> int | None:
-        row = self._db.execute("SELECT version FROM profiles WHERE user_id = ?", [user_id]).fetchone()
+        row = self._db.execute(
+            "SELECT version FROM profiles WHERE tenant = ? AND user_id = ?", [self._tenant, user_id]
+        ).fetchone()
         return None if row is None else row[0]
 
     def list_profiles(self, after: str | None, limit: int) -> list[StoredProfile]:
         # SQLite compares TEXT with memcmp: byte order, like PostgreSQL's COLLATE "C".
-        where, where_args = ("user_id > ?", [after]) if after is not None else (None, [])
+        where, where_args = "tenant = ?", [self._tenant]
+        if after is not None:
+            where, where_args = where + " AND user_id > ?", [*where_args, after]
         rows = list(self._db["profiles"].rows_where(where, where_args, order_by="user_id", limit=limit))
         refs = self._image_refs([row["user_id"] for row in rows])
         return [_profile(row, refs[row["user_id"]]) for row in rows]
@@ -44,10 +49,10 @@ class SqliteTransaction:
             """
             SELECT profile_images.sha256, comment, rating, position, data
             FROM profile_images JOIN images USING (sha256)
-            WHERE user_id = ?
+            WHERE tenant = ? AND user_id = ?
             ORDER BY position
             """,
-            [user_id],
+            [self._tenant, user_id],
         )
         return [
             StoredImage(
@@ -71,11 +76,11 @@ class SqliteTransaction:
     def claim_version(self, user_id: str) -> int:
         return self._db.execute(
             """
-            INSERT INTO last_versions (user_id, version) VALUES (?, 1)
-            ON CONFLICT (user_id) DO UPDATE SET version = version + 1
+            INSERT INTO last_versions (tenant, user_id, version) VALUES (?, ?, 1)
+            ON CONFLICT (tenant, user_id) DO UPDATE SET version = version + 1
             RETURNING version
             """,
-            [user_id],
+            [self._tenant, user_id],
         ).fetchone()[0]
 
     def put_profile(
@@ -92,6 +97,7 @@ class SqliteTransaction:
     ) -> None:
         self._db["profiles"].upsert(
             {
+                "tenant": self._tenant,
                 "user_id": user_id,
                 "liked_features": json.dumps(list(liked_features)),
                 "disliked_features": json.dumps(list(disliked_features)),
@@ -101,7 +107,7 @@ class SqliteTransaction:
                 "created_at": _timestamp(created_at),
                 "updated_at": _timestamp(updated_at),
             },
-            pk="user_id",
+            pk=("tenant", "user_id"),
         )
 
     def update_profile(
@@ -118,7 +124,7 @@ class SqliteTransaction:
             updates["liked_features"] = json.dumps(list(liked_features))
         if disliked_features is not None:
             updates["disliked_features"] = json.dumps(list(disliked_features))
-        self._db["profiles"].update(user_id, updates)
+        self._db["profiles"].update((self._tenant, user_id), updates)
 
     def replace_images(self, user_id: str, images: Sequence[StoredImage]) -> None:
         dropped = self._drop_image_references(user_id)
@@ -126,6 +132,7 @@ class SqliteTransaction:
         self._db["images"].insert_all(({"sha256": image.sha256, "data": image.data} for image in images), ignore=True)
         self._db["profile_images"].insert_all(
             {
+                "tenant": self._tenant,
                 "user_id": user_id,
                 "position": image.position,
                 "sha256": image.sha256,
@@ -138,20 +145,22 @@ class SqliteTransaction:
 
     def delete_profile(self, user_id: str) -> None:
         dropped = self._drop_image_references(user_id)
-        self._db["profiles"].delete(user_id)
+        self._db["profiles"].delete((self._tenant, user_id))
         self._delete_unreferenced_images(dropped)
 
     # --- helpers
 
     def _profile_row(self, user_id: str) -> dict[str, Any] | None:
         try:
-            return self._db["profiles"].get(user_id)
+            return self._db["profiles"].get((self._tenant, user_id))
         except NotFoundError:
             return None
 
     def _drop_image_references(self, user_id: str) -> list[str]:
         """Deletes the user's image references; returns the sha256s they pointed to."""
-        rows = self._db.query("DELETE FROM profile_images WHERE user_id = ? RETURNING sha256", [user_id])
+        rows = self._db.query(
+            "DELETE FROM profile_images WHERE tenant = ? AND user_id = ? RETURNING sha256", [self._tenant, user_id]
+        )
         return [row["sha256"] for row in rows]
 
     def _delete_unreferenced_images(self, candidates: Iterable[str]) -> None:
@@ -172,10 +181,10 @@ class SqliteTransaction:
         rows = self._db.query(
             """
             SELECT user_id, sha256, comment, rating, position FROM profile_images
-            WHERE user_id IN (SELECT value FROM json_each(?))
+            WHERE tenant = ? AND user_id IN (SELECT value FROM json_each(?))
             ORDER BY user_id, position
             """,
-            [json.dumps(list(user_ids))],
+            [self._tenant, json.dumps(list(user_ids))],
         )
         refs: defaultdict[str, list[ImageRef]] = defaultdict(list)
         for row in rows:
@@ -188,6 +197,65 @@ class SqliteTransaction:
                 )
             )
         return refs
+
+    # --- whole-database reads, for the operator's commands (viper-profiles)
+
+    def integrity_problems(self) -> list[str]:
+        """What SQLite's own checks find: damaged pages or indexes, rows breaking a foreign key."""
+        # A file too damaged to be checked at all raises sqlite3.DatabaseError ("malformed").
+        problems = [row[0] for row in self._db.execute("PRAGMA integrity_check") if row[0] != "ok"]
+        violations = self._db.execute(
+            "SELECT \"table\", parent, count(*) FROM pragma_foreign_key_check GROUP BY 1, 2 ORDER BY 1, 2"
+        ).fetchall()
+        return problems + [
+            f"{count} row(s) of {table} refer to a missing {parent} row (foreign key)"
+            for table, parent, count in violations
+        ]
+
+    def check_rows(self) -> RowCheck:
+        # length() of a BLOB is its size in bytes, read from the row header without loading it.
+        return RowCheck(**next(self._db.query(
+            """
+            SELECT
+                (SELECT count(*) FROM images WHERE NOT EXISTS (
+                    SELECT 1 FROM profile_images WHERE profile_images.sha256 = images.sha256)) AS orphaned_images,
+                (SELECT coalesce(sum(length(data)), 0) FROM images WHERE NOT EXISTS (
+                    SELECT 1 FROM profile_images WHERE profile_images.sha256 = images.sha256)) AS orphaned_image_bytes,
+                (SELECT count(*) FROM profile_images WHERE NOT EXISTS (
+                    SELECT 1 FROM profiles WHERE profiles.tenant = profile_images.tenant
+                    AND profiles.user_id = profile_images.user_id)) AS stray_references,
+                (SELECT count(*) FROM (SELECT DISTINCT tenant, user_id FROM profile_images WHERE NOT EXISTS (
+                    SELECT 1 FROM profiles WHERE profiles.tenant = profile_images.tenant
+                    AND profiles.user_id = profile_images.user_id)) AS stray) AS stray_users,
+                (SELECT count(*) FROM profile_images WHERE NOT EXISTS (
+                    SELECT 1 FROM images WHERE images.sha256 = profile_images.sha256)) AS missing_images,
+                (SELECT count(*) FROM profiles WHERE NOT EXISTS (
+                    SELECT 1 FROM last_versions
+                    WHERE last_versions.tenant = profiles.tenant AND last_versions.user_id = profiles.user_id
+                    AND last_versions.version >= profiles.version
+                )) AS unversioned_profiles
+            """
+        )))
+
+    def stats(self) -> StoreStats:
+        return StoreStats(**next(self._db.query(
+            """
+            SELECT
+                (SELECT count(*) FROM profiles) AS users,
+                (SELECT count(*) FROM last_versions WHERE NOT EXISTS (
+                    SELECT 1 FROM profiles WHERE profiles.tenant = last_versions.tenant
+                    AND profiles.user_id = last_versions.user_id)) AS deleted_users,
+                (SELECT coalesce(sum(version), 0) FROM last_versions) AS versions,
+                (SELECT count(*) FROM images) AS images,
+                (SELECT coalesce(sum(length(data)), 0) FROM images) AS image_bytes,
+                (SELECT count(*) FROM profile_images) AS image_references,
+                (SELECT count(*) FROM (
+                    SELECT sha256 FROM (SELECT DISTINCT sha256, tenant, user_id FROM profile_images) AS uses
+                    GROUP BY sha256 HAVING count(*) > 1
+                )) AS shared_images,
+                (SELECT page_count * page_size FROM pragma_page_count, pragma_page_size) AS database_bytes
+            """
+        )))
 
 
 def _timestamp(moment: datetime) -> str:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from sqlite_utils import Database
 
 from ..errors import StoreError
+from ..records import AppliedMigration, SchemaStatus
 from .connection import transaction
 
 Migration = Callable[[Database], None]
@@ -63,19 +64,71 @@ def _create_last_versions(db: Database) -> None:
     db.execute("INSERT INTO last_versions (user_id, version) SELECT user_id, version FROM profiles")
 
 
-MIGRATIONS: tuple[Migration, ...] = (_create_profile_tables, _create_last_versions)
+def _add_tenants(db: Database) -> None:
+    # A primary key cannot be altered in SQLite: each table is rebuilt with tenant in its key, and every row
+    # stored so far moves into the tenant "default". Dropping the referencing table first keeps the foreign
+    # keys satisfied throughout; RENAME rewrites the references to the new tables' final names.
+    db.execute(
+        """
+        CREATE TABLE profiles_new (
+            tenant TEXT NOT NULL, user_id TEXT NOT NULL, liked_features TEXT NOT NULL,
+            disliked_features TEXT NOT NULL, raw_text TEXT NOT NULL, version INTEGER NOT NULL,
+            extractor_model TEXT NOT NULL, created_at TEXT NOT NULL, updated_at TEXT NOT NULL,
+            PRIMARY KEY (tenant, user_id)
+        ) STRICT
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE profile_images_new (
+            tenant TEXT NOT NULL, user_id TEXT NOT NULL, position INTEGER NOT NULL,
+            sha256 TEXT NOT NULL REFERENCES images (sha256), comment TEXT NOT NULL, rating TEXT NOT NULL,
+            PRIMARY KEY (tenant, user_id, position),
+            FOREIGN KEY (tenant, user_id) REFERENCES profiles_new (tenant, user_id)
+        ) STRICT
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE last_versions_new (
+            tenant TEXT NOT NULL, user_id TEXT NOT NULL, version INTEGER NOT NULL, PRIMARY KEY (tenant, user_id)
+        ) STRICT
+        """
+    )
+    for table in ("profiles", "profile_images", "last_versions"):
+        db.execute(f"INSERT INTO {table}_new SELECT 'default', * FROM {table}")
+    for table in ("profile_images", "profiles", "last_versions"):
+        db.execute(f"DROP TABLE {table}")
+        db.execute(f"ALTER TABLE {table}_new RENAME TO {table}")
+    db.execute("CREATE INDEX idx_profile_images_sha256 ON profile_images (sha256)")
+
+
+MIGRATIONS: tuple[Migration, ...] = (_create_profile_tables, _create_last_versions, _add_tenants)
 
 
 def schema_version(db: Database) -> int:
     return db.execute("PRAGMA user_version").fetchone()[0]
 
 
-def migrate(db: Database, migrations: Sequence[Migration] = MIGRATIONS) -> None:
+def migration_name(migration: Migration) -> str:
+    return migration.__name__.lstrip("_")
+
+
+def schema_status(db: Database, migrations: Sequence[Migration] = MIGRATIONS) -> SchemaStatus:
+    """user_version counts migrations without naming them: the first ones are this code's."""
+    known = tuple(migration_name(migration) for migration in migrations)
+    version = schema_version(db)
+    applied = known[:version] + tuple(f"#{number}" for number in range(len(known) + 1, version + 1))
+    return SchemaStatus(applied=applied, known=known)
+
+
+def migrate(db: Database, migrations: Sequence[Migration] = MIGRATIONS) -> list[AppliedMigration]:
     """Applies the migrations the database has not had yet, in order.
 
     All of them and the version bump are one transaction (user_version is part of
     the database header, so it rolls back too): a failed upgrade leaves the file as
     it was, and two processes opening the file at once cannot both migrate it.
+    Returns the migrations it applied (none if the database was current).
     """
     with transaction(db, write=True):
         version = schema_version(db)
@@ -85,8 +138,10 @@ def migrate(db: Database, migrations: Sequence[Migration] = MIGRATIONS) -> None:
                 f"({len(migrations)}); refusing to open it"
             )
         if version == len(migrations):
-            return
+            return []
         for migration in migrations[version:]:
             migration(db)
         # PRAGMA takes no bound parameters; len() is an int.
         db.execute(f"PRAGMA user_version = {len(migrations)}")
+    return [AppliedMigration(number, migration_name(migration))
+            for number, migration in enumerate(migrations[version:], start=version + 1)]

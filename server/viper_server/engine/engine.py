@@ -22,6 +22,7 @@ from PIL import Image
 
 from viper_profiles import Rating, StoredImage
 
+from .. import tracing
 from ..domain import GenerationEvent, GenerationParams, Preferences, ScoredQuery, ScoringContext
 from ..imaging import ImageDecodeError, decode_image
 from ..models.metric import context_pairs
@@ -149,7 +150,8 @@ class ModelEngine:
         """Runs the VPE over the images and their comments. user: whose request it is (for fair turns)."""
         extractions, _, _ = self._loaded_work()
         self._check_room(self.idefics2_scheduler)
-        extraction = await asyncio.to_thread(extractions.extractor.prepare, images, comments)
+        with tracing.span("engine.prepare", images=len(images)):
+            extraction = await asyncio.to_thread(extractions.extractor.prepare, images, comments)
         return await self.idefics2_scheduler.run(ExtractionTask(extractions, extraction, user))
 
     async def generate(self, params: GenerationParams, liked_features: Sequence[str],
@@ -164,6 +166,7 @@ class ModelEngine:
     def stored_context(self, user_id: str, version: int, images: Sequence[StoredImage]) -> ScoringContext:
         """A user's stored images as a metric context, decoded only if the prefix is not cached.
 
+        user_id: the key that names the user in the caches (the application qualifies it with the tenant).
         The cache key names exactly the images the prompt uses, in order: two contexts share a cached
         prefix only if they are the same images. Raises ContextError when there is no pair to use."""
         liked = [image for image in images if image.rating is Rating.LIKED]
@@ -187,12 +190,16 @@ class ModelEngine:
         """Yields the queries' scores a batch at a time. user: whose request it is."""
         _, scorings, _ = self._loaded_work()
         self._check_room(self.idefics2_scheduler)
-        scoring = await asyncio.to_thread(scorings.scorer.prepare, context, queries)
+        with tracing.span("engine.prepare", queries=len(queries)):
+            scoring = await asyncio.to_thread(scorings.scorer.prepare, context, queries)
+            tracing.annotate(prefix_cache=_prefix_cache_use(scoring))
         async for batch in self.idefics2_scheduler.stream(ScoringTask(scorings, scoring, user)):
             yield batch
 
     def forget_user(self, user_id: str, version: int) -> None:
-        """The user's profile changed (now at version) or was deleted: drop what is cached for them."""
+        """The user's profile changed (now at version) or was deleted: drop what is cached for them.
+
+        user_id: the same (tenant-qualified) key that stored_context was given."""
         if self._models is not None:
             self._models.scorer.invalidate(user_id, version)
 
@@ -242,3 +249,12 @@ class _StoredImages(Sequence[Image.Image]):
             raise StoredImageUnreadable(
                 f"stored image {image.sha256[:16]} (position {image.position}) cannot be decoded: {exc}"
             ) from exc
+
+
+def _prefix_cache_use(scoring) -> str:
+    """How a scoring meets the metric prefix cache: hit, miss (its context decoded), inline or off."""
+    if not scoring.use_prefix:
+        return "off"
+    if scoring.context.cache_key is None:
+        return "inline"
+    return "miss" if scoring.context_pixels is not None else "hit"

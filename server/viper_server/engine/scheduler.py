@@ -25,6 +25,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Hashable, Mapping
 from typing import Any
 
+from .. import tracing
 from .errors import QueueFull, WorkerClosed
 from .policy import SchedulingPolicy
 
@@ -61,6 +62,7 @@ class Task:
         self.last_served = -1  # the policy's step count at its last step
         self.done = False
         self.submitted_at = 0.0
+        self.trace: tracing.StepTrace | None = None  # its spans, when the request is traced
         self._outcome: tuple[Any, BaseException | None] = (None, None)
         self._cancelled = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -302,6 +304,7 @@ class StepScheduler:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(self.name, len(self._waiting))
             task._bind(asyncio.get_running_loop(), events, next(self._seq))
+            task.trace = tracing.capture(self.name, task.kind)  # here: the caller's trace context is current
             self._waiting.append(task)
             self._cond.notify()
 
@@ -333,6 +336,8 @@ class StepScheduler:
         now = time.monotonic()
         for task in admitted:
             self._notify(self._on_admit, task.kind, now - task.submitted_at)
+            if task.trace is not None:
+                task.trace.admitted()
         self._drop_cancelled()
         if not self._step() and not admitted and not dropped:
             with self._cond:  # every running task is paused (and nothing can be admitted): until a reader wakes us
@@ -406,7 +411,11 @@ class StepScheduler:
             for task in batch:
                 if not task.done:
                     task.fail(exc)
-        self._notify(self._on_step, lead.label, len(batch), time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self._notify(self._on_step, lead.label, len(batch), seconds)
+        for task in batch:
+            if task.trace is not None:
+                task.trace.stepped(lead.label, len(batch), seconds)
         self._policy.served(batch)
         for task in batch:
             if task.done:
@@ -420,4 +429,6 @@ class StepScheduler:
                 self._running.remove(task)
             if not any(other.user == task.user for other in (*self._running, *self._waiting)):
                 self._policy.forget(task.user)
+        if task.trace is not None:
+            task.trace.ended()
         task._settle()

@@ -1,7 +1,9 @@
 """The one server interceptor every RPC passes through.
 
-It authenticates the call, maps domain errors to gRPC status codes, counts
-and times the RPC and logs one line for it. Handlers raise plain exceptions
+It authenticates the call from its metadata, before the request message is
+parsed (an unauthenticated call of any size costs no more than a small one),
+maps domain errors to gRPC status codes, counts and times the RPC, logs one
+line for it and hands an audit record to the AuditSink. Handlers raise plain exceptions
 (InvalidRequest, ProfileNotFound, QueueFull, ...) and read as straight-line
 code; this is the one place that knows which status code each one means.
 """
@@ -15,12 +17,14 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import grpc
 from google.protobuf.message import DecodeError
 
+from viper_client.telemetry import request_id as current_request_id
 from viper_profiles import (
     USER_ID_PATTERN,
     InvalidText,
@@ -31,10 +35,14 @@ from viper_profiles import (
     quote_user_id,
 )
 
+from .. import access, tracing
+from ..access import PermissionDenied
+from ..audit import AuditEvent, AuditSink
 from ..domain import ContextError
 from ..engine.errors import ModelsNotReady, QueueFull, WorkerClosed
 from ..observability import Telemetry
-from .auth import TokenAuthenticator
+from .auth import Authenticator, Unauthenticated
+from .context import CallState, bind_call
 from .servicers import ResponseTooLarge
 from .validation import InvalidRequest
 from .wire import more_fields_than
@@ -43,12 +51,22 @@ log = logging.getLogger("viper_server.rpc")
 
 REQUEST_ID_KEY = "x-request-id"
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# W3C trace context: a caller's trace continues here.
+TRACE_KEYS = ("traceparent", "tracestate")
 # Probes must work without credentials.
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
-
-
-class Unauthenticated(Exception):
-    """The call carries no valid bearer token."""
+# Any valid credential may use reflection.
+REFLECTION_PREFIX = "/grpc.reflection."
+# One permission per RPC; a method not listed here is refused to every credential (deny by default).
+PERMISSION_OF = {
+    "/viper.v1.ProfileService/ExtractProfile": access.EXTRACT,
+    "/viper.v1.ProfileService/GetProfile": access.GET,
+    "/viper.v1.ProfileService/ListProfiles": access.LIST,
+    "/viper.v1.ProfileService/UpdateProfile": access.UPDATE,
+    "/viper.v1.ProfileService/DeleteProfile": access.DELETE,
+    "/viper.v1.GenerationService/Generate": access.GENERATE,
+    "/viper.v1.MetricService/Score": access.SCORE,
+}
 
 
 class CallTooLong(Exception):
@@ -73,8 +91,10 @@ _STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (WorkerClosed, grpc.StatusCode.UNAVAILABLE),
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (CallTooLong, grpc.StatusCode.DEADLINE_EXCEEDED),
 )
+_REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 _HANDLER_FACTORIES = {
     "unary_unary": grpc.unary_unary_rpc_method_handler,
@@ -142,10 +162,12 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 class RpcInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, telemetry: Telemetry, authenticator: TokenAuthenticator | None = None,
-                 request_limits: dict[str, RequestLimit] | None = None, max_call_seconds: float = 0) -> None:
+    def __init__(self, telemetry: Telemetry, authenticator: Authenticator | None = None,
+                 audit: AuditSink | None = None, request_limits: dict[str, RequestLimit] | None = None,
+                 max_call_seconds: float = 0) -> None:
         self._telemetry = telemetry
         self._authenticator = authenticator
+        self._audit = audit
         # Method -> its request size limit, checked on the raw bytes before parsing.
         self._request_limits = request_limits or {}
         self._max_call_seconds = max_call_seconds
@@ -162,14 +184,15 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         call = _CallInfo(
             method=details.method,
             request_id=_request_id(metadata),
-            authenticated=(
-                self._authenticator is None
-                or details.method.startswith(OPEN_METHOD_PREFIXES)
-                or self._authenticator.allows(metadata)
-            ),
             telemetry=self._telemetry,
+            trace_carrier={key: value for key, value in metadata if key in TRACE_KEYS and isinstance(value, str)},
+            audit=self._audit,
             max_seconds=self._max_call_seconds,
         )
+        try:
+            await self._identify(details.method, metadata, call.state)
+        except (Unauthenticated, PermissionDenied) as refusal:
+            return _refusing(handler, call, refusal)
         for kind, factory in _HANDLER_FACTORIES.items():
             behavior = getattr(handler, kind)
             if behavior is not None:
@@ -183,6 +206,44 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 )
         return handler
 
+    async def _identify(self, method: str, metadata, state: CallState) -> None:
+        """Sets the call's caller, from the metadata alone; raises Unauthenticated or PermissionDenied.
+
+        An open method (health) has no caller."""
+        if method.startswith(OPEN_METHOD_PREFIXES):
+            return
+        state.caller = (access.UNAUTHENTICATED_CALLER if self._authenticator is None
+                        else await self._authenticator.authenticate(metadata))
+        if method.startswith(REFLECTION_PREFIX):
+            return
+        permission = PERMISSION_OF.get(method)
+        if permission is None:
+            raise PermissionDenied(f"{method} is not open to any credential")
+        access.authorize(state.caller, permission)  # the user id is checked by the application, once parsed
+
+
+def _refusing(handler: grpc.RpcMethodHandler, call: _CallInfo, refusal: Exception) -> grpc.RpcMethodHandler:
+    """A handler that refuses the call without parsing its request: the deserializer never reads the bytes."""
+    code, message = status_for(refusal)
+
+    async def refuse(request_or_iterator, context):
+        outcome = _Outcome(call, None)
+        outcome.code = code
+        with outcome.scope():
+            try:
+                await context.abort(code, message)
+            finally:
+                outcome.finish()
+
+    for kind, factory in _HANDLER_FACTORIES.items():
+        if getattr(handler, kind) is not None:
+            return factory(refuse, request_deserializer=_unread, response_serializer=handler.response_serializer)
+    return handler
+
+
+def _unread(data: bytes) -> None:
+    return None
+
 
 @dataclass(frozen=True)
 class _CallInfo:
@@ -190,8 +251,10 @@ class _CallInfo:
 
     method: str
     request_id: str
-    authenticated: bool
     telemetry: Telemetry
+    trace_carrier: dict[str, str]
+    audit: AuditSink | None = None
+    state: CallState = field(default_factory=CallState)
     max_seconds: float = 0  # for calls without a client deadline; 0 = no limit
 
 
@@ -200,14 +263,32 @@ class _Outcome:
 
     def __init__(self, call: _CallInfo, request: object) -> None:
         self.call = call
-        self.user = _loggable_user(getattr(request, "user_id", ""))
+        self.user_id = getattr(request, "user_id", "")
+        self.user = _loggable_user(self.user_id)
         self.code = grpc.StatusCode.OK
         self.started = time.monotonic()
+        bind_call(call.state)
+        self.span = None
+        self.answered = False
+
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[None]:
+        """The call's span (when tracing) and its request id, current for log lines written below."""
+        token = current_request_id.set(self.call.request_id)
+        try:
+            with tracing.rpc_span(self.call.method, self.call.trace_carrier) as self.span:
+                yield
+        finally:
+            current_request_id.reset(token)
+
+    def first_response(self) -> None:
+        """A stream's first message is about to go out."""
+        if not self.answered:
+            self.answered = True
+            tracing.first_response(self.span)
 
     def check(self, request: object) -> None:
-        """What every call must pass before its handler runs: auth, then a parsable request."""
-        if not self.call.authenticated:
-            raise Unauthenticated("missing or unknown bearer token (metadata 'authorization: Bearer <token>')")
+        """What every call must pass before its handler runs (auth passed already): a parsable request."""
         if isinstance(request, _Undecodable):
             raise InvalidRequest(f"request: not a valid {self.call.method} message ({request.error})")
         if isinstance(request, _Oversized):
@@ -223,7 +304,8 @@ class _Outcome:
         self.code, message = status_for(exc)
         if self.code is grpc.StatusCode.INTERNAL:
             log.error("rpc method=%s request_id=%s failed", self.call.method, self.call.request_id, exc_info=exc)
-            message = f"{message} (request_id {self.call.request_id})"
+            trace_id = tracing.current_trace_id()
+            message = f"{message} (request_id {self.call.request_id}{f', trace_id {trace_id}' if trace_id else ''})"
         await context.abort(self.code, message)
 
     def finish(self) -> None:
@@ -231,8 +313,33 @@ class _Outcome:
         self.call.telemetry.rpc_finished(self.call.method, self.code.name, elapsed)
         # Probes come every few seconds from every orchestrator: their lines only at debug.
         level = logging.DEBUG if self.call.method.startswith(OPEN_METHOD_PREFIXES) else logging.INFO
-        log.log(level, "rpc method=%s user=%s status=%s ms=%.1f request_id=%s",
-                self.call.method, self.user, self.code.name, elapsed * 1e3, self.call.request_id)
+        tracing.finish_rpc(self.span, self.code.name, self.user)
+        # The fields again as `extra`, for --log-format json.
+        fields = {"method": self.call.method, "user": self.user, "status": self.code.name,
+                  "duration_ms": round(elapsed * 1e3, 1), "request_id": self.call.request_id}
+        log.log(level, "rpc method=%s user=%s status=%s ms=%.1f request_id=%s", self.call.method, self.user,
+                self.code.name, elapsed * 1e3, self.call.request_id, extra=fields)
+        if self.call.audit is not None:
+            self.call.audit.record(self._audit_event())
+
+    def _audit_event(self) -> AuditEvent:
+        caller = self.call.state.caller
+        user_id = self.user_id if self.user_id and USER_ID_PATTERN.fullmatch(self.user_id) else None
+        if user_id is None and caller is not None and self.call.method in PERMISSION_OF:
+            user_id = caller.user_id  # an end user's listing acts on their own profile
+        return AuditEvent(
+            time=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            request_id=self.call.request_id,
+            principal=None if caller is None else caller.name,
+            kind=None if caller is None else caller.kind,
+            tenant=None if caller is None else caller.tenant,
+            method=self.call.method,
+            user_id=user_id,
+            permission=PERMISSION_OF.get(self.call.method),
+            granted=self.code not in _REFUSED,
+            code=self.code.name,
+            items=self.call.state.items,
+        )
 
 
 def _request_id(metadata) -> str:
@@ -273,14 +380,15 @@ def _wrap_awaitable(call: _CallInfo, behavior):
 
     async def handle(request, context):
         outcome = _Outcome(call, request)
-        try:
-            outcome.check(request)
-            async with _time_limit(call, context):
-                return await behavior(request, context)
-        except BaseException as exc:
-            await outcome.fail(exc, context)
-        finally:
-            outcome.finish()
+        with outcome.scope():
+            try:
+                outcome.check(request)
+                async with _time_limit(call, context):
+                    return await behavior(request, context)
+            except BaseException as exc:
+                await outcome.fail(exc, context)
+            finally:
+                outcome.finish()
 
     return handle
 
@@ -290,15 +398,17 @@ def _wrap_stream(call: _CallInfo, behavior):
 
     async def handle(request, context):
         outcome = _Outcome(call, request)
-        try:
-            outcome.check(request)
-            # Past the limit while the client is not reading, the call is cancelled (CANCELLED) instead.
-            async with _time_limit(call, context):
-                async for response in behavior(request, context):
-                    yield response
-        except BaseException as exc:
-            await outcome.fail(exc, context)
-        finally:
-            outcome.finish()
+        with outcome.scope():
+            try:
+                outcome.check(request)
+                # Past the limit while the client is not reading, the call is cancelled (CANCELLED) instead.
+                async with _time_limit(call, context):
+                    async for response in behavior(request, context):
+                        outcome.first_response()
+                        yield response
+            except BaseException as exc:
+                await outcome.fail(exc, context)
+            finally:
+                outcome.finish()
 
     return handle

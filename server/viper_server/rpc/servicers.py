@@ -19,9 +19,11 @@ from viper_proto.v1 import (
     profile_pb2_grpc,
 )
 
+from .. import tracing
 from ..application import InlineContext, ViperService
 from ..config import Limits
 from . import validation
+from .context import count_items, current_caller
 from .convert import PageTokens, event_to_proto, profile_to_proto, profiles_page_to_proto, score_to_proto
 
 
@@ -38,34 +40,36 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
     async def ExtractProfile(self, request: profile_pb2.ExtractProfileRequest,
                              context: grpc.aio.ServicerContext) -> profile_pb2.Profile:
         # Image work is CPU work: off the event loop. The headers and the queue's room before any pixel is decoded.
-        user_id = await asyncio.to_thread(validation.check_extract_fields, request, self._limits)
-        self._service.check_room("extract")
-        uploads = await asyncio.to_thread(validation.decode_extract, request, self._limits, self._service)
-        return profile_to_proto(await self._service.extract_profile(user_id, uploads))
+        with tracing.span("validate"):
+            user_id = await asyncio.to_thread(validation.check_extract_fields, request, self._limits)
+            self._service.check_room("extract")
+            uploads = await asyncio.to_thread(validation.decode_extract, request, self._limits, self._service)
+        return profile_to_proto(await self._service.extract_profile(current_caller(), user_id, uploads))
 
     async def GetProfile(self, request: profile_pb2.GetProfileRequest,
                          context: grpc.aio.ServicerContext) -> profile_pb2.Profile:
         user_id = validation.check_user_id(request.user_id)
-        return profile_to_proto(await self._service.get_profile(user_id))
+        return profile_to_proto(await self._service.get_profile(current_caller(), user_id))
 
     async def ListProfiles(self, request: profile_pb2.ListProfilesRequest,
                            context: grpc.aio.ServicerContext) -> profile_pb2.ListProfilesResponse:
         page_size, after = validation.check_list(request, self._page_tokens)
-        return profiles_page_to_proto(*await self._service.list_profiles(page_size, after), self._page_tokens)
+        return profiles_page_to_proto(*await self._service.list_profiles(current_caller(), page_size, after),
+                                      self._page_tokens)
 
     async def UpdateProfile(self, request: profile_pb2.UpdateProfileRequest,
                             context: grpc.aio.ServicerContext) -> profile_pb2.Profile:
         update = validation.check_update(request)
         stored = await self._service.update_profile(
-            update.user_id, liked_features=update.liked_features, disliked_features=update.disliked_features,
-            expected_version=update.expected_version,
+            current_caller(), update.user_id, liked_features=update.liked_features,
+            disliked_features=update.disliked_features, expected_version=update.expected_version,
         )
         return profile_to_proto(stored)
 
     async def DeleteProfile(self, request: profile_pb2.DeleteProfileRequest,
                             context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
         user_id, expected_version = validation.check_delete(request)
-        await self._service.delete_profile(user_id, expected_version=expected_version)
+        await self._service.delete_profile(current_caller(), user_id, expected_version=expected_version)
         return empty_pb2.Empty()
 
 
@@ -76,10 +80,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self._max_message_bytes = max_message_bytes
 
     async def Generate(self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
-        user_id, params = validation.check_generate(
-            request, self._limits, default_size=self._service.default_image_size, vocabulary=self._service
-        )
-        generation = await self._service.generate(user_id, params)
+        with tracing.span("validate"):
+            user_id, params = validation.check_generate(
+                request, self._limits, default_size=self._service.default_image_size, vocabulary=self._service
+            )
+        generation = await self._service.generate(current_caller(), user_id, params)
         async for event in generation.events:
             message = event_to_proto(event, generation.profile_version)
             # Checked here, not left to the transport: it would fail the call with a traceback in the log.
@@ -88,6 +93,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                     f"a generated image makes a {size}-byte message, more than this server sends "
                     f"(--max-message-bytes {self._max_message_bytes}): ask for smaller images"
                 )
+            if message.HasField("image"):
+                count_items()
             yield message
 
 
@@ -97,11 +104,13 @@ class MetricServicer(metric_pb2_grpc.MetricServiceServicer):
         self._limits = limits
 
     async def Score(self, request: metric_pb2.ScoreRequest, context: grpc.aio.ServicerContext):
-        await asyncio.to_thread(validation.check_score_fields, request, self._limits)
-        self._service.check_room("score")
-        checked = await asyncio.to_thread(validation.decode_score, request, self._limits,
-                                          self._service.metric_max_pairs)
+        with tracing.span("validate"):
+            await asyncio.to_thread(validation.check_score_fields, request, self._limits)
+            self._service.check_room("score")
+            checked = await asyncio.to_thread(validation.decode_score, request, self._limits,
+                                              self._service.metric_max_pairs)
         inline = InlineContext(checked.liked, checked.disliked) if checked.liked is not None else None
-        scoring = await self._service.score(checked.user_id, checked.queries, inline)
+        scoring = await self._service.score(current_caller(), checked.user_id, checked.queries, inline)
         async for result in scoring.results:
+            count_items()
             yield score_to_proto(result, scoring.pairs_used)

@@ -3,7 +3,7 @@
 const TITLES = {
   invalid_argument: "That request was refused",
   not_found: "Not found",
-  unauthenticated: "This server needs a token",
+  unauthenticated: "Please sign in",
   permission_denied: "Not allowed",
   resource_exhausted: "The server is busy, or the request is too large",
   failed_precondition: "Not possible yet",
@@ -16,7 +16,9 @@ const TITLES = {
 };
 
 const ADVICE = {
-  unauthenticated: "Paste your token in the Token field at the top and try again.",
+  unauthenticated: "Paste a sign-in token (your identity provider's JWT) at the top and try again; " +
+    "for local use, `viper-server dev-token --user NAME` prints one.",
+  permission_denied: "A sign-in token acts on its own user's profile only.",
   unavailable: "Its models may still be loading, or it is down: try again in a moment.",
   resource_exhausted: "Wait a little and try again, or send fewer or smaller images.",
   internal: "Try again; if it persists, give the request id to the operator.",
