@@ -112,10 +112,11 @@ class AsyncViperClient:
         return self._stream(self._connection.generation.Generate, request, user_id, timeout, convert.event_from_proto)
 
     async def generate_images(self, user_id: str, prompt: str, **options: Any) -> list[Image.Image]:
-        images = [
-            event async for event in self.generate(user_id, prompt, **options) if isinstance(event, GeneratedImage)
-        ]
-        return [event.image() for event in sorted(images, key=lambda event: event.image_index)]
+        """The generated images in index order; raises ViperError (DATA_LOSS) if the stream ends before every
+        image arrived."""
+        stream = self.generate(user_id, prompt, **options)
+        events = [event async for event in stream if isinstance(event, GeneratedImage)]
+        return [event.image() for event in convert.images_in_index_order(events, options.get("num_images") or 1)]
 
     async def score(
         self,

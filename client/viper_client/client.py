@@ -24,7 +24,7 @@ from viper_client.channel import (
 from viper_client.convert import GenerateOptions
 from viper_client.errors import error_from_rpc
 from viper_client.images import ImageSource
-from viper_client.types import GeneratedImage, GenerateEvent, Profile, RatedImage, ScoreResult
+from viper_client.types import GenerateEvent, Profile, RatedImage, ScoreResult
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -133,9 +133,10 @@ class ViperClient:
         return self._stream(self._connection.generation.Generate, request, user_id, timeout, convert.event_from_proto)
 
     def generate_images(self, user_id: str, prompt: str, **options: Any) -> list[Image.Image]:
-        """The generated images in index order; options are generate()'s."""
-        images = [event for event in self.generate(user_id, prompt, **options) if isinstance(event, GeneratedImage)]
-        return [event.image() for event in sorted(images, key=lambda event: event.image_index)]
+        """The generated images in index order (with candidates: best first); options are generate()'s. Raises
+        ViperError (DATA_LOSS) if the stream ends before every image arrived."""
+        events = self.generate(user_id, prompt, **options)
+        return [event.image() for event in convert.images_in_index_order(events, options.get("num_images") or 1)]
 
     def score(
         self,

@@ -35,6 +35,8 @@ class Limits:
     max_generate_size: int = 2048
     max_steps: int = 150
     max_score_queries: int = 64
+    # Best of N: candidates generated and ranked per Generate call.
+    max_candidates: int = 16
 
 
 @dataclass(frozen=True)
@@ -236,6 +238,7 @@ _LIMIT_FLAGS: dict[str, _Flag] = {
     "max_generate_size": _Flag("VIPER_MAX_GENERATE_SIZE", int, "largest generated width / height"),
     "max_steps": _Flag("VIPER_MAX_STEPS", int, "denoising steps per image"),
     "max_score_queries": _Flag("VIPER_MAX_SCORE_QUERIES", int, "query images per Score call"),
+    "max_candidates": _Flag("VIPER_MAX_CANDIDATES", int, "candidates a Generate call may rank (best of N)"),
 }
 
 
