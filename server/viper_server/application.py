@@ -69,6 +69,16 @@ class ViperService:
     def default_image_size(self) -> int:
         return self._engine.default_image_size
 
+    @property
+    def metric_max_pairs(self) -> int:
+        """The liked / disliked pairs a score uses at most: inline context images beyond them are not decoded."""
+        return self._engine.metric_max_pairs
+
+    def check_room(self, kind: str) -> None:
+        """QueueFull at once when work of this kind ("extract", "score", "generate") could not queue: checked
+        before the request's images are decoded."""
+        self._engine.check_room(generate=kind == "generate", score=kind in ("extract", "score"))
+
     # -- profiles -------------------------------------------------------------------------------------
 
     async def extract_profile(self, caller: Caller, user_id: str, uploads: Sequence[RatedUpload]) -> StoredProfile:

@@ -28,6 +28,8 @@ class Limits:
     max_comment_chars: int = 4000
     # Checked from the image header before decoding: stops decompression bombs.
     max_image_pixels: int = 36_000_000
+    # The pixels of all of a request's images together, from their headers: 16 images at the largest size.
+    max_request_pixels: int = 576_000_000
     max_generate_images: int = 8
     min_generate_size: int = 64
     max_generate_size: int = 2048
@@ -51,8 +53,21 @@ class ServerConfig:
     # auto = bfloat16 on CUDA, float32 elsewhere (the reference runs IDEFICS2 in float32).
     idefics2_dtype: str = "auto"
     max_message_bytes: int = 64 * MiB
+    # Request bytes per method, checked before the message is parsed (RESOURCE_EXHAUSTED beyond): what the
+    # largest valid request of each needs, within max_message_bytes.
+    max_extract_bytes: int = 64 * MiB
+    max_score_bytes: int = 32 * MiB
+    max_generate_bytes: int = 8 * MiB
+    max_profile_call_bytes: int = 1 * MiB
+    # Calls in flight at once (more are RESOURCE_EXHAUSTED), and connection lifetimes in seconds (0 = none).
+    max_concurrent_rpcs: int = 128
+    max_connection_idle: float = 300.0
+    max_connection_age: float = 1800.0
+    max_connection_age_grace: float = 300.0
     # Model jobs waiting per model before RESOURCE_EXHAUSTED.
     max_queue: int = 16
+    # Images this process decodes at once (each is shrunk to the models' size as it is decoded).
+    max_concurrent_decodes: int = 2
     # Tokens the VPE may generate; unset = the preset's (2000 for viper, 64 for tiny).
     vpe_max_new_tokens: int | None = None
     # Seconds in-flight calls get to finish after SIGTERM.
@@ -73,6 +88,10 @@ class ServerConfig:
     scheduling_policy: str = "fair"
     prefill_images: int = 1
     prefill_tokens: int = 256
+    # Backpressure: unread events a streaming call may have before its work pauses between steps.
+    stream_buffer: int = 8
+    # Seconds a call without a client deadline may run (DEADLINE_EXCEEDED beyond; its work is cancelled).
+    max_call_seconds: float = 900.0
     # Bearer tokens, one a line (`sha256:<hex>` or plain): services with "*" in the tenant "default".
     auth_tokens: Path | None = None
     # The auth configuration (TOML: [[services]] and [[issuers]]; README "Security"). Neither set = no auth.
@@ -86,8 +105,12 @@ class ServerConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    # The secret signing ListProfiles page tokens (shared by replicas); unset = derived from the database URL.
+    page_token_key: Path | None = None
     # Prometheus metrics over HTTP on this port of the same host; 0 = off.
     metrics_port: int = 0
+    # Where the metrics port binds: loopback unless asked (a scraper elsewhere needs e.g. 0.0.0.0).
+    metrics_host: str = "127.0.0.1"
     log_level: str = "info"
     # text for a terminal; json: one object a line (time, level, logger, message, request and trace ids, ...).
     log_format: str = "text"
@@ -143,7 +166,20 @@ _SERVE_FLAGS: dict[str, _Flag] = {
     "idefics2_dtype": _Flag("VIPER_IDEFICS2_DTYPE", str,
                             "IDEFICS2 precision: auto = bfloat16 on CUDA, float32 on CPU", choices=IDEFICS2_DTYPES),
     "max_message_bytes": _Flag("VIPER_MAX_MESSAGE_BYTES", int, "largest gRPC message accepted"),
+    "max_extract_bytes": _Flag("VIPER_MAX_EXTRACT_BYTES", int, "largest ExtractProfile request, refused unparsed"),
+    "max_score_bytes": _Flag("VIPER_MAX_SCORE_BYTES", int, "largest Score request, refused unparsed"),
+    "max_generate_bytes": _Flag("VIPER_MAX_GENERATE_BYTES", int, "largest Generate request, refused unparsed"),
+    "max_profile_call_bytes": _Flag("VIPER_MAX_PROFILE_CALL_BYTES", int,
+                                    "largest Get/List/Update/DeleteProfile request, refused unparsed"),
+    "max_concurrent_rpcs": _Flag("VIPER_MAX_CONCURRENT_RPCS", int, "calls in flight at once (health probes too)"),
+    "max_connection_idle": _Flag("VIPER_MAX_CONNECTION_IDLE", float,
+                                 "seconds a connection without calls stays open; 0 = no limit"),
+    "max_connection_age": _Flag("VIPER_MAX_CONNECTION_AGE", float,
+                                "seconds before a connection is asked to reconnect; 0 = no limit"),
+    "max_connection_age_grace": _Flag("VIPER_MAX_CONNECTION_AGE_GRACE", float,
+                                      "seconds an aged connection's calls get to finish"),
     "max_queue": _Flag("VIPER_MAX_QUEUE", int, "model jobs that may wait per model"),
+    "max_concurrent_decodes": _Flag("VIPER_MAX_CONCURRENT_DECODES", int, "images decoded at once in this process"),
     "vpe_max_new_tokens": _Flag("VIPER_VPE_MAX_NEW_TOKENS", int, "tokens the preference extractor may generate",
                                 shown_default="2000 for viper, 64 for tiny, 32 for toy"),
     "grace_period": _Flag("VIPER_GRACE_PERIOD", float, "seconds to finish in-flight calls on SIGTERM"),
@@ -163,6 +199,10 @@ _SERVE_FLAGS: dict[str, _Flag] = {
                                "kinds (kinds in turn first) or fifo", choices=POLICY_NAMES),
     "prefill_images": _Flag("VIPER_PREFILL_IMAGES", int, "an extraction's images encoded per step"),
     "prefill_tokens": _Flag("VIPER_PREFILL_TOKENS", int, "an extraction's prompt tokens prefilled per step"),
+    "stream_buffer": _Flag("VIPER_STREAM_BUFFER", int,
+                           "unread events a Generate or Score stream may have before its work pauses"),
+    "max_call_seconds": _Flag("VIPER_MAX_CALL_SECONDS", float,
+                              "seconds a call without a deadline may run (health Watch exempt); 0 = no limit"),
     "auth_tokens": _Flag("VIPER_AUTH_TOKENS", Path,
                          "file of accepted bearer tokens, one a line (sha256:<hex> or plain)",
                          shown_default="none: no auth, allowed on loopback only"),
@@ -177,7 +217,12 @@ _SERVE_FLAGS: dict[str, _Flag] = {
     "tls_key": _Flag("VIPER_TLS_KEY", Path, "server private key (PEM)", shown_default="none"),
     "tls_client_ca": _Flag("VIPER_TLS_CLIENT_CA", Path, "CA whose client certificates are required (mTLS)",
                            shown_default="none: no client certificates"),
+    "page_token_key": _Flag("VIPER_PAGE_TOKEN_KEY", Path, "file holding the secret that signs ListProfiles page "
+                            "tokens (the same on every replica)",
+                            shown_default="derived from --db, the same on every replica of one database"),
     "metrics_port": _Flag("VIPER_METRICS_PORT", int, "Prometheus metrics port; 0 = off"),
+    "metrics_host": _Flag("VIPER_METRICS_HOST", str, "address the metrics port binds (0.0.0.0 for a scraper "
+                          "on another host)"),
     "log_level": _Flag("VIPER_LOG_LEVEL", str, "log verbosity (debug shows the libraries' warnings and progress)",
                        choices=LOG_LEVELS),
     "log_format": _Flag("VIPER_LOG_FORMAT", str, "log lines as text, or json: one object a line for log pipelines",
@@ -187,6 +232,7 @@ _LIMIT_FLAGS: dict[str, _Flag] = {
     "max_images": _Flag("VIPER_MAX_IMAGES", int, "images per extraction"),
     "max_comment_chars": _Flag("VIPER_MAX_COMMENT_CHARS", int, "characters per comment"),
     "max_image_pixels": _Flag("VIPER_MAX_IMAGE_PIXELS", int, "pixels per image (width x height)"),
+    "max_request_pixels": _Flag("VIPER_MAX_REQUEST_PIXELS", int, "pixels of all a request's images together"),
     "max_generate_images": _Flag("VIPER_MAX_GENERATE_IMAGES", int, "images per Generate call"),
     "min_generate_size": _Flag("VIPER_MIN_GENERATE_SIZE", int, "smallest generated width / height"),
     "max_generate_size": _Flag("VIPER_MAX_GENERATE_SIZE", int, "largest generated width / height"),
@@ -246,13 +292,18 @@ def is_loopback(host: str) -> bool:
 
 def check_config(config: ServerConfig) -> None:
     """Refuses settings that cannot work or would be unsafe; raises ValueError."""
-    for name in ("extract_batch", "generate_batch", "score_batch", "prefill_images", "prefill_tokens"):
+    for name in ("extract_batch", "generate_batch", "score_batch", "prefill_images", "prefill_tokens",
+                 "max_concurrent_decodes", "max_concurrent_rpcs", "max_extract_bytes", "max_score_bytes",
+                 "max_generate_bytes", "max_profile_call_bytes", "stream_buffer"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be at least 1, not {getattr(config, name)}")
     for name in ("models", "idefics2_dtype", "log_level", "log_format", "scheduling_policy"):
         choices = _SERVE_FLAGS[name].choices
         if getattr(config, name) not in choices:
             raise ValueError(f"{name} must be {' or '.join(choices)}, not {getattr(config, name)!r}")
+    for name in ("max_connection_idle", "max_connection_age", "max_connection_age_grace", "max_call_seconds"):
+        if getattr(config, name) < 0:
+            raise ValueError(f"{name} must not be negative, not {getattr(config, name)}")
     if (config.tls_cert is None) != (config.tls_key is None):
         raise ValueError("--tls-cert and --tls-key go together")
     if config.tls_client_ca is not None and config.tls_cert is None:

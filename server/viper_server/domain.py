@@ -22,7 +22,8 @@ HIGH_NOISE_FRAC = 0.8
 class RatedUpload:
     """An uploaded image with the user's comment and rating: validated, decoded for the models."""
 
-    data: bytes = field(repr=False)  # as uploaded: stored byte for byte
+    # As uploaded less its metadata (imaging.strip_metadata; the same pixel data): stored byte for byte.
+    data: bytes = field(repr=False)
     image: Image.Image = field(repr=False)  # decoded, RGB (transparency on white)
     comment: str
     rating: Rating

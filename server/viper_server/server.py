@@ -9,8 +9,10 @@ a second signal stops at once. The store is closed last.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import signal
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -34,11 +36,14 @@ from .config import BUILT_MODELS_ROOT, ServerConfig
 from .engine.engine import ModelEngine
 from .engine.loading import LoadSettings
 from .engine.presets import model_preset
+from .imaging import limit_concurrent_decodes
 from .observability import Telemetry
 from .rpc.auth import Authenticator, token_file_services
 from .rpc.auth_config import AuthConfig, load_auth_config
-from .rpc.interceptor import RpcInterceptor
+from .rpc.convert import PageTokens
+from .rpc.interceptor import RequestLimit, RpcInterceptor
 from .rpc.servicers import GenerationServicer, MetricServicer, ProfileServicer
+from .rpc.validation import MAX_FEATURES
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +62,8 @@ class ViperServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.telemetry = Telemetry()
+        check_secret_files(config)
+        limit_concurrent_decodes(config.max_concurrent_decodes)
         self.store = open_store(config.db)
         self.engine = ModelEngine(
             model_preset(config.models, config.models_dir, BUILT_MODELS_ROOT),
@@ -74,15 +81,20 @@ class ViperServer:
         self._watching: asyncio.Task | None = None
         self.audit = JsonLinesAudit(config.audit_log) if config.audit_log else None
         self._server = grpc.aio.server(
-            interceptors=[RpcInterceptor(self.telemetry, authenticator(config), self.audit)],
+            interceptors=[RpcInterceptor(self.telemetry, authenticator(config), self.audit, request_limits(config),
+                                         config.max_call_seconds)],
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
                 # Bind exclusively: with SO_REUSEPORT a second server on a busy port would start and share it.
                 ("grpc.so_reuseport", 0),
+                *connection_options(config),
             ],
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
-        profile_pb2_grpc.add_ProfileServiceServicer_to_server(ProfileServicer(service, config.limits), self._server)
+        profile_pb2_grpc.add_ProfileServiceServicer_to_server(
+            ProfileServicer(service, config.limits, PageTokens(page_token_key(config))), self._server
+        )
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(
             GenerationServicer(service, config.limits, config.max_message_bytes), self._server
         )
@@ -111,8 +123,8 @@ class ViperServer:
                  self.config.models, credentials is not None,
                  self.config.auth_tokens is not None or self.config.auth_config is not None)
         if self.config.metrics_port:
-            metrics_port = self.telemetry.serve(self.config.metrics_port, self.config.host)
-            log.info("metrics on http://%s:%d/metrics", self.config.host, metrics_port)
+            metrics_port = self.telemetry.serve(self.config.metrics_port, self.config.metrics_host)
+            log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, metrics_port)
         return self.port
 
     async def load_models(self) -> None:
@@ -182,6 +194,7 @@ def load_settings(config: ServerConfig) -> LoadSettings:
         scheduling_policy=config.scheduling_policy,
         prefill_images=config.prefill_images,
         prefill_tokens=config.prefill_tokens,
+        stream_buffer=config.stream_buffer,
     )
 
 
@@ -193,6 +206,67 @@ def authenticator(config: ServerConfig) -> Authenticator | None:
     if config.auth_tokens:
         auth = AuthConfig(services=(*auth.services, *token_file_services(config.auth_tokens)), issuers=auth.issuers)
     return Authenticator(auth)
+
+
+def request_limits(config: ServerConfig) -> dict[str, RequestLimit]:
+    """Each method's request size limit (checked on the raw bytes before parsing), within max_message_bytes."""
+    profile = f"/{SERVICE_NAMES[0]}/"
+    by_method = {
+        f"{profile}ExtractProfile": ("--max-extract-bytes", config.max_extract_bytes),
+        **{f"{profile}{method}": ("--max-profile-call-bytes", config.max_profile_call_bytes)
+           for method in ("GetProfile", "ListProfiles", "UpdateProfile", "DeleteProfile")},
+        f"/{SERVICE_NAMES[1]}/Generate": ("--max-generate-bytes", config.max_generate_bytes),
+        f"/{SERVICE_NAMES[2]}/Score": ("--max-score-bytes", config.max_score_bytes),
+    }
+    return {method: RequestLimit(min(limit, config.max_message_bytes), flag, *field_limit(method, config))
+            for method, (flag, limit) in by_method.items()}
+
+
+def field_limit(method: str, config: ServerConfig) -> tuple[int, str]:
+    """A method's cap on top-level fields, counted on the raw bytes (rpc.wire): four times what its repeated
+    fields may hold, plus room for the rest, so only a request far beyond its limits is refused unparsed."""
+    limits = config.limits
+    if method.endswith("/ExtractProfile"):
+        return 4 * limits.max_images + 16, f"images: at most {limits.max_images} (--max-images)"
+    if method.endswith("/Score"):
+        return (4 * 3 * limits.max_score_queries + 16,
+                f"queries, liked, disliked: at most {limits.max_score_queries} each (--max-score-queries)")
+    if method.endswith("/UpdateProfile"):
+        return 4 * 2 * MAX_FEATURES + 16, f"at most {MAX_FEATURES} features a list"
+    return 64, "a few fields"
+
+
+def check_secret_files(config: ServerConfig) -> None:
+    """Warns about a secret file that group or others may read (refusing it would break Kubernetes secret
+    volumes, 0644 unless defaultMode says otherwise); says which file and flag, never what it holds."""
+    secrets = {"--auth-tokens": config.auth_tokens, "--tls-key": config.tls_key,
+               "--page-token-key": config.page_token_key}
+    for flag, path in secrets.items():
+        if path is not None and path.exists() and path.stat().st_mode & 0o077:
+            log.warning("%s file %s is readable by group or others (mode %o): chmod 600 it", flag, path,
+                        path.stat().st_mode & 0o777)
+
+
+def read_secret(path: Path) -> bytes:
+    secret = path.read_bytes().strip()
+    if not secret:
+        raise ValueError(f"{path} is empty: a secret is needed")
+    return secret
+
+
+def page_token_key(config: ServerConfig) -> bytes:
+    """The key signing ListProfiles page tokens: --page-token-key's file, else one derived from the database URL
+    (its password included), so every replica on one database accepts the others' tokens."""
+    secret = read_secret(config.page_token_key) if config.page_token_key else config.db.encode()
+    return hashlib.sha256(b"viper-serve page tokens\0" + secret).digest()
+
+
+def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """gRPC's connection lifetime options, in milliseconds; a 0 setting leaves gRPC's default (no limit)."""
+    options = [("grpc.max_connection_idle_ms", config.max_connection_idle),
+               ("grpc.max_connection_age_ms", config.max_connection_age)]
+    return [(name, int(seconds * 1000)) for name, seconds in options if seconds > 0] + [
+        ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace * 1000))]
 
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -16,12 +17,20 @@ def open_database(path: Path, *, timeout: float) -> Database:
     # check_same_thread=False: the backend hands this one connection between
     # asyncio.to_thread workers, serialised by its own lock. timeout= sets the busy
     # timeout as the file opens, before any statement.
+    _create_owner_only(path)
     connection = sqlite3.connect(path, timeout=timeout, check_same_thread=False)
     db = Database(connection)
     _enable_wal(db, timeout=timeout)
     # Off by default in SQLite, and per connection.
     db.execute("PRAGMA foreign_keys = ON")
     return db
+
+
+def _create_owner_only(path: Path) -> None:
+    """Creates a missing database file 0600 (people's photos and comments): SQLite gives its WAL and SHM files
+    the database file's permissions. An existing file keeps its own."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 # SQLITE_BUSY and SQLITE_LOCKED (primary codes; the extended ones carry them in the low byte).

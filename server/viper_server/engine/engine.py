@@ -69,6 +69,7 @@ class ModelEngine:
             model, max_queue=max_queue, slots=slots, policy=self._settings.scheduling_policy,
             on_step=lambda step, size, seconds: self._observer.step_ran(model, step, size, seconds),
             on_admit=lambda kind, seconds: self._observer.work_waited(model, kind, seconds),
+            event_buffer=self._settings.stream_buffer,
         )
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -261,6 +262,10 @@ class ModelEngine:
         user_id: the same (tenant-qualified) key that stored_context was given."""
         if self._models is not None:
             self._models.scorer.invalidate(user_id, version)
+
+    @property
+    def metric_max_pairs(self) -> int:
+        return self._settings.metric_max_pairs
 
     @staticmethod
     def _check_room(scheduler: StepScheduler) -> None:

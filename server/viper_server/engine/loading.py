@@ -38,6 +38,8 @@ class LoadSettings:
     scheduling_policy: str = "fair"
     prefill_images: int = 1
     prefill_tokens: int = 256
+    # Unread events a streaming call may have before its task pauses between steps.
+    stream_buffer: int = 8
 
 
 @dataclass(frozen=True)

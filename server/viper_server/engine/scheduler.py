@@ -17,6 +17,7 @@ freed, its slot given to the next request).
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import threading
@@ -31,6 +32,8 @@ from .policy import SchedulingPolicy
 log = logging.getLogger(__name__)
 
 _END = object()
+# A safety net only: readers and cancellations wake a scheduler whose running tasks are all paused.
+_PAUSED_POLL_SECONDS = 1.0
 
 
 class Step:
@@ -63,7 +66,7 @@ class Task:
         self._outcome: tuple[Any, BaseException | None] = (None, None)
         self._cancelled = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._events: asyncio.Queue | None = None
+        self._events: EventChannel | None = None
         self.result: asyncio.Future | None = None
 
     # -- the scheduler's side -------------------------------------------------------------------------
@@ -90,14 +93,23 @@ class Task:
     def emit(self, event: Any) -> None:
         """Hands an event to the awaiting handler (thread-safe, never blocks)."""
         if self._events is not None:
-            self._call_soon(self._events.put_nowait, event)
+            self._events.put(event, self.supersedes)
+
+    def supersedes(self, newer: Any, older: Any) -> bool:
+        """True when `newer` makes `older`, still unread, worthless (a newer preview of the same image): it
+        then takes the older one's place in the event queue instead of queueing behind it."""
+        return False
+
+    def paused(self) -> bool:
+        """True while the handler is behind on this task's events: the task takes no step until it reads."""
+        return self._events is not None and self._events.behind()
 
     # -- the handler's side ---------------------------------------------------------------------------
 
     def cancel(self) -> None:
         self._cancelled.set()
 
-    def _bind(self, loop: asyncio.AbstractEventLoop, events: asyncio.Queue | None, seq: int) -> None:
+    def _bind(self, loop: asyncio.AbstractEventLoop, events: EventChannel | None, seq: int) -> None:
         self._loop = loop
         self._events = events
         self.seq = seq
@@ -120,7 +132,7 @@ class Task:
 
     def _deliver(self, value: Any, exc: BaseException | None) -> None:
         if self._events is not None:
-            self._events.put_nowait(_END)
+            self._events.put(_END)
         if self.result.done():
             return
         if isinstance(exc, asyncio.CancelledError):
@@ -129,6 +141,55 @@ class Task:
             self.result.set_exception(exc)
         else:
             self.result.set_result(value)
+
+
+class EventChannel:
+    """One streaming call's events, from the scheduler thread to its handler: `behind()` once `limit` are unread
+    (the task then pauses between steps), and an event that supersedes an unread one takes its place at the end."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, limit: int, on_read: Callable[[], None]) -> None:
+        self._loop = loop
+        self._limit = max(1, limit)
+        self._on_read = on_read  # wakes the scheduler when a paused task may go on
+        self._items: collections.deque = collections.deque()
+        self._lock = threading.Lock()
+        self._ready = asyncio.Event()
+
+    def put(self, event: Any, supersedes: Callable[[Any, Any], bool] | None = None) -> None:
+        """Any thread; never blocks."""
+        with self._lock:
+            if supersedes is not None:
+                for index, older in enumerate(self._items):
+                    if older is not _END and supersedes(event, older):
+                        del self._items[index]  # the newer one goes last: events stay in the order they were made
+                        break
+            self._items.append(event)
+        try:
+            self._loop.call_soon_threadsafe(self._ready.set)
+        except RuntimeError:  # the event loop has closed: nobody is reading any more
+            pass
+
+    def behind(self) -> bool:
+        with self._lock:
+            return len(self._items) >= self._limit
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+    async def get(self) -> Any:
+        """The oldest unread event (on the event loop)."""
+        while True:
+            with self._lock:
+                if self._items:
+                    was_behind = len(self._items) >= self._limit
+                    event = self._items.popleft()
+                    break
+                self._ready.clear()  # set again by the next put, which runs after this on the loop
+            await self._ready.wait()
+        if was_behind:
+            self._on_read()
+        return event
 
 
 class FunctionTask(Task):
@@ -162,9 +223,11 @@ class StepScheduler:
 
     def __init__(self, name: str, *, max_queue: int, slots: Mapping[str, int] | None = None,
                  policy: str = "fair", on_step: StepObserver | None = None,
-                 on_admit: AdmitObserver | None = None) -> None:
+                 on_admit: AdmitObserver | None = None, event_buffer: int = 8) -> None:
         self.name = name
         self.max_queue = max_queue
+        # Unread events per streaming call before its task pauses (README "Backpressure").
+        self.event_buffer = event_buffer
         self._slots = dict(slots or {})
         self._policy = SchedulingPolicy(policy)
         self._on_step = on_step or (lambda label, size, seconds: None)
@@ -208,7 +271,7 @@ class StepScheduler:
 
         reserved: the task continues a request that already passed the queue bound (a later candidate of a
         best of N): it queues even when the queue is full, so an admitted request is not failed half done."""
-        events: asyncio.Queue = asyncio.Queue()
+        events = EventChannel(asyncio.get_running_loop(), self.event_buffer, self._wake)
         self._submit(task, events=events, reserved=reserved)
         try:
             while (event := await events.get()) is not _END:
@@ -216,6 +279,11 @@ class StepScheduler:
             await task.result
         finally:
             task.cancel()
+            self._wake()  # a paused task is dropped at once, not when its reader would have caught up
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
 
     def close(self, timeout: float | None = None) -> None:
         """Takes no new tasks, drops the waiting ones, lets the running ones finish."""
@@ -232,7 +300,7 @@ class StepScheduler:
 
     # -- internals ------------------------------------------------------------------------------------
 
-    def _submit(self, task: Task, events: asyncio.Queue | None, reserved: bool = False) -> None:
+    def _submit(self, task: Task, events: EventChannel | None, reserved: bool = False) -> None:
         with self._cond:
             if self._closed:
                 raise WorkerClosed(f"{self.name} scheduler stopped")
@@ -258,7 +326,7 @@ class StepScheduler:
     def _serve_once(self) -> bool:
         """Admits, drops the cancelled, runs one step; False once closed with nothing left to run."""
         with self._cond:
-            while not self._closed and not self._waiting and not self._running:
+            while not self._closed and not self._waiting and not self._has_work():
                 self._cond.wait()
             if self._closed and not self._running:
                 return False
@@ -274,9 +342,15 @@ class StepScheduler:
             if task.trace is not None:
                 task.trace.admitted()
         self._drop_cancelled()
-        if self._running:
-            self._step()
+        if not self._step() and not admitted and not dropped:
+            with self._cond:  # every running task is paused (and nothing can be admitted): until a reader wakes us
+                if not self._has_work():
+                    self._cond.wait(_PAUSED_POLL_SECONDS)
         return True
+
+    def _has_work(self) -> bool:
+        """A running task can take a step, or must be dropped (lock held)."""
+        return any(task.should_stop() or not task.paused() for task in self._running)
 
     def _notify(self, observer: Callable[..., None], *args: Any) -> None:
         try:
@@ -315,16 +389,20 @@ class StepScheduler:
             if task.done:
                 self._end(task)
 
-    def _step(self) -> None:
+    def _step(self) -> bool:
+        """Runs one step of the first runnable task in policy order, with the compatible others; False when no
+        task could step (none running, or all paused)."""
         steps: dict[int, Step] = {}
         for task in list(self._running):
+            if task.paused():
+                continue
             try:
                 steps[id(task)] = task.next_step()
             except Exception as exc:
                 task.fail(exc)
                 self._end(task)
         if not steps:
-            return
+            return False
         ordered = self._policy.order(task for task in self._running if id(task) in steps)
         lead = steps[id(ordered[0])]
         batch = [task for task in ordered if steps[id(task)].key == lead.key][: lead.limit]
@@ -345,6 +423,7 @@ class StepScheduler:
         for task in batch:
             if task.done:
                 self._end(task)
+        return True
 
     def _end(self, task: Task) -> None:
         """Removes a finished task and hands its outcome to its caller."""

@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ..domain import GenerationEvent, GenerationParams, Progress, ScoredQuery
+from ..domain import GenerationEvent, GenerationParams, Preview, Progress, ScoredQuery
 from ..models.generation import Generation, PersonalizedGenerator
 from ..models.metric import MetricScorer, Scoring
 from ..models.vpe import Extraction, PreferenceExtractor
@@ -146,6 +146,10 @@ class GenerationTask(Task):
     def abandon(self) -> None:
         log.info("generation cancelled after %d denoising steps", self.generation.steps_done)
         self.generation.release()
+
+    def supersedes(self, newer: GenerationEvent, older: GenerationEvent) -> bool:
+        """A newer preview of an image replaces its older one still unread: a slow reader gets the latest."""
+        return isinstance(newer, Preview) and isinstance(older, Preview) and newer.image_index == older.image_index
 
     def _emit(self, event: GenerationEvent) -> None:
         if isinstance(event, Progress) and event.step > 0:

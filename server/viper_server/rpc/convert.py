@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 
 from viper_profiles import Rating, StoredProfile
 from viper_proto.v1 import generation_pb2, metric_pb2, profile_pb2
@@ -37,23 +39,41 @@ def profile_to_proto(profile: StoredProfile) -> profile_pb2.Profile:
     return message
 
 
-def profiles_page_to_proto(profiles: list[StoredProfile], more: bool) -> profile_pb2.ListProfilesResponse:
+def profiles_page_to_proto(profiles: list[StoredProfile], more: bool,
+                           tokens: PageTokens) -> profile_pb2.ListProfilesResponse:
     return profile_pb2.ListProfilesResponse(
         profiles=[profile_to_proto(profile) for profile in profiles],
-        next_page_token=encode_page_token(profiles[-1].user_id) if more and profiles else "",
+        next_page_token=tokens.encode(profiles[-1].user_id) if more and profiles else "",
     )
 
 
-def encode_page_token(last_user_id: str) -> str:
-    return base64.urlsafe_b64encode(last_user_id.encode()).decode()
+class PageTokens:
+    """ListProfiles page tokens: the page's last user id, signed (HMAC-SHA256), so only a token a server with
+    the same key made is accepted; replicas sharing the key accept each other's (server.page_token_key)."""
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    def encode(self, last_user_id: str) -> str:
+        payload = _b64(last_user_id.encode())
+        return f"{payload}.{_b64(self._mac(payload))}"
+
+    def decode(self, token: str) -> str:
+        """The last user id of the previous page; ValueError when the token is not one encode made."""
+        payload, _, signature = token.partition(".")
+        if not hmac.compare_digest(signature, _b64(self._mac(payload))):
+            raise ValueError("not a signed page token")
+        try:
+            return base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)).decode()
+        except (binascii.Error, UnicodeDecodeError) as exc:
+            raise ValueError(str(exc)) from None
+
+    def _mac(self, payload: str) -> bytes:
+        return hmac.new(self._key, payload.encode(), hashlib.sha256).digest()[:16]
 
 
-def decode_page_token(token: str) -> str:
-    """The last user id of the previous page; ValueError when token is not one encode_page_token made."""
-    try:
-        return base64.urlsafe_b64decode(token.encode()).decode()
-    except (binascii.Error, UnicodeDecodeError) as exc:
-        raise ValueError(str(exc)) from None
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
 
 
 def event_to_proto(event: GenerationEvent, profile_version: int) -> generation_pb2.GenerateEvent:

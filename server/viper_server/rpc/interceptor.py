@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -44,10 +45,12 @@ from .auth import Authenticator, Unauthenticated
 from .context import CallState, bind_call
 from .servicers import ResponseTooLarge
 from .validation import InvalidRequest
+from .wire import more_fields_than
 
 log = logging.getLogger("viper_server.rpc")
 
 REQUEST_ID_KEY = "x-request-id"
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # W3C trace context: a caller's trace continues here.
 TRACE_KEYS = ("traceparent", "tracestate")
 # Probes must work without credentials.
@@ -66,6 +69,14 @@ PERMISSION_OF = {
 }
 
 
+class CallTooLong(Exception):
+    """A call without a client deadline ran past the server's limit (--max-call-seconds); its work is cancelled."""
+
+
+class RequestTooLarge(Exception):
+    """A request message is larger than its method's limit (RequestLimit): refused before it is parsed."""
+
+
 _STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (InvalidUserId, grpc.StatusCode.INVALID_ARGUMENT),
@@ -75,11 +86,13 @@ _STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (ContextError, grpc.StatusCode.FAILED_PRECONDITION),
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ResponseTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (RequestTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ModelsNotReady, grpc.StatusCode.UNAVAILABLE),
     (WorkerClosed, grpc.StatusCode.UNAVAILABLE),
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (CallTooLong, grpc.StatusCode.DEADLINE_EXCEEDED),
 )
 _REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
@@ -99,11 +112,37 @@ class _Undecodable:
         self.error = error
 
 
-def _tolerant(deserializer: Callable[[bytes], object] | None) -> Callable[[bytes], object] | None:
+@dataclass(frozen=True)
+class RequestLimit:
+    """The most bytes a method's request may have, and the flag that says so; and the most top-level fields
+    (0 = not counted), far above what a valid request has, so that validation names any moderate excess."""
+
+    max_bytes: int
+    flag: str
+    max_fields: int = 0
+    fields_hint: str = ""
+
+
+class _Oversized:
+    """Stands for a request message refused unparsed: parsing is what costs (8 million empty images in 16 MB
+    become half a gigabyte of objects)."""
+
+    def __init__(self, size: int, limit: RequestLimit, *, fields: bool = False) -> None:
+        self.error = (InvalidRequest(f"request: more than {limit.max_fields} fields ({limit.fields_hint})") if fields
+                      else RequestTooLarge(f"request: {size} bytes, more than this method accepts ({limit.flag} "
+                                           f"{limit.max_bytes})"))
+
+
+def _tolerant(deserializer: Callable[[bytes], object] | None,
+              limit: RequestLimit | None = None) -> Callable[[bytes], object] | None:
     if deserializer is None:
         return None
 
     def deserialize(data: bytes) -> object:
+        if limit is not None and len(data) > limit.max_bytes:
+            return _Oversized(len(data), limit)
+        if limit is not None and limit.max_fields and more_fields_than(data, limit.max_fields):
+            return _Oversized(len(data), limit, fields=True)
         try:
             return deserializer(data)
         except DecodeError as error:
@@ -124,10 +163,14 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 class RpcInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, telemetry: Telemetry, authenticator: Authenticator | None = None,
-                 audit: AuditSink | None = None) -> None:
+                 audit: AuditSink | None = None, request_limits: dict[str, RequestLimit] | None = None,
+                 max_call_seconds: float = 0) -> None:
         self._telemetry = telemetry
         self._authenticator = authenticator
         self._audit = audit
+        # Method -> its request size limit, checked on the raw bytes before parsing.
+        self._request_limits = request_limits or {}
+        self._max_call_seconds = max_call_seconds
 
     async def intercept_service(
         self,
@@ -140,10 +183,11 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         metadata = details.invocation_metadata or ()
         call = _CallInfo(
             method=details.method,
-            request_id=dict(metadata).get(REQUEST_ID_KEY) or uuid.uuid4().hex[:16],
+            request_id=_request_id(metadata),
             telemetry=self._telemetry,
             trace_carrier={key: value for key, value in metadata if key in TRACE_KEYS and isinstance(value, str)},
             audit=self._audit,
+            max_seconds=self._max_call_seconds,
         )
         try:
             await self._identify(details.method, metadata, call.state)
@@ -156,7 +200,8 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 deserializer = handler.request_deserializer
                 return factory(
                     wrap(call, behavior),
-                    request_deserializer=_tolerant(deserializer) if kind.startswith("unary_") else deserializer,
+                    request_deserializer=(_tolerant(deserializer, self._request_limits.get(details.method))
+                                          if kind.startswith("unary_") else deserializer),
                     response_serializer=handler.response_serializer,
                 )
         return handler
@@ -210,6 +255,7 @@ class _CallInfo:
     trace_carrier: dict[str, str]
     audit: AuditSink | None = None
     state: CallState = field(default_factory=CallState)
+    max_seconds: float = 0  # for calls without a client deadline; 0 = no limit
 
 
 class _Outcome:
@@ -245,6 +291,8 @@ class _Outcome:
         """What every call must pass before its handler runs (auth passed already): a parsable request."""
         if isinstance(request, _Undecodable):
             raise InvalidRequest(f"request: not a valid {self.call.method} message ({request.error})")
+        if isinstance(request, _Oversized):
+            raise request.error
 
     async def fail(self, exc: BaseException, context: grpc.aio.ServicerContext) -> None:
         if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):  # the client left
@@ -294,11 +342,37 @@ class _Outcome:
         )
 
 
+def _request_id(metadata) -> str:
+    """The caller's x-request-id if it is a plain short token, else a generated one: a raw value could write
+    fake fields (`r1 user=admin status=OK`) or megabytes into the log line."""
+    given = dict(metadata).get(REQUEST_ID_KEY)
+    if isinstance(given, str) and REQUEST_ID_PATTERN.fullmatch(given):
+        return given
+    return uuid.uuid4().hex[:16]
+
+
 def _loggable_user(user_id: str) -> str:
     """A valid user_id as it is; anything else escaped and cut short, so it cannot forge or flood a log line."""
     if not user_id:
         return "-"
     return user_id if USER_ID_PATTERN.fullmatch(user_id) else quote_user_id(user_id)
+
+
+@contextlib.asynccontextmanager
+async def _time_limit(call: _CallInfo, context: grpc.aio.ServicerContext):
+    """The server's limit on a call the client gave no deadline (health probes' Watch streams excepted)."""
+    if not call.max_seconds or context.time_remaining() is not None or call.method.startswith(OPEN_METHOD_PREFIXES):
+        yield
+        return
+    limit = asyncio.timeout(call.max_seconds)
+    try:
+        async with limit:
+            yield
+    except TimeoutError:
+        if not limit.expired():  # the handler's own
+            raise
+        raise CallTooLong(f"the call ran longer than this server allows a call without a deadline "
+                          f"(--max-call-seconds {call.max_seconds:g})") from None
 
 
 def _wrap_awaitable(call: _CallInfo, behavior):
@@ -309,7 +383,8 @@ def _wrap_awaitable(call: _CallInfo, behavior):
         with outcome.scope():
             try:
                 outcome.check(request)
-                return await behavior(request, context)
+                async with _time_limit(call, context):
+                    return await behavior(request, context)
             except BaseException as exc:
                 await outcome.fail(exc, context)
             finally:
@@ -326,9 +401,11 @@ def _wrap_stream(call: _CallInfo, behavior):
         with outcome.scope():
             try:
                 outcome.check(request)
-                async for response in behavior(request, context):
-                    outcome.first_response()
-                    yield response
+                # Past the limit while the client is not reading, the call is cancelled (CANCELLED) instead.
+                async with _time_limit(call, context):
+                    async for response in behavior(request, context):
+                        outcome.first_response()
+                        yield response
             except BaseException as exc:
                 await outcome.fail(exc, context)
             finally:

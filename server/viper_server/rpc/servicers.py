@@ -24,7 +24,7 @@ from ..application import InlineContext, ViperService
 from ..config import Limits
 from . import validation
 from .context import count_items, current_caller
-from .convert import event_to_proto, profile_to_proto, profiles_page_to_proto, score_to_proto
+from .convert import PageTokens, event_to_proto, profile_to_proto, profiles_page_to_proto, score_to_proto
 
 
 class ResponseTooLarge(Exception):
@@ -32,16 +32,18 @@ class ResponseTooLarge(Exception):
 
 
 class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
-    def __init__(self, service: ViperService, limits: Limits) -> None:
+    def __init__(self, service: ViperService, limits: Limits, page_tokens: PageTokens) -> None:
         self._service = service
         self._limits = limits
+        self._page_tokens = page_tokens
 
     async def ExtractProfile(self, request: profile_pb2.ExtractProfileRequest,
                              context: grpc.aio.ServicerContext) -> profile_pb2.Profile:
-        # Decoding dozens of images is CPU work: keep it off the event loop.
+        # Image work is CPU work: off the event loop. The headers and the queue's room before any pixel is decoded.
         with tracing.span("validate"):
-            user_id, uploads = await asyncio.to_thread(validation.check_extract, request, self._limits,
-                                                       self._service)
+            user_id = await asyncio.to_thread(validation.check_extract_fields, request, self._limits)
+            self._service.check_room("extract")
+            uploads = await asyncio.to_thread(validation.decode_extract, request, self._limits, self._service)
         return profile_to_proto(await self._service.extract_profile(current_caller(), user_id, uploads))
 
     async def GetProfile(self, request: profile_pb2.GetProfileRequest,
@@ -51,8 +53,9 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
 
     async def ListProfiles(self, request: profile_pb2.ListProfilesRequest,
                            context: grpc.aio.ServicerContext) -> profile_pb2.ListProfilesResponse:
-        page_size, after = validation.check_list(request)
-        return profiles_page_to_proto(*await self._service.list_profiles(current_caller(), page_size, after))
+        page_size, after = validation.check_list(request, self._page_tokens)
+        return profiles_page_to_proto(*await self._service.list_profiles(current_caller(), page_size, after),
+                                      self._page_tokens)
 
     async def UpdateProfile(self, request: profile_pb2.UpdateProfileRequest,
                             context: grpc.aio.ServicerContext) -> profile_pb2.Profile:
@@ -102,7 +105,10 @@ class MetricServicer(metric_pb2_grpc.MetricServiceServicer):
 
     async def Score(self, request: metric_pb2.ScoreRequest, context: grpc.aio.ServicerContext):
         with tracing.span("validate"):
-            checked = await asyncio.to_thread(validation.check_score, request, self._limits)
+            await asyncio.to_thread(validation.check_score_fields, request, self._limits)
+            self._service.check_room("score")
+            checked = await asyncio.to_thread(validation.decode_score, request, self._limits,
+                                              self._service.metric_max_pairs)
         inline = InlineContext(checked.liked, checked.disliked) if checked.liked is not None else None
         scoring = await self._service.score(current_caller(), checked.user_id, checked.queries, inline)
         async for result in scoring.results:

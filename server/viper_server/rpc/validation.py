@@ -18,8 +18,8 @@ from viper_proto.v1 import generation_pb2, metric_pb2, profile_pb2
 
 from ..config import Limits
 from ..domain import GenerationParams, RatedUpload
-from ..imaging import ImageDecodeError, decode_image
-from .convert import RATING_FROM_PROTO, decode_page_token
+from ..imaging import ImageDecodeError, decode_image, read_header, strip_metadata
+from .convert import RATING_FROM_PROTO, PageTokens
 
 UPDATABLE_FIELDS = ("liked_features", "disliked_features")
 DEFAULT_PAGE_SIZE = 50
@@ -64,11 +64,29 @@ def check_user_id(user_id: str, field: str = "user_id") -> str:
 
 
 def check_image(data: bytes, field: str, limits: Limits) -> Image.Image:
-    """An uploaded image, decoded to RGB; a bad one is the caller's fault."""
+    """An uploaded image, decoded to RGB at the models' size (imaging.decode_image); a bad one is the caller's
+    fault."""
     try:
         return decode_image(data, max_pixels=limits.max_image_pixels)
     except ImageDecodeError as exc:
         raise InvalidRequest(f"{field}: {exc}") from None
+
+
+def header_pixels(data: bytes, field: str, limits: Limits) -> int:
+    """An uploaded image's format and declared size, read without decoding a pixel; returns its pixel count."""
+    try:
+        width, height = read_header(data, max_pixels=limits.max_image_pixels).size
+    except ImageDecodeError as exc:
+        raise InvalidRequest(f"{field}: {exc}") from None
+    return width * height
+
+
+def check_request_pixels(total: int, limits: Limits) -> None:
+    """The pixels of a request's images in all, from their headers, before any is decoded."""
+    if total > limits.max_request_pixels:
+        raise InvalidRequest(
+            f"images: {total} pixels in all, at most {limits.max_request_pixels} per request (--max-request-pixels)"
+        )
 
 
 # -- ProfileService ---------------------------------------------------------------------------------
@@ -76,13 +94,19 @@ def check_image(data: bytes, field: str, limits: Limits) -> Image.Image:
 
 def check_extract(request: profile_pb2.ExtractProfileRequest, limits: Limits,
                   vocabulary: Vocabulary) -> tuple[str, list[RatedUpload]]:
-    """The user id and the rated images in order."""
+    """The user id and the rated images in order (check_extract_fields, then decode_extract)."""
+    user_id = check_extract_fields(request, limits)
+    return user_id, decode_extract(request, limits, vocabulary)
+
+
+def check_extract_fields(request: profile_pb2.ExtractProfileRequest, limits: Limits) -> str:
+    """Everything but the pixels and the control tokens: cheap, so it runs before the queue-room check."""
     user_id = check_user_id(request.user_id)
     if not request.images:
         raise InvalidRequest("images: at least one rated image is required")
     if len(request.images) > limits.max_images:
         raise InvalidRequest(f"images: {len(request.images)} given, at most {limits.max_images} allowed")
-    uploads = []
+    pixels = 0
     for index, rated in enumerate(request.images):
         field = f"images[{index}]"
         if len(rated.comment) > limits.max_comment_chars:
@@ -90,11 +114,22 @@ def check_extract(request: profile_pb2.ExtractProfileRequest, limits: Limits,
                 f"{field}.comment: {len(rated.comment)} characters, at most {limits.max_comment_chars} allowed"
             )
         _check_no_nul(rated.comment, f"{field}.comment")
-        rating = RATING_FROM_PROTO.get(rated.rating)
-        if rating is None:
+        if RATING_FROM_PROTO.get(rated.rating) is None:
             raise InvalidRequest(f"{field}.rating: must be RATING_LIKED or RATING_DISLIKED")
-        image = check_image(rated.data, f"{field}.data", limits)
-        uploads.append(RatedUpload(data=rated.data, image=image, comment=rated.comment, rating=rating))
+        pixels += header_pixels(rated.data, f"{field}.data", limits)
+    check_request_pixels(pixels, limits)
+    return user_id
+
+
+def decode_extract(request: profile_pb2.ExtractProfileRequest, limits: Limits,
+                   vocabulary: Vocabulary) -> list[RatedUpload]:
+    """The rated images decoded one at a time (after check_extract_fields), then the comments' control tokens.
+    Their metadata (EXIF with GPS, XMP, text) is stripped: kept are the bytes the models see, nothing more."""
+    uploads = []
+    for index, rated in enumerate(request.images):
+        data = strip_metadata(rated.data)
+        uploads.append(RatedUpload(data=data, image=check_image(data, f"images[{index}].data", limits),
+                                   comment=rated.comment, rating=RATING_FROM_PROTO[rated.rating]))
     control_tokens = sorted(vocabulary.control_tokens)
     for index, upload in enumerate(uploads):
         for token in control_tokens:
@@ -102,10 +137,10 @@ def check_extract(request: profile_pb2.ExtractProfileRequest, limits: Limits,
                 raise InvalidRequest(
                     f"images[{index}].comment: contains the control token {token!r}, which comments may not contain"
                 )
-    return user_id, uploads
+    return uploads
 
 
-def check_list(request: profile_pb2.ListProfilesRequest) -> tuple[int, str | None]:
+def check_list(request: profile_pb2.ListProfilesRequest, tokens: PageTokens) -> tuple[int, str | None]:
     """(page size, the user id the page starts after)."""
     if request.page_size < 0:
         raise InvalidRequest("page_size: must not be negative")
@@ -113,7 +148,7 @@ def check_list(request: profile_pb2.ListProfilesRequest) -> tuple[int, str | Non
     if not request.page_token:
         return page_size, None
     try:
-        after = decode_page_token(request.page_token)
+        after = tokens.decode(request.page_token)
         validate_user_id(after)
     except ValueError:
         raise InvalidRequest("page_token: not a token returned by ListProfiles") from None
@@ -251,21 +286,39 @@ class ScoreCheck:
     disliked: list[Image.Image] | None
 
 
-def check_score(request: metric_pb2.ScoreRequest, limits: Limits) -> ScoreCheck:
-    """Every query (and inline context image) decoded before any scoring starts."""
+def check_score(request: metric_pb2.ScoreRequest, limits: Limits, max_context: int | None = None) -> ScoreCheck:
+    """check_score_fields, then decode_score."""
+    check_score_fields(request, limits)
+    return decode_score(request, limits, max_context)
+
+
+def check_score_fields(request: metric_pb2.ScoreRequest, limits: Limits) -> None:
+    """Counts, the user id and every image's header: cheap, so it runs before the queue-room check."""
     if not request.queries:
         raise InvalidRequest("queries: at least one image to score is required")
-    queries = _check_images(request.queries, limits, "queries")
+    pixels = 0
+    for field in ("queries", "liked", "disliked"):
+        given = getattr(request, field)
+        if len(given) > limits.max_score_queries:
+            raise InvalidRequest(f"{field}: {len(given)} given, at most {limits.max_score_queries} allowed")
+        pixels += sum(header_pixels(data, f"{field}[{index}]", limits) for index, data in enumerate(given))
+    if not (request.liked or request.disliked):
+        check_user_id(request.user_id)
+    check_request_pixels(pixels, limits)
+
+
+def decode_score(request: metric_pb2.ScoreRequest, limits: Limits, max_context: int | None) -> ScoreCheck:
+    """Every query decoded, one at a time, before any scoring starts; of an inline context only the first
+    max_context liked and disliked images (what the metric uses: its max pairs; None = all)."""
+    queries = _decode_images(request.queries, limits, "queries")
     if request.liked or request.disliked:
         return ScoreCheck(user_id=request.user_id, queries=queries,
-                          liked=_check_images(request.liked, limits, "liked"),
-                          disliked=_check_images(request.disliked, limits, "disliked"))
-    return ScoreCheck(user_id=check_user_id(request.user_id), queries=queries, liked=None, disliked=None)
+                          liked=_decode_images(request.liked[:max_context], limits, "liked"),
+                          disliked=_decode_images(request.disliked[:max_context], limits, "disliked"))
+    return ScoreCheck(user_id=request.user_id, queries=queries, liked=None, disliked=None)
 
 
-def _check_images(images: Sequence[bytes], limits: Limits, field: str) -> list[Image.Image]:
-    if len(images) > limits.max_score_queries:
-        raise InvalidRequest(f"{field}: {len(images)} given, at most {limits.max_score_queries} allowed")
+def _decode_images(images: Sequence[bytes], limits: Limits, field: str) -> list[Image.Image]:
     return [check_image(data, f"{field}[{index}]", limits) for index, data in enumerate(images)]
 
 
