@@ -168,6 +168,7 @@ class BestOfFigures:
     plain_seconds: float  # num_images=4, no ranking
     together_seconds: float  # 4 requests of num_images=1 at once: the candidates' batching, no ranking
     ranked_seconds: float  # num_images=1, candidates=4
+    paired_ratios: tuple[float, float]  # median per round of ranked / plain and ranked / together
     picks: list[PickFigures]
 
     def report(self) -> str:
@@ -177,7 +178,8 @@ class BestOfFigures:
                 f"4 x num_images=1 at once, no ranking:      {self.together_seconds:8.2f} s",
                 f"num_images=1, candidates=4 (best of 4):    {self.ranked_seconds:8.2f} s",
                 f"best of 4 / num_images=4: {self.ranked_seconds / self.plain_seconds:.2f}x; "
-                f"/ 4 at once: {self.ranked_seconds / self.together_seconds:.2f}x",
+                f"/ 4 at once: {self.ranked_seconds / self.together_seconds:.2f}x (medians; median of each round's "
+                f"ratio: {self.paired_ratios[0]:.2f}x, {self.paired_ratios[1]:.2f}x)",
                 *(figures.report() for figures in self.picks),
             ]
         )
@@ -200,12 +202,15 @@ def bench_best_of_n(models_dir: Path, params: GenerationParams, repeats: int, th
         plain_seconds=statistics.median(times["plain"]),
         together_seconds=statistics.median(times["together"]),
         ranked_seconds=statistics.median(times["ranked"]),
+        paired_ratios=tuple(statistics.median(r / o for r, o in zip(times["ranked"], times[other]))
+                            for other in ("plain", "together")),
         picks=picks,
     )
 
 
 def _time_best_of(client: ViperClient, params: GenerationParams, repeats: int) -> dict[str, list[float]]:
-    """Seconds of each way to make 4 images for user-0, the ways interleaved (the same load on the shared cores)."""
+    """Seconds of each way to make 4 images for user-0, 2 x repeats rounds, the ways interleaved in each round
+    (the same load on the shared cores)."""
     request = dict(prompt=evaluate.GENERATION_PROMPT, width=params.width, height=params.height, steps=params.steps)
     runs = {
         "plain": lambda seed: list(client.generate("user-0", **request, num_images=4, seed=seed)),
@@ -214,7 +219,7 @@ def _time_best_of(client: ViperClient, params: GenerationParams, repeats: int) -
         "ranked": lambda seed: list(client.generate("user-0", **request, candidates=4, seed=seed)),
     }
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for repeat in range(repeats + 1):  # the first round warms up (and caches user-0's metric prefix)
+    for repeat in range(2 * repeats + 1):  # the first round warms up (and caches user-0's metric prefix)
         for name, run in runs.items():
             seconds = _seconds(functools.partial(run, 100 + repeat))
             if repeat:
