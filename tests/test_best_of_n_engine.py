@@ -122,6 +122,8 @@ def test_cancelling_stops_the_running_candidates_within_a_step_and_starts_no_oth
             if isinstance(event, Progress) and event.step >= 3:
                 break
         await generation.events.aclose()  # what the servicer's cancellation does to the stream
+        for _ in range(3):  # the candidates' relays, cancelled, flag their tasks on the next turns of the loop
+            await asyncio.sleep(0)
         return len(steps.batches)
 
     steps.batches.clear()
