@@ -57,6 +57,28 @@ class StoredProfile:
         return sum(image.rating is Rating.DISLIKED for image in self.images)
 
 
+class Change(str, enum.Enum):
+    """What made a version of a profile."""
+
+    EXTRACT = "extract"
+    ADD = "add"
+    REMOVE = "remove"
+    UPDATE = "update"
+    RESTORE = "restore"
+    IMPORT = "import"
+    UNKNOWN = "unknown"  # versions stored before history was kept (the profile_versions migration)
+
+
+@dataclass(frozen=True)
+class ProfileVersion(StoredProfile):
+    """One kept version of a profile: its content as it was, and what made it.
+
+    updated_at is when this version was made; created_at the profile's, as it was then.
+    """
+
+    change: Change = Change.UNKNOWN
+
+
 # --- what the operator's commands (viper-profiles) read about a database as a whole
 
 
