@@ -57,7 +57,7 @@ class ViperServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.telemetry = Telemetry()
-        self.store = open_store(config.db)
+        self.store = open_store(config.db, keep_versions=config.keep_versions)
         self.engine = ModelEngine(
             model_preset(config.models, config.models_dir, BUILT_MODELS_ROOT),
             load_settings(config),
@@ -67,7 +67,8 @@ class ViperServer:
         )
         self.telemetry.watch(self.engine, self.store)
         # Traced: the store's reads and writes become spans (only while tracing is on).
-        service = ViperService(tracing.Traced(self.store, "store") if tracing.enabled() else self.store, self.engine)
+        service = ViperService(tracing.Traced(self.store, "store") if tracing.enabled() else self.store, self.engine,
+                               max_profile_images=config.limits.max_profile_images)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self._database_ok = True
@@ -82,7 +83,8 @@ class ViperServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        profile_pb2_grpc.add_ProfileServiceServicer_to_server(ProfileServicer(service, config.limits), self._server)
+        profile_pb2_grpc.add_ProfileServiceServicer_to_server(
+            ProfileServicer(service, config.limits, config.max_message_bytes), self._server)
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(
             GenerationServicer(service, config.limits, config.max_message_bytes), self._server
         )
