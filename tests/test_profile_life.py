@@ -206,3 +206,33 @@ def test_the_async_client_adds_lists_restores_exports_and_imports(server):
             assert features(imported) == features(removed)
 
     asyncio.run(scenario())
+
+
+# --- who may do what: every new operation is authorized before it reads anything -----------------------
+
+
+NEW_OPERATIONS = {
+    "profiles.add_ratings": lambda service, caller: service.add_ratings(caller, "bob", [], expected_version=None),
+    "profiles.remove_ratings": lambda service, caller: service.remove_ratings(caller, "bob", ["a"],
+                                                                              expected_version=None),
+    "profiles.history": lambda service, caller: service.list_versions(caller, "bob", 10, None),
+    "profiles.restore": lambda service, caller: service.restore_version(caller, "bob", 1, expected_version=None),
+    "profiles.export": lambda service, caller: service.export_profile(caller, "bob"),
+    "profiles.import": lambda service, caller: service.import_profile(caller, "bob", None, replace=False),
+    "profiles.get": lambda service, caller: service.get_profile(caller, "bob", 1),
+}
+
+
+@pytest.mark.parametrize("permission", sorted(NEW_OPERATIONS))
+def test_each_operation_needs_its_permission_and_an_end_user_acts_only_on_themselves(permission):
+    from viper_server.access import PERMISSIONS, SERVICE, USER, Caller, PermissionDenied
+    from viper_server.application import ViperService
+
+    assert permission in PERMISSIONS
+    service = ViperService(store=None, engine=None)  # refused before either is touched
+    others = PERMISSIONS - {permission}
+    callers = [Caller("svc", SERVICE, "default", frozenset(others)),
+               Caller("issuer alice", USER, "default", frozenset(PERMISSIONS), user_id="alice")]
+    for caller in callers:
+        with pytest.raises(PermissionDenied):
+            asyncio.run(NEW_OPERATIONS[permission](service, caller))
