@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import json
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -19,10 +21,11 @@ from viper_client import (
     NotFound,
     RatedImage,
     ViperClient,
+    cli,
 )
 from viper_server.testing import ServerProcess
 
-from fixture_data import fixture_images
+from fixture_data import FIXTURES, fixture_images
 from imagedata import noise_png
 
 MAX_PROFILE_IMAGES = 14
@@ -236,3 +239,44 @@ def test_each_operation_needs_its_permission_and_an_end_user_acts_only_on_themse
     for caller in callers:
         with pytest.raises(PermissionDenied):
             asyncio.run(NEW_OPERATIONS[permission](service, caller))
+
+
+# --- the `viper` CLI ----------------------------------------------------------------------------------
+
+
+def session(folder: Path, liked: list[int], disliked: list[int]) -> list[str]:
+    """A folder of newly rated images (copies of the fixtures) with its comments file; the CLI's arguments."""
+    comments, all_comments = {}, json.loads((FIXTURES / "comments.json").read_text())
+    for rating, indexes in (("liked", liked), ("disliked", disliked)):
+        (folder / rating).mkdir(parents=True)
+        for index in indexes:
+            shutil.copy(FIXTURES / rating / f"{index}.png", folder / rating / f"{index}.png")
+            comments[f"{rating}/{index}.png"] = all_comments[f"{rating}/{index}.png"]
+    (folder / "comments.json").write_text(json.dumps(comments))
+    return ["--liked", str(folder / "liked"), "--disliked", str(folder / "disliked"),
+            "--comments", str(folder / "comments.json")]
+
+
+def test_the_cli_adds_over_two_sessions_shows_history_restores_exports_and_imports(server, tmp_path, capsys):
+    def viper(*argv: object) -> tuple[int, str]:
+        code = cli.main(["--target", server.target, *map(str, argv)])
+        return code, capsys.readouterr().out
+
+    assert viper("profile", "add", "--user", "life-cli", *session(tmp_path / "monday", [0, 1], [0]))[0] == 0
+    code, out = viper("profile", "add", "--user", "life-cli", "--expected-version", 1,
+                      *session(tmp_path / "friday", [2], [1, 2]))
+    assert code == 0 and "3 liked, 3 disliked" in out
+    code, out = viper("profile", "history", "--user", "life-cli")
+    assert code == 0 and [line.split()[:2] for line in out.splitlines()[1:]] == [["2", "add"], ["1", "add"]]
+    assert viper("profile", "restore", "--user", "life-cli", "--version", 1)[0] == 0
+    code, out = viper("profile", "get", "--user", "life-cli", "--version", 3, "--json")
+    assert json.loads(out)["change"] == "restore"
+    first_image = json.loads(out)["images"][0]["sha256"]
+    code, out = viper("profile", "remove", "--user", "life-cli", "--image", first_image)
+    assert code == 0 and "1 liked, 1 disliked" in out
+    archive = tmp_path / "life-cli.zip"
+    assert viper("profile", "export", "--user", "life-cli", "-o", archive)[0] == 0
+    assert viper("profile", "import", "--user", "life-cli-copy", archive)[0] == 0
+    assert viper("profile", "import", "--user", "life-cli-copy", archive)[0] == 1  # exists: Conflict
+    code, out = viper("profile", "history", "--user", "life-cli-copy", "--json")
+    assert [v["change"] for v in json.loads(out)] == ["import", "restore", "add", "add"]
