@@ -315,8 +315,9 @@ def _add_life_commands(actions: argparse._SubParsersAction, json_output: argpars
                     "and re-extracts over all of them. An image stored already keeps its place and takes the new "
                     "comment and rating.")
     add.add_argument("--user", required=True, help=USER_HELP)
-    add.add_argument("--liked", type=Path, help="folder of newly liked images (taken in name order)")
-    add.add_argument("--disliked", type=Path, help="folder of newly disliked images (taken in name order)")
+    add.add_argument("--liked", type=Path, help="folder of newly liked images (taken in name order; default: none)")
+    add.add_argument("--disliked", type=Path,
+                     help="folder of newly disliked images (taken in name order; default: none)")
     add.add_argument("--comments", required=True, type=Path,
                      help="JSON object mapping each image's path, relative to the JSON file's folder, to its comment")
     add.add_argument("--expected-version", type=int, help=EXPECTED_VERSION_HELP)
@@ -344,7 +345,8 @@ def _add_life_commands(actions: argparse._SubParsersAction, json_output: argpars
     import_ = actions.add_parser("import", parents=[json_output], help="create a profile from an exported zip")
     import_.add_argument("--user", required=True, help=USER_HELP)
     import_.add_argument("file", type=Path, metavar="FILE", help="an archive made by `viper profile export`")
-    import_.add_argument("--replace", action="store_true", help="erase and replace an existing profile")
+    import_.add_argument("--replace", action="store_true",
+                         help="erase and replace an existing profile (default: refuse, exit 1)")
     import_.set_defaults(handler=import_profile)
 
 
