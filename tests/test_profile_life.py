@@ -280,3 +280,26 @@ def test_the_cli_adds_over_two_sessions_shows_history_restores_exports_and_impor
     assert viper("profile", "import", "--user", "life-cli-copy", archive)[0] == 1  # exists: Conflict
     code, out = viper("profile", "history", "--user", "life-cli-copy", "--json")
     assert [v["change"] for v in json.loads(out)] == ["import", "restore", "add", "add"]
+
+
+def test_the_whole_life_on_postgresql(toy_models_dir, postgres_url):
+    with ServerProcess(postgres_url, toy_models_dir, "--keep-versions", "3", models="toy") as server, \
+            ViperClient(server.target) as client:
+        client.add_ratings("pg-life", FIRST)
+        client.add_ratings("pg-life", SECOND, expected_version=1)
+        removed = client.remove_ratings("pg-life", [sha(SECOND[0])], expected_version=2)
+        restored = client.restore_profile_version("pg-life", 2)
+        assert [v.version for v in client.list_profile_versions("pg-life")] == [4, 3, 2]  # --keep-versions 3
+        assert [image.sha256 for image in restored.images] == [sha(image) for image in FIRST + SECOND]
+        with pytest.raises(NotFound):
+            client.get_profile("pg-life", version=1)
+        archive = client.export_profile("pg-life")
+        copy = client.import_profile("pg-life-copy", archive)
+        assert features(copy) == features(restored) and features(removed) != features(restored)
+        client.delete_profile("pg-life")
+        client.delete_profile("pg-life-copy")
+    import psycopg
+
+    with psycopg.connect(postgres_url) as connection:
+        for table in ("profiles", "profile_versions", "version_images", "images"):
+            assert connection.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,), table
