@@ -6,6 +6,12 @@ steps, both evaluations as one batch-4 UNet call), same params and seeds, runs i
 gRPC section: the same request through a real server process and the client SDK against the
 production path in process, interleaved. The last line is `speedup: N.NNx` (reference time per image /
 production time per image, in process).
+Best-of-N section (issue 21), on the toy models through a server (--generate-batch 4): the time of
+num_images=1 with 4 candidates against num_images=4 without ranking (and against 4 one-image requests at once,
+which batch as the candidates do), interleaved; then, on the 20 held-out toy users, `--repeats` seeds each (10
+steps), at the default preference strength and at 0 (where the ranking alone personalizes): how often the pick
+is at least as close to the liked colour (the share of its coloured pixels nearest that colour) as the median
+candidate, and the mean metric score of the pick against a random candidate.
 
     .venv/bin/python bench/generation.py [--size 64] [--steps 40] [--images 2] [--repeats 5]
 """
@@ -13,11 +19,13 @@ production time per image, in process).
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,12 +36,14 @@ import transformers
 from PIL import Image
 
 from viper_client import RatedImage, ViperClient
+from viper_client.types import GeneratedImage
 from viper_server.domain import FinishedImage, GenerationParams
 from viper_server.models.generation import PersonalizedGenerator
 from viper_server.models.sdxl import load_sdxl
 from viper_server.models.tiny import ensure_tiny_models
 from viper_server.testing import ServerProcess
 from viper_server.testing.reference_guidance import reference_generate
+from viper_server.toy import ensure_toy_models, evaluate
 
 # Like what the VPE extracts for a user with strong tastes (each list within CLIP's 77 tokens).
 LIKED = (
@@ -134,6 +144,117 @@ def bench_grpc(models_dir: Path, params: GenerationParams, repeats: int, threads
     )
 
 
+@dataclass(frozen=True)
+class PickFigures:
+    """The picks of best of 4 on held-out toy users at one preference strength."""
+
+    strength: float
+    cases: int
+    at_least_median: int  # cases whose pick is at least as close to the liked colour as the median candidate
+    pick_score: float  # mean metric score of the pick
+    random_score: float  # mean metric score of a random candidate (the candidates' mean)
+    pick_share: float  # mean share of the pick's coloured pixels nearest the liked colour
+    random_share: float
+
+    def report(self) -> str:
+        return (f"strength {self.strength:.2f}: pick at least as close to the liked colour as the median candidate "
+                f"in {self.at_least_median}/{self.cases} ({self.at_least_median / self.cases:.0%}); "
+                f"mean score pick {self.pick_score:.4f} vs random candidate {self.random_score:.4f}; "
+                f"liked-colour share pick {self.pick_share:.3f} vs random candidate {self.random_share:.3f}")
+
+
+@dataclass(frozen=True)
+class BestOfFigures:
+    plain_seconds: float  # num_images=4, no ranking
+    together_seconds: float  # 4 requests of num_images=1 at once: the candidates' batching, no ranking
+    ranked_seconds: float  # num_images=1, candidates=4
+    picks: list[PickFigures]
+
+    def report(self) -> str:
+        return "\n".join(
+            [
+                f"num_images=4, no ranking:                  {self.plain_seconds:8.2f} s",
+                f"4 x num_images=1 at once, no ranking:      {self.together_seconds:8.2f} s",
+                f"num_images=1, candidates=4 (best of 4):    {self.ranked_seconds:8.2f} s",
+                f"best of 4 / num_images=4: {self.ranked_seconds / self.plain_seconds:.2f}x; "
+                f"/ 4 at once: {self.ranked_seconds / self.together_seconds:.2f}x",
+                *(figures.report() for figures in self.picks),
+            ]
+        )
+
+
+def bench_best_of_n(models_dir: Path, params: GenerationParams, repeats: int, threads: int) -> BestOfFigures:
+    """Best of 4 against generating 4, timed interleaved; then the picks on the held-out users, `repeats` seeds
+    each, at the default preference strength and at 0 (where the ranking alone personalizes)."""
+    server = ServerProcess(models_dir / "best-of.db", models_dir, "--generate-batch", "4", models="toy",
+                           env={"OMP_NUM_THREADS": str(threads)})
+    with server, ViperClient(server.target) as client:
+        users = evaluate.held_out_users()
+        for index, user in enumerate(users):
+            rated = evaluate.rated_in_mixed_order(user, seed=index)
+            client.extract_profile(f"user-{index}", [
+                RatedImage(r.image, comment=r.comment, rating="liked" if r.liked else "disliked") for r in rated])
+        times = _time_best_of(client, params, repeats)
+        picks = [_picks(client, users, strength, repeats, min(params.steps, 10)) for strength in (0.85, 0.0)]
+    return BestOfFigures(
+        plain_seconds=statistics.median(times["plain"]),
+        together_seconds=statistics.median(times["together"]),
+        ranked_seconds=statistics.median(times["ranked"]),
+        picks=picks,
+    )
+
+
+def _time_best_of(client: ViperClient, params: GenerationParams, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each way to make 4 images for user-0, the ways interleaved (the same load on the shared cores)."""
+    request = dict(prompt=evaluate.GENERATION_PROMPT, width=params.width, height=params.height, steps=params.steps)
+    runs = {
+        "plain": lambda seed: list(client.generate("user-0", **request, num_images=4, seed=seed)),
+        "together": lambda seed: _at_once([
+            lambda i=i: list(client.generate("user-0", **request, seed=seed + i)) for i in range(4)]),
+        "ranked": lambda seed: list(client.generate("user-0", **request, candidates=4, seed=seed)),
+    }
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for repeat in range(repeats + 1):  # the first round warms up (and caches user-0's metric prefix)
+        for name, run in runs.items():
+            seconds = _seconds(functools.partial(run, 100 + repeat))
+            if repeat:
+                times[name].append(seconds)
+    return times
+
+
+def _picks(client: ViperClient, users: list, strength: float, seeds: int, steps: int) -> PickFigures:
+    """Per user and seed: the pick of best of 4, and the 4 candidates (the same seeds, scored without ranking)."""
+    picks, candidates = [], []
+    for index, user in enumerate(users):
+        for seed in range(1, seeds + 1):
+            request = dict(prompt=evaluate.GENERATION_PROMPT, width=64, height=64, steps=steps, seed=seed,
+                           preference_strength=strength)
+            [pick] = _images(client.generate(f"user-{index}", **request, num_images=1, candidates=4))
+            scored = _images(client.generate(f"user-{index}", **request, num_images=4, score_images=True))
+            picks.append((pick.score, evaluate.colour_share(pick.image(), user.liked_colour)))
+            candidates.append([(image.score, evaluate.colour_share(image.image(), user.liked_colour))
+                               for image in scored])
+    return PickFigures(
+        strength=strength,
+        cases=len(picks),
+        at_least_median=sum(share >= np.median([c[1] for c in cands]) for (_, share), cands in zip(picks, candidates)),
+        pick_score=float(np.mean([score for score, _ in picks])),
+        random_score=float(np.mean([c[0] for cands in candidates for c in cands])),
+        pick_share=float(np.mean([share for _, share in picks])),
+        random_share=float(np.mean([c[1] for cands in candidates for c in cands])),
+    )
+
+
+def _images(events) -> list[GeneratedImage]:
+    return [event for event in events if isinstance(event, GeneratedImage)]
+
+
+def _at_once(calls: list[Callable[[], object]]) -> None:
+    with ThreadPoolExecutor(len(calls)) as pool:
+        for future in [pool.submit(call) for call in calls]:
+            future.result()  # re-raises a call's error
+
+
 def _png(color: tuple[int, int, int]) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), color).save(buffer, format="PNG")
@@ -182,6 +303,9 @@ def main() -> None:
         model = bench_model(models_dir, params, args.repeats)
         print(model.report())
         print(bench_grpc(models_dir, params, args.repeats, args.threads).report())
+        print(f"best of N: toy models, {args.size}x{args.size}, {args.steps} steps, generate batch 4")
+        toy_dir = ensure_toy_models(Path(tmp) / "toy-models")
+        print(bench_best_of_n(toy_dir, params, args.repeats, args.threads).report())
     print(f"speedup: {model.speedup:.2f}x")
 
 

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
 import sys
 import threading
@@ -539,7 +540,16 @@ def test_generate_refuses_an_out_that_is_a_file(server, tmp_path, capsys):
     assert server.requests == []
 
 
-def test_ctrl_c_cancels_the_generation_and_removes_the_previews(server, tmp_path, capsys):
+@pytest.fixture
+def sigint_handled():
+    """SIGINT handled by Python, as in a terminal: a test run in the background (`make test &`, some CI runners)
+    starts with SIGINT ignored, where interrupt_main() does nothing."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_cancels_the_generation_and_removes_the_previews(server, tmp_path, capsys, sigint_handled):
     server.add("alice")
     server.generate_then = "hangs"  # after image 1's first preview, until the client cancels
     out = tmp_path / "out"

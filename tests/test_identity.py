@@ -243,6 +243,14 @@ def test_nothing_crosses_tenants(server):
             default.get_profile("alice")
 
 
+def test_the_metric_prefix_cache_keeps_tenants_apart(server):
+    with ViperClient(server.target, token=BANK_ADMIN) as bank, ViperClient(server.target, token=SHOP_ADMIN) as shop:
+        bank.score("alice", [png_bytes()])
+        shop.score("alice", [png_bytes()])
+    server.wait_for_log("metric context computed for bank/alice version")
+    server.wait_for_log("metric context computed for shop/alice version")
+
+
 # --- services -----------------------------------------------------------------------------------
 
 
@@ -460,3 +468,21 @@ def test_serving_beyond_loopback_without_auth_exits_2_with_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert "--auth-config" in result.stderr and not (tmp_path / "p.db").exists()
+
+
+def test_an_unreachable_jwks_is_asked_once_per_interval_and_refuses_tokens(keys, monkeypatch):
+    from viper_server.rpc import jwt_issuers
+    from viper_server.rpc.auth_config import IssuerEntry
+
+    attempts = []
+
+    def unreachable(self):
+        attempts.append(time.monotonic())
+        raise OSError("connection refused")
+
+    monkeypatch.setattr(jwt_issuers.IssuerKeys, "_read_jwks", unreachable)
+    issuer = jwt_issuers.IssuerKeys(IssuerEntry(issuer=ISSUER, audience=AUDIENCE, jwks="https://127.0.0.1:9/jwks"))
+    for _ in range(5):
+        with pytest.raises(jwt_issuers.TokenRefused, match="kid"):
+            asyncio.run(issuer.verify(keys["rsa"].sign(claims("alice"))))
+    assert len(attempts) == 1

@@ -42,15 +42,16 @@ def test_inline_context_scores_like_the_stored_one(client):
 def test_the_prefix_cache_is_reused_and_dropped_when_the_profile_changes(server, client):
     client.score("critic", QUERIES[:1])
     version = client.get_profile("critic").version
-    computed = f"metric context computed for critic version {version}"
+    # Cache keys are tenant-qualified: the unauthenticated server's callers are in the tenant "default".
+    computed = f"metric context computed for default/critic version {version}"
     assert sum(computed in line for line in server.logs) == 1
     client.score("critic", QUERIES[:1])
     assert sum(computed in line for line in server.logs) == 1, "second call is a cache hit"
 
     client.update_profile("critic", liked_features=["pastels"])
-    server.wait_for_log("metric cache dropped critic")
+    server.wait_for_log("metric cache dropped default/critic")
     client.score("critic", QUERIES[:1])
-    server.wait_for_log(f"metric context computed for critic version {version + 1}")
+    server.wait_for_log(f"metric context computed for default/critic version {version + 1}")
 
 
 def test_unequal_context_is_failed_precondition(client):

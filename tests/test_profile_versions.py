@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from viper_profiles import Rating, open_store
+from viper_server.access import UNAUTHENTICATED_CALLER as CALLER
 from viper_server.application import ViperService
 from viper_server.domain import RatedUpload
 from viper_server.engine.engine import ModelEngine
@@ -55,7 +56,7 @@ def test_delete_then_re_extract_while_a_score_waits(engine, tmp_path):
     async def scenario():
         with open_store(str(tmp_path / "profiles.db")) as store:
             service = ViperService(store, engine)
-            first = await service.extract_profile("u", images_a)
+            first = await service.extract_profile(CALLER, "u", images_a)
             assert first.version == 1
 
             # Hold the next extraction's first step (and so the IDEFICS2 scheduler) until the rest of the
@@ -71,13 +72,13 @@ def test_delete_then_re_extract_while_a_score_waits(engine, tmp_path):
 
             extractor.prefill_step = held_prefill_step
             try:
-                extraction = asyncio.create_task(service.extract_profile("u", images_b))
+                extraction = asyncio.create_task(service.extract_profile(CALLER, "u", images_b))
                 assert await asyncio.to_thread(started.wait, 60)
-                scoring = await service.score("u", queries)  # reads snapshot v1 (images A) now
+                scoring = await service.score(CALLER, "u", queries)  # reads snapshot v1 (images A) now
                 stale = asyncio.create_task(collect(scoring.results))
                 while engine.idefics2_scheduler.depth < 1:  # queued behind the extraction's step
                     await asyncio.sleep(0.01)
-                await service.delete_profile("u", expected_version=None)
+                await service.delete_profile(CALLER, "u", expected_version=None)
                 gate.set()
                 second = await extraction
                 stale_scores = await stale
@@ -94,7 +95,7 @@ def test_delete_then_re_extract_while_a_score_waits(engine, tmp_path):
             assert engine.cache_stats.entries == 0
 
             # Every later Score uses the new profile's images.
-            fresh = await collect((await service.score("u", queries)).results)
+            fresh = await collect((await service.score(CALLER, "u", queries)).results)
             context_b = [u.image for u in images_b]
             expected = reference_scores(idefics2, context_b[:2], context_b[2:], queries)
             assert fresh == pytest.approx(expected, abs=1e-6)

@@ -314,7 +314,8 @@ def test_the_kubernetes_replicas_migrate_with_viper_profiles_before_serving():
     assert migrate["command"] == ["viper-profiles", "migrate"]
     assert migrate["image"] == server["image"]
     database = [variable for variable in server["env"] if variable["name"] == DB_ENV]
-    assert migrate["env"] == database
+    assert [variable for variable in migrate["env"] if variable["name"] == DB_ENV] == database
+    assert all(variable in server["env"] for variable in migrate["env"])  # the same database, the same way
 
 
 # --- export and import

@@ -88,12 +88,13 @@ def test_the_kubernetes_manifests_parse_and_route_like_deploy_nginx_conf():
     by_kind = {(document["kind"], document["metadata"]["name"]): document for document in documents}
     assert set(by_kind) == {("Secret", "viper-database"), ("Secret", "viper-auth"), ("StatefulSet", "viper-replicas"),
                             ("Service", "viper-replicas"), ("ConfigMap", "viper-nginx"),
-                            ("Deployment", "viper-nginx"), ("Service", "viper-nginx")}
+                            ("Deployment", "viper-nginx"), ("Service", "viper-nginx"),
+                            ("NetworkPolicy", "viper-default-deny"), ("NetworkPolicy", "viper-replicas"),
+                            ("NetworkPolicy", "viper-nginx")}
     replica = by_kind["StatefulSet", "viper-replicas"]["spec"]["template"]["spec"]["containers"][0]
     assert replica["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert replica["startupProbe"]["grpc"] == replica["readinessProbe"]["grpc"] == {"port": 50051}
-    database = {"name": "VIPER_DB", "valueFrom": {"secretKeyRef": {"name": "viper-database", "key": "url"}}}
-    assert database in replica["env"]
+    assert {"name": "VIPER_DB", "value": "postgresql://?service=viper"} in replica["env"]
     # The ConfigMap is deploy/nginx.conf with the pods' names, re-resolved (nginx 1.27.3+), and logs on stdout.
     shipped = by_kind["ConfigMap", "viper-nginx"]["data"]["viper.conf"]
     names = re.findall(r"server (\S+) max_fails=1 fail_timeout=10s resolve;", shipped)
@@ -101,6 +102,51 @@ def test_the_kubernetes_manifests_parse_and_route_like_deploy_nginx_conf():
     back = re.sub(r"    # nginx 1\.27\.3\+.*?\n    resolver [^\n]*\n", "", shipped, flags=re.S)
     back = back.replace(" resolve;", ";").replace("/dev/stdout", "/var/log/nginx/viper-access.log")
     assert back == render_config(DEPLOY_CONFIG.read_text(), names, listen="50050", log_dir=Path("/var/log/nginx"))
+
+
+def test_the_kubernetes_pods_run_locked_down():
+    import yaml
+
+    documents = [document for path in sorted(KUBERNETES.glob("*.yaml")) for document in
+                 yaml.safe_load_all(path.read_text())]
+    by_kind = {(document["kind"], document["metadata"]["name"]): document for document in documents}
+    for kind, name in [("StatefulSet", "viper-replicas"), ("Deployment", "viper-nginx")]:
+        pod = by_kind[kind, name]["spec"]["template"]["spec"]
+        assert pod["automountServiceAccountToken"] is False
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        for container in pod["containers"]:
+            assert container["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                                    "capabilities": {"drop": ["ALL"]}}
+            image, _, tag = container["image"].rpartition(":")
+            assert "@sha256:" in container["image"] or re.fullmatch(r"\d+\.\d+\.\d+(-\w+)?", tag), container["image"]
+            # Whatever must be written goes to an emptyDir.
+            writable = [mount for mount in container["volumeMounts"] if not mount.get("readOnly")]
+            empty_dirs = {volume["name"] for volume in pod["volumes"] if "emptyDir" in volume}
+            assert writable and {mount["name"] for mount in writable} <= empty_dirs
+    # The database settings come from a secret file (a libpq service file), never from an env var's value.
+    replica = by_kind["StatefulSet", "viper-replicas"]["spec"]["template"]["spec"]
+    env = {item["name"]: item for item in replica["containers"][0]["env"]}
+    service_file = env["PGSERVICEFILE"]["value"]
+    mount = next(mount for mount in replica["containers"][0]["volumeMounts"]
+                 if service_file.startswith(mount["mountPath"] + "/"))
+    volume = next(volume for volume in replica["volumes"] if volume["name"] == mount["name"])
+    secret = by_kind["Secret", volume["secret"]["secretName"]]["stringData"]
+    settings = dict(line.split("=", 1) for line in secret[Path(service_file).name].splitlines() if "=" in line)
+    assert settings["sslmode"] == "verify-full" and Path(settings["sslrootcert"]).name in secret
+    assert not any("password" in str(item).lower() for item in env.values())
+    # Only nginx reaches the gRPC port, only the monitoring namespace the metrics port; the rest is denied.
+    assert by_kind["NetworkPolicy", "viper-default-deny"]["spec"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
+    rules = by_kind["NetworkPolicy", "viper-replicas"]["spec"]["ingress"]
+    assert [(rule["from"], [port["port"] for port in rule["ports"]]) for rule in rules] == [
+        ([{"podSelector": {"matchLabels": {"app": "viper-nginx"}}}], [50051]),
+        ([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}], [9090]),
+    ]
+    # nginx limits each client and answers in gRPC's shape when it refuses.
+    conf = DEPLOY_CONFIG.read_text()
+    for directive in ("limit_conn viper_calls", "limit_req zone=viper_rate", "client_header_timeout",
+                      "client_body_timeout", "send_timeout", "add_header grpc-status 8"):
+        assert directive in conf
 
 
 # --- the SDK's multi-target channel, on in-process servers ---------------------------------------------------

@@ -487,18 +487,20 @@ CONNECT = {  # connectrpc.com/docs/protocol#error-codes
 def test_every_status_code_maps_faithfully(fake_gateway, code):
     user = f"status-{code.name}"
     message = f"failed with {code.name} ünïcode"
-    reply = connect_json(fake_gateway.url, GET_PROFILE, {"userId": user})
+    # With a token: without one, a gateway that saw UNAUTHENTICATED refuses such calls itself (auth-before-body).
+    token = {"Authorization": "Bearer any"}
+    reply = connect_json(fake_gateway.url, GET_PROFILE, {"userId": user}, token)
     name, http_status = CONNECT[code.name]
     assert (reply.status, reply.json()) == (http_status, {"code": name, "message": message})
     assert reply.headers["trailer-x-detail"] == "from-the-back-end"
 
-    _, messages, end = connect_stream(fake_gateway.url, SCORE, {"userId": user})
+    _, messages, end = connect_stream(fake_gateway.url, SCORE, {"userId": user}, headers=token)
     assert len(messages) == 1, "what came before the error is delivered"
     assert end["error"] == {"code": name, "message": message}
     assert end["metadata"]["x-detail"] == ["from-the-back-end"]
 
     request = profile_pb2.GetProfileRequest(user_id=user).SerializeToString()
-    _, messages, trailers = grpc_web(fake_gateway.url, GET_PROFILE, request)
+    _, messages, trailers = grpc_web(fake_gateway.url, GET_PROFILE, request, token)
     assert messages == [] and trailers["grpc-status"] == str(code.value[0])
     assert trailers["grpc-message"] == f"failed with {code.name} %C3%BCn%C3%AFcode"
     assert trailers["x-detail"] == "from-the-back-end"

@@ -1,7 +1,7 @@
 """Python SDK and CLI for viper-serve: personalized image generation and scoring (ViPer)."""
 
 from viper_client.aio import AsyncViperClient
-from viper_client.channel import DEFAULT_LONG_TIMEOUT, DEFAULT_TIMEOUT, Tls
+from viper_client.channel import DEFAULT_LONG_TIMEOUT, DEFAULT_TIMEOUT, CleartextTokenError, Tls
 from viper_client.client import ViperClient
 from viper_client.errors import (
     Cancelled,
@@ -32,6 +32,7 @@ from viper_client.types import (
 __all__ = [
     "AsyncViperClient",
     "Cancelled",
+    "CleartextTokenError",
     "Conflict",
     "DEFAULT_LONG_TIMEOUT",
     "DEFAULT_TIMEOUT",

@@ -52,11 +52,12 @@ class AsyncViperClient:
         token: TokenSource = None,
         tls: Tls | None = None,
         retries: bool = True,
+        insecure: bool = False,
     ) -> None:
         self._timeout = timeout
         self._long_timeout = long_timeout
         self._connection = connect(target, max_message_bytes=max_message_bytes, token=token, tls=tls,
-                                   asynchronous=True, retries=retries)
+                                   asynchronous=True, retries=retries, insecure=insecure)
 
     async def close(self) -> None:
         await self._connection.channel.close()
@@ -160,10 +161,11 @@ class AsyncViperClient:
         return self._stream(self._connection.generation.Generate, request, user_id, timeout, convert.event_from_proto)
 
     async def generate_images(self, user_id: str, prompt: str, **options: Any) -> list[Image.Image]:
-        images = [
-            event async for event in self.generate(user_id, prompt, **options) if isinstance(event, GeneratedImage)
-        ]
-        return [event.image() for event in sorted(images, key=lambda event: event.image_index)]
+        """The generated images in index order; raises ViperError (DATA_LOSS) if the stream ends before every
+        image arrived."""
+        stream = self.generate(user_id, prompt, **options)
+        events = [event async for event in stream if isinstance(event, GeneratedImage)]
+        return [event.image() for event in convert.images_in_index_order(events, options.get("num_images") or 1)]
 
     async def score(
         self,

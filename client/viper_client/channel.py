@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import ipaddress
 import json
 import os
 import socket
@@ -196,9 +197,35 @@ def _with_call_credentials(targets: list[str], tls: Tls | None,
     return grpc.composite_channel_credentials(grpc.local_channel_credentials(), call_credentials)
 
 
+class CleartextTokenError(ValueError):
+    """A token would go in plaintext to a host that is not this machine."""
+
+
+def refuse_cleartext_token(target: str | Sequence[str], *, tls: Tls | None, insecure: bool) -> None:
+    """Raises CleartextTokenError unless every target is loopback, the channel is TLS, or insecure is set."""
+    if tls is not None or insecure:
+        return
+    for each in split_targets(target):
+        if not _is_loopback(each):
+            raise CleartextTokenError(
+                f"refusing to send a bearer token in cleartext to {each!r}, which is not a loopback address: "
+                "use TLS (tls=Tls(...), the CLI's --tls), or insecure=True (the CLI's --insecure, "
+                "env VIPER_INSECURE=1) on a network you trust")
+
+
 def _is_loopback(target: str) -> bool:
-    host = target.rpartition(":")[0].strip("[]") if ":" in target else target
-    return host in ("localhost", "::1") or host.startswith("127.")
+    """Whether a target is this machine: a loopback IP or localhost, or a Unix socket. Names are not resolved."""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    target = target.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:")
+    host = target.rpartition(":")[0] if target.count(":") == 1 or target.startswith("[") else target
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 Metadata = tuple[tuple[str, str], ...]
@@ -240,7 +267,9 @@ class Connection:
 
 
 def connect(target: str | Sequence[str], *, max_message_bytes: int, token: TokenSource, tls: Tls | None,
-            asynchronous: bool = False, retries: bool = True) -> Connection:
+            asynchronous: bool = False, retries: bool = True, insecure: bool = False) -> Connection:
+    if token:
+        refuse_cleartext_token(target, tls=tls, insecure=insecure)
     refreshed = grpc.metadata_call_credentials(BearerToken(token)) if callable(token) else None
     channel = create_channel(target, max_message_bytes=max_message_bytes, tls=tls, asynchronous=asynchronous,
                              retries=retries, call_credentials=refreshed)

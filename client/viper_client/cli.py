@@ -8,7 +8,9 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from contextlib import closing
@@ -92,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "health":
             return check_health(args, tls)
-        with ViperClient(args.target, token=args.token, tls=tls, **timeouts) as client:
+        with ViperClient(args.target, token=args.token, tls=tls, insecure=args.insecure, **timeouts) as client:
             args.handler(client, args)
     except ViperError as error:
         report_error(error, args.target)
@@ -150,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--token", default=os.environ.get("VIPER_TOKEN"),
                         help="bearer token sent with every call: a service token or an end user's JWT, for "
                              "servers run with --auth-config or --auth-tokens (env VIPER_TOKEN; default: none)")
+    parser.add_argument("--insecure", action="store_true",
+                        default=os.environ.get("VIPER_INSECURE", "") in ("1", "true", "yes"),
+                        help="send --token in plaintext to a host that is not this machine (env VIPER_INSECURE=1; "
+                             "default: refused without TLS)")
     parser.add_argument("--tls", action="store_true",
                         help="connect with TLS, verifying the server (implied by --tls-ca and --tls-cert; "
                              "default: plaintext)")
@@ -248,6 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--preview-every", type=int, default=0,
         help="write <index>.preview.png every this many steps, replaced by <index>.png when it is done "
              "(default 0: no previews)",
+    )
+    generate.add_argument(
+        "--best-of", type=int, default=0, metavar="N",
+        help="generate N candidates (seeds seed, seed+1, ...), score each with the user's metric and keep the best "
+             "--num-images, best first as 0.png, 1.png, ...; prints each image's score; at most 16 on a server "
+             "with default limits (default 0: no ranking)",
     )
     generate.set_defaults(handler=generate_images)
 
@@ -443,27 +455,87 @@ def generate_images(client: ViperClient, args: argparse.Namespace) -> None:
         refine=args.refine,
         seed=args.seed,
         preview_every=args.preview_every,
+        candidates=args.best_of,
     )
-    try:
-        # closing(): an error or Ctrl-C here cancels the generation on the server.
-        with closing(events), tqdm(unit="step", disable=None) as bar:
-            for event in events:
-                if isinstance(event, Progress):
-                    bar.total = event.total_steps * args.num_images
-                    bar.n = event.image_index * event.total_steps + event.step
-                    bar.refresh()
-                elif isinstance(event, Preview):
-                    out.write_preview(event.image_index, event.png)
-                elif isinstance(event, GeneratedImage):
-                    path = out.write_image(event.image_index, event.png)
-                    tqdm.write(f"{path}  (seed {event.seed})", file=sys.stdout)
-    except KeyboardInterrupt:
-        out.discard_partial()
-        kept = f"; kept {len(out.images)} finished image(s) in {args.out}" if out.images else ""
-        raise CommandCancelled(f"generation cancelled{kept}") from None
-    finally:
-        # After an error (or Ctrl-C): no previews and no folder of ours left empty.
-        out.discard_partial()
+    with CtrlC(client) as ctrl_c:
+        try:
+            # closing(): an error here cancels the generation on the server.
+            with closing(events), tqdm(unit="step", disable=None) as bar:
+                for event in events:
+                    if ctrl_c.pressed:
+                        break
+                    show_event(event, out, bar, max(args.num_images, args.best_of))
+        except Exception:
+            # After Ctrl-C the stream fails as cancelled (or never starts, on a closed channel): that is the
+            # Ctrl-C, reported below.
+            if not ctrl_c.pressed:
+                raise
+        finally:
+            # After an error (or Ctrl-C): no previews and no folder of ours left empty.
+            out.discard_partial()
+    kept = f"; kept {len(out.images)} finished image(s) in {args.out}" if out.images else ""
+    if ctrl_c.pressed:
+        raise CommandCancelled(f"generation cancelled{kept}")
+    if len(out.images) < args.num_images:
+        # A stream that ended early without an error is no success.
+        raise ViperError(grpc.StatusCode.DATA_LOSS,
+                         f"the stream ended after {len(out.images)} of {args.num_images} images{kept}")
+
+
+def show_event(event: object, out: OutputFolder, bar: tqdm, images_made: int) -> None:
+    """images_made: every image the server generates (with --best-of, all the candidates)."""
+    if isinstance(event, Progress):
+        bar.total = event.total_steps * images_made
+        bar.n = event.image_index * event.total_steps + event.step
+        bar.refresh()
+    elif isinstance(event, Preview):
+        out.write_preview(event.image_index, event.png)
+    elif isinstance(event, GeneratedImage):
+        path = out.write_image(event.image_index, event.png)
+        score = "" if event.score is None else f", score {event.score:.4f}"
+        tqdm.write(f"{path}  (seed {event.seed}{score})", file=sys.stdout)
+
+
+class CtrlC:
+    """Ctrl-C during a call, made safe: SIGINT only records it, and a helper thread closes the client's
+    channel, which cancels the call on the server and ends its stream; the command then sees `pressed`.
+
+    Python's own handler raises KeyboardInterrupt wherever the main thread happens to be, and one raised
+    inside a finalizer (a __del__ run by the garbage collector) is printed and dropped: the stream then ran
+    on, and the command could end as if Ctrl-C had never been pressed.
+    """
+
+    def __init__(self, client: ViperClient) -> None:
+        self.pressed = False
+        self._client = client
+        self._wake = threading.Event()
+        self._previous: object = None
+        self._installed = False
+        self._closer = threading.Thread(target=self._close_when_pressed, name="viper-ctrl-c", daemon=True)
+
+    def __enter__(self) -> CtrlC:
+        # Only the main thread may set handlers; a SIGINT ignored (a job started with `nohup`) stays ignored.
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+            self._installed = True
+        self._closer.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._installed:
+            # First: the handler never runs again, so it cannot wait on _wake's lock while we hold it.
+            signal.signal(signal.SIGINT, signal.SIG_DFL if self._previous is None else self._previous)
+        self._wake.set()
+        self._closer.join()
+
+    def _on_sigint(self, signum: int, frame: object) -> None:
+        self.pressed = True
+        self._wake.set()
+
+    def _close_when_pressed(self) -> None:
+        self._wake.wait()
+        if self.pressed:
+            self._client.close()
 
 
 class OutputFolder:
@@ -509,10 +581,17 @@ class OutputFolder:
 
 
 def score_images(client: ViperClient, args: argparse.Namespace) -> None:
-    try:
-        scores = client.score(args.user, args.images)
-    except ViperError as error:
-        raise name_files(error, "queries", args.images) from error
+    with CtrlC(client) as ctrl_c:
+        try:
+            scores = client.score(args.user, args.images)
+        except Exception as error:
+            if ctrl_c.pressed:  # the call failed as cancelled, or never started
+                raise CommandCancelled("cancelled") from None
+            if isinstance(error, ViperError):
+                raise name_files(error, "queries", args.images) from error
+            raise
+    if ctrl_c.pressed:
+        raise CommandCancelled("cancelled")
     if args.json:
         print_json([{"image": str(path), "score": score} for path, score in zip(args.images, scores, strict=True)])
     else:

@@ -25,7 +25,7 @@ from viper_client.channel import (
 from viper_client.convert import GenerateOptions
 from viper_client.errors import error_from_rpc
 from viper_client.images import ImageSource
-from viper_client.types import GeneratedImage, GenerateEvent, Profile, RatedImage, ScoreResult
+from viper_client.types import GenerateEvent, Profile, RatedImage, ScoreResult
 from viper_proto.v1 import profile_pb2
 
 if TYPE_CHECKING:
@@ -45,6 +45,8 @@ class ViperClient:
     fixed, or a callable returning a fresh one, asked before every call (gRPC call credentials: over TLS,
     or plaintext to a loopback address only); `tls` (a Tls) makes the
     channel TLS, verifying the server and, with a client certificate, authenticating the client.
+    A token goes in plaintext only to a loopback target: elsewhere, without `tls`, the client refuses to be
+    made (CleartextTokenError, a ValueError) unless `insecure=True`.
 
     `target` is one address ("host:port", or any gRPC target such as a proxy's), or several replicas' (a list,
     or "host1:port,host2:port"): then each user's calls go to one replica, chosen by consistent hashing of the
@@ -66,11 +68,12 @@ class ViperClient:
         token: TokenSource = None,
         tls: Tls | None = None,
         retries: bool = True,
+        insecure: bool = False,
     ) -> None:
         self._timeout = timeout
         self._long_timeout = long_timeout
         self._connection = connect(target, max_message_bytes=max_message_bytes, token=token, tls=tls,
-                                   retries=retries)
+                                   retries=retries, insecure=insecure)
 
     def close(self) -> None:
         self._connection.channel.close()
@@ -180,9 +183,10 @@ class ViperClient:
         return self._stream(self._connection.generation.Generate, request, user_id, timeout, convert.event_from_proto)
 
     def generate_images(self, user_id: str, prompt: str, **options: Any) -> list[Image.Image]:
-        """The generated images in index order; options are generate()'s."""
-        images = [event for event in self.generate(user_id, prompt, **options) if isinstance(event, GeneratedImage)]
-        return [event.image() for event in sorted(images, key=lambda event: event.image_index)]
+        """The generated images in index order (with candidates: best first); options are generate()'s. Raises
+        ViperError (DATA_LOSS) if the stream ends before every image arrived."""
+        events = self.generate(user_id, prompt, **options)
+        return [event.image() for event in convert.images_in_index_order(events, options.get("num_images") or 1)]
 
     def score(
         self,

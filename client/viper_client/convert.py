@@ -52,6 +52,10 @@ class GenerateOptions(TypedDict, total=False):
     refine: bool | None  # finish with the refiner (default True)
     seed: int  # 0 = random; the seed used comes with each image
     preview_every: int  # a preview every this many steps (default 0: none)
+    # Best of N: generate this many candidates (seeds seed, seed+1, ...), score each with the user's metric and
+    # send the best num_images, best first, each with its score (default 0 = num_images: no ranking)
+    candidates: int
+    score_images: bool  # each image with its metric score, also without ranking (default False)
 
 
 def extract_request(user_id: str, images: Iterable[RatedImage]) -> profile_pb2.ExtractProfileRequest:
@@ -203,12 +207,25 @@ def event_from_proto(message: generation_pb2.GenerateEvent) -> GenerateEvent | N
             width=i.width,
             height=i.height,
             profile_version=i.profile_version,
+            score=i.score if i.HasField("score") else None,
         )
     return None
 
 
 def score_result_from_proto(message: metric_pb2.ScoreResult) -> ScoreResult:
     return ScoreResult(index=message.index, score=message.score, pairs_used=message.pairs_used)
+
+
+def images_in_index_order(events: Iterable[GenerateEvent], num_images: int) -> list[GeneratedImage]:
+    """The images of a whole Generate stream, by index; a stream that ended without all of them (a server or
+    proxy that closed it early with OK) is an error, never a short list taken for the whole."""
+    image_by_index = {event.image_index: event for event in events if isinstance(event, GeneratedImage)}
+    if sorted(image_by_index) != list(range(num_images)):
+        raise ViperError(
+            grpc.StatusCode.DATA_LOSS,
+            f"the stream ended after {len(image_by_index)} of {num_images} images (indexes {sorted(image_by_index)})",
+        )
+    return [image_by_index[index] for index in range(num_images)]
 
 
 def scores_in_query_order(results: Iterable[ScoreResult], query_count: int) -> list[float]:

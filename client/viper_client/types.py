@@ -97,6 +97,9 @@ class GeneratedImage:
     height: int
     # The profile version whose features guided the image.
     profile_version: int
+    # The user's metric score of the image in [0, 1], with candidates (best of N) or score_images; else None.
+    # With candidates, image_index is the image's rank (0 = the best) and seed its own.
+    score: float | None = None
 
     def image(self) -> Image.Image:
         return decode_image(self.png)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from PIL import Image
 
@@ -30,7 +30,7 @@ from viper_profiles.archive import Archive, build_archive, import_archive
 
 from . import access
 from .access import Caller
-from .domain import GenerationEvent, GenerationParams, RatedUpload, ScoredQuery, ScoringContext
+from .domain import FinishedImage, GenerationEvent, GenerationParams, RatedUpload, ScoredQuery, ScoringContext
 from .engine.engine import ModelEngine
 
 
@@ -260,10 +260,69 @@ class ViperService:
     async def generate(self, caller: Caller, user_id: str, params: GenerationParams) -> Generation:
         """Starts generating images for the prompt, guided by the user's liked and disliked features."""
         access.authorize(caller, access.GENERATE, user_id)
+        if params.scored:
+            return await self._generate_scored(caller, user_id, params)
         profile = await asyncio.to_thread(self._store.get, user_id, tenant=caller.tenant)
         events = self._engine.generate(params, profile.liked_features, profile.disliked_features,
                                        user=caller.scope(user_id))
         return Generation(profile_version=profile.version, events=events)
+
+    async def _generate_scored(self, caller: Caller, user_id: str, params: GenerationParams) -> Generation:
+        """A generation whose images carry the user's metric score; ranked (best of N), the best num_images of
+        params.candidates in descending score order. One store snapshot gives the features and the metric
+        context; both models' queues are checked before any work, so it is not refused with its images made."""
+        scope = caller.scope(user_id)  # the metric context's cache key and the fair turns: tenant-qualified
+        profile, images = await asyncio.to_thread(self._store.get_with_images, user_id, tenant=caller.tenant)
+        context = self._engine.stored_context(scope, profile.version, images)
+        self._engine.context_pairs(context)  # ContextError (no liked/disliked pair) before any model work
+        self._engine.check_room(generate=True, score=True)
+        features = profile.liked_features, profile.disliked_features
+        if params.ranked:
+            made = self._engine.generate_candidates(params, *features, user=scope)
+            events = self._ranked(made, context, params.num_images, scope)
+        else:
+            events = self._scored(self._engine.generate(params, *features, user=scope), context, scope)
+        return Generation(profile_version=profile.version, events=events)
+
+    async def _ranked(self, made: AsyncIterator[GenerationEvent], context: ScoringContext, keep: int,
+                      user_id: str) -> AsyncIterator[GenerationEvent]:
+        """Passes the candidates' progress on and scores each candidate as it is made (beside the next ones'
+        denoising); once all are scored, the best `keep` follow, best first (ties: the lower seed), each
+        with its rank as image_index."""
+        finished: list[FinishedImage] = []
+        scorings: list[asyncio.Task] = []
+        try:
+            async for event in made:
+                if isinstance(event, FinishedImage):
+                    finished.append(event)
+                    scorings.append(asyncio.create_task(self._score_image(context, event, user_id)))
+                else:
+                    yield event
+                _raise_if_failed(scorings)
+            scores = await asyncio.gather(*scorings)
+        finally:
+            for scoring in scorings:
+                scoring.cancel()
+            await made.aclose()
+        best = sorted(range(len(finished)), key=lambda i: (-scores[i], finished[i].image_index))[:keep]
+        for rank, i in enumerate(best):
+            yield replace(finished[i], image_index=rank, score=scores[i], picture=None)
+
+    async def _scored(self, made: AsyncIterator[GenerationEvent], context: ScoringContext,
+                      user_id: str) -> AsyncIterator[GenerationEvent]:
+        """The generation's events, each image once it is scored."""
+        try:
+            async for event in made:
+                if isinstance(event, FinishedImage):
+                    event = replace(event, score=await self._score_image(context, event, user_id), picture=None)
+                yield event
+        finally:
+            await made.aclose()
+
+    async def _score_image(self, context: ScoringContext, image: FinishedImage, user_id: str) -> float:
+        """The metric's score of the image's pixels (those of its PNG): one query, as Score runs it."""
+        batches = self._engine.score(context, [image.picture], user=user_id, reserved=True)
+        return [result.score async for batch in batches for result in batch][0]
 
     async def score(self, caller: Caller, user_id: str, queries: Sequence[Image.Image],
                     inline: InlineContext | None = None) -> Scoring:
@@ -284,3 +343,10 @@ class ViperService:
         async for batch in batches:
             for result in batch:
                 yield result
+
+
+def _raise_if_failed(tasks: Sequence[asyncio.Task]) -> None:
+    """Fails a generation as soon as one of its scorings has failed, not after its last candidate."""
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            raise task.exception()

@@ -35,6 +35,8 @@ class Limits:
     max_score_queries: int = 64
     # Images one profile holds (AddRatings): what fits the real VPE's prompt budget (README "Profile history").
     max_profile_images: int = 100
+    # Best of N: candidates generated and ranked per Generate call.
+    max_candidates: int = 16
 
 
 @dataclass(frozen=True)
@@ -197,6 +199,7 @@ _LIMIT_FLAGS: dict[str, _Flag] = {
     "max_steps": _Flag("VIPER_MAX_STEPS", int, "denoising steps per image"),
     "max_score_queries": _Flag("VIPER_MAX_SCORE_QUERIES", int, "query images per Score call"),
     "max_profile_images": _Flag("VIPER_MAX_PROFILE_IMAGES", int, "images one profile holds (AddRatings)"),
+    "max_candidates": _Flag("VIPER_MAX_CANDIDATES", int, "candidates a Generate call may rank (best of N)"),
 }
 
 

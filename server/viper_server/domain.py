@@ -53,6 +53,17 @@ class GenerationParams:
     seed: int = 0
     preview_every: int = 0
     high_noise_frac: float = HIGH_NOISE_FRAC
+    # Best of N: images generated (seeds seed, seed+1, ...), at least num_images; the best num_images are sent.
+    candidates: int = 1
+    score_images: bool = False  # score each image sent (always so when ranking)
+
+    @property
+    def ranked(self) -> bool:
+        return self.candidates > self.num_images
+
+    @property
+    def scored(self) -> bool:
+        return self.ranked or self.score_images
 
 
 # Generation events, in the order a generation emits them per image.
@@ -77,6 +88,9 @@ class FinishedImage:
     seed: int
     width: int
     height: int
+    # The pixels the PNG holds (PNG is lossless): the metric scores these without decoding the PNG again.
+    picture: Image.Image | None = field(default=None, repr=False, compare=False)
+    score: float | None = None  # the user's metric score, when the request asked for it
 
 
 GenerationEvent = Progress | Preview | FinishedImage

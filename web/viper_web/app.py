@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from google.protobuf.message import Message
 
 # The per-user routing header the SDK sends too: a proxy in front of several replicas hashes it.
 from viper_client.channel import USER_HEADER
@@ -24,11 +25,13 @@ from viper_client.telemetry import inject_trace_context
 
 from . import codecs, tracing
 from .backends import Backends
+from .codecs import WORKERS
 from .codes import RpcError
 from .connect import ConnectStream, ConnectUnary, connect_timeout
 from .exchange import Exchange, HttpHeaders, Send
 from .forward import Outcome, forward
 from .grpcweb import GrpcWeb, GrpcWebText, grpc_timeout
+from .jsonlimits import JsonLimits
 from .registry import METHODS, Method
 from .static_files import STATIC_DIR, plain_response, serve_static
 
@@ -58,20 +61,47 @@ _CORS_REQUEST_HEADERS = (
     b"grpc-accept-encoding, x-grpc-web, x-user-agent"
 )
 _CORS_EXPOSED_HEADERS = b"x-request-id, grpc-status, grpc-message, grpc-status-details-bin"
+# On a refusal of a client too slow to send its body. Other refusals made before the body was read leave the
+# connection open: uvicorn drops the rest of the body as it comes (no memory), so the client can read the answer,
+# and the header deadline (http11) closes the connection if no new request follows within it.
+_CLOSE = (b"connection", b"close")
+MiB = 1024 * 1024
 
 
 @dataclass
 class Settings:
-    max_message_bytes: int = 64 * 1024 * 1024
+    max_message_bytes: int = 64 * MiB
+    # Request bodies of the calls that carry images (ExtractProfile, Score); None: 4/3 of max_message_bytes
+    # (base64 in JSON) plus 1 MiB.
+    max_body_bytes: int | None = None
+    # Request bodies of every other call (profile reads and updates, Generate).
+    max_small_body_bytes: int = 1 * MiB
+    json_limits: JsonLimits = field(default_factory=JsonLimits)
+    # Seconds a request's whole body may take to arrive; a client trickling it is cut off.
+    body_timeout: float = 60.0
+    # Request bytes held at once over all calls, while their bodies are read and decoded: many large bodies
+    # arriving together are refused rather than run the gateway out of memory.
+    max_buffered_bytes: int = 512 * MiB
+    # Refuse calls without an `authorization` header before reading their body. Off, this is learned per
+    # method: once the back end refuses a call without one (UNAUTHENTICATED), the gateway refuses the next.
+    require_auth: bool = False
     # Origins of other sites whose pages may call the API (CORS); "*" for any. The gateway's own page needs none.
     allow_origins: frozenset[str] = field(default_factory=frozenset)
     static_dir: Path = STATIC_DIR
+
+    def body_limit(self, method: Method) -> int:
+        if not method.carries_images:
+            return self.max_small_body_bytes
+        return self.max_body_bytes if self.max_body_bytes is not None else self.max_message_bytes * 4 // 3 + MiB
 
 
 class Gateway:
     def __init__(self, backends: Backends, settings: Settings | None = None) -> None:
         self.backends = backends
         self.settings = settings or Settings()
+        self._json = codecs.JsonCodec(self.settings.json_limits)
+        self._auth_learned: set[str] = set()  # methods the back end refused without a token
+        self._buffered = _Budget(self.settings.max_buffered_bytes)
 
     async def __call__(self, scope: dict, receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -137,6 +167,7 @@ class Gateway:
                                  [(b"accept-post", ", ".join(accepted).encode())])
             return
         exchange_class, codec, _ = protocol
+        codec = self._json if codec is codecs.JSON else codec
         request_id = headers.get(REQUEST_ID) or uuid.uuid4().hex[:16]
         response_headers = self._cors(headers)
         if _PRINTABLE.fullmatch(request_id):
@@ -146,11 +177,11 @@ class Gateway:
         user_id = ""
         try:
             try:
-                body = await _read_body(receive, headers, 2 * self.settings.max_message_bytes + 1024)
-                if body is None:  # the caller left before sending its whole request
+                decoded = await self._request(receive, headers, method, exchange)
+                if decoded is None:  # the caller left before sending its whole request
                     outcome.code = grpc.StatusCode.CANCELLED
                     return
-                request, wire = exchange.decode(body, headers, self.settings.max_message_bytes)
+                request, wire = decoded
                 user_id = request.user_id if "user_id" in request.DESCRIPTOR.fields_by_name else ""
                 metadata = _backend_metadata(headers, request_id, user_id)
                 timeout = grpc_timeout(headers) if isinstance(exchange, GrpcWeb) else connect_timeout(headers)
@@ -168,11 +199,41 @@ class Gateway:
                 with contextlib.suppress(Exception):
                     await exchange.finish(RpcError(grpc.StatusCode.INTERNAL,
                                                    f"gateway error (request_id {request_id})"), ())
+            self._learn_auth(method, headers, outcome)
         finally:
             log.info("rpc method=%s protocol=%s/%s user=%s backend=%s status=%s ms=%.1f request_id=%s",
                      method.path.lstrip("/"), exchange.protocol, codec.name, _loggable(user_id),
                      outcome.backend, outcome.code.name, (time.monotonic() - started) * 1e3,
                      _loggable(request_id))
+
+    async def _request(self, receive, headers: dict[str, str], method: Method,
+                       exchange: Exchange) -> tuple[Message, bytes] | None:
+        """The call's request message and its wire bytes, within the limits; None if the caller left first."""
+        settings = self.settings
+        if not headers.get("authorization") and (settings.require_auth or method.path in self._auth_learned):
+            # Refused before a byte of the body is read (it is dropped as it comes, see _CLOSE).
+            raise RpcError(grpc.StatusCode.UNAUTHENTICATED,
+                           "missing bearer token (header 'authorization: Bearer <token>')")
+        limit = settings.body_limit(method)
+        with self._buffered.share() as share:
+            try:
+                body = await asyncio.wait_for(_read_body(receive, headers, limit, share), settings.body_timeout)
+            except asyncio.TimeoutError:
+                exchange.extra_headers.append(_CLOSE)
+                raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                               f"the request body did not arrive within {settings.body_timeout:g} s") from None
+            if body is None:
+                return None
+            # Decoding (base64, gzip, JSON) is CPU work of up to a body's size: a worker thread does it.
+            return await asyncio.get_running_loop().run_in_executor(
+                WORKERS, exchange.decode, body, headers, min(settings.max_message_bytes, limit))
+
+    def _learn_auth(self, method: Method, headers: dict[str, str], outcome: Outcome) -> None:
+        if (outcome.code is grpc.StatusCode.UNAUTHENTICATED and not headers.get("authorization")
+                and method.path not in self._auth_learned):
+            self._auth_learned.add(method.path)
+            log.info("rpc method=%s needs a token: calls without one are now refused before their body is read",
+                     method.path.lstrip("/"))
 
 
 def _headers(scope: dict) -> dict[str, str]:
@@ -209,11 +270,41 @@ def _backend_metadata(headers: dict[str, str], request_id: str, user_id: str) ->
     return list(inject_trace_context(metadata))  # the caller's trace (and the gateway's span) go on
 
 
-async def _read_body(receive, headers: dict[str, str], limit: int) -> bytes | None:
+class _Budget:
+    """Bytes held by all calls together; each call takes its share as its body arrives."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    @contextlib.contextmanager
+    def share(self):
+        share = _Share(self)
+        try:
+            yield share
+        finally:
+            self.used -= share.taken
+
+
+class _Share:
+    def __init__(self, budget: _Budget) -> None:
+        self.budget = budget
+        self.taken = 0
+
+    def take(self, size: int) -> None:
+        if self.budget.used + size > self.budget.limit:
+            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "the gateway holds too many request bodies right "
+                                                               "now (--max-buffered-bytes): retry later")
+        self.budget.used += size
+        self.taken += size
+
+
+async def _read_body(receive, headers: dict[str, str], limit: int, share: _Share) -> bytes | None:
     """The whole request body; None if the caller disconnected first."""
     declared = headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request body of {declared} bytes is over the limit")
+        raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                       f"request body of {declared} bytes is over this call's limit of {limit} bytes")
     chunks, size = [], 0
     while True:
         message = await receive()
@@ -222,7 +313,8 @@ async def _read_body(receive, headers: dict[str, str], limit: int) -> bytes | No
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request body over the limit of {limit} bytes")
+            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request body over this call's limit of {limit} bytes")
+        share.take(len(chunk))
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from pathlib import Path
 
 import grpc
 import grpc.aio
@@ -34,8 +35,10 @@ def parse_targets(values: list[str]) -> list[str]:
 
 
 class Backend:
-    def __init__(self, target: str, max_message_bytes: int) -> None:
+    def __init__(self, target: str, max_message_bytes: int,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
         self.target = target
+        self._credentials = credentials  # None: plaintext
         self._options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -45,7 +48,10 @@ class Backend:
     def channel(self) -> grpc.aio.Channel:
         # Made on first use, inside the server's event loop, which grpc.aio channels belong to.
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
+            if self._credentials is None:
+                self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
+            else:
+                self._channel = grpc.aio.secure_channel(self.target, self._credentials, options=self._options)
         return self._channel
 
     def unary_unary(self, path: str):
@@ -61,14 +67,27 @@ class Backend:
             self._channel = None
 
 
+def tls_credentials(ca: Path | None, cert: Path | None, key: Path | None) -> grpc.ChannelCredentials:
+    """TLS to the back ends: `ca` verifies them (None: the system's roots); `cert` + `key` for mutual TLS."""
+    if (cert is None) != (key is None):
+        raise ValueError("--backend-cert and --backend-key go together")
+    return grpc.ssl_channel_credentials(root_certificates=_read(ca), private_key=_read(key),
+                                        certificate_chain=_read(cert))
+
+
+def _read(path: Path | None) -> bytes | None:
+    return None if path is None else path.read_bytes()
+
+
 def _weight(target: str, user_id: str) -> int:
     digest = hashlib.blake2b(f"{target}\0{user_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big")
 
 
 class Backends:
-    def __init__(self, targets: list[str], max_message_bytes: int) -> None:
-        self.all = [Backend(target, max_message_bytes) for target in targets]
+    def __init__(self, targets: list[str], max_message_bytes: int,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
+        self.all = [Backend(target, max_message_bytes, credentials) for target in targets]
         self._turns = itertools.count()
 
     def order(self, user_id: str) -> list[Backend]:

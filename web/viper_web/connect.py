@@ -64,7 +64,7 @@ class ConnectUnary(Exchange):
         headers += self._metadata_headers(trailers, prefix="trailer-")
         if error is None:
             status, content_type = 200, self.content_type
-            body = self.codec.encode(self._response, self.method.output)
+            body = await self.encoded(self._response)
         else:
             status, content_type = codes.connect_http_status(error.code), "application/json"
             body = json.dumps(error_json(error)).encode()
@@ -90,7 +90,7 @@ class ConnectStream(Exchange):
         await self._start_streaming(metadata)
 
     async def message(self, data: bytes) -> None:
-        frame = envelope(0, self.codec.encode(data, self.method.output))
+        frame = envelope(0, await self.encoded(data))
         await self.send({"type": "http.response.body", "body": frame, "more_body": True})
 
     async def finish(self, error: RpcError | None, trailers: Metadata) -> None:

@@ -6,13 +6,14 @@ message, finish(error, trailers) once. Metadata travels as (key, value) pairs, `
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 from google.protobuf.message import Message
 
-from .codecs import JsonCodec, ProtoCodec
+from .codecs import WORKERS, JsonCodec, ProtoCodec
 from .codes import RpcError
 from .registry import Method
 
@@ -65,6 +66,12 @@ class Exchange:
 
     async def finish(self, error: RpcError | None, trailers: Metadata) -> None:
         raise NotImplementedError
+
+    async def encoded(self, data: bytes) -> bytes:
+        """A response message in the caller's codec; JSON is encoded in a worker thread."""
+        if isinstance(self.codec, ProtoCodec):
+            return data
+        return await asyncio.get_running_loop().run_in_executor(WORKERS, self.codec.encode, data, self.method.output)
 
     async def _start_streaming(self, metadata: Metadata) -> None:
         """Streaming protocols answer 200 at once with the back end's headers; the outcome comes at the end."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from google.protobuf import message_factory
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from viper_proto.v1 import generation_pb2, metric_pb2, profile_pb2
@@ -33,6 +34,22 @@ class Method:
     @property
     def read_only(self) -> bool:
         return self.path in _READ_ONLY
+
+    @property
+    def carries_images(self) -> bool:
+        """Whether requests may carry image bytes (ExtractProfile, Score): only those get the large body limit."""
+        return _has_bytes(self.input.DESCRIPTOR, set())
+
+
+def _has_bytes(descriptor: Descriptor, seen: set[str]) -> bool:
+    seen.add(descriptor.full_name)
+    for field in descriptor.fields:
+        if field.type == FieldDescriptor.TYPE_BYTES:
+            return True
+        if field.message_type is not None and field.message_type.full_name not in seen:
+            if _has_bytes(field.message_type, seen):
+                return True
+    return False
 
 
 def _methods() -> dict[str, Method]:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fviper_proto/v1/generation.proto\x12\x08viper.v1\"\xbc\x02\n\x0fGenerateRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\t\x12\x12\n\nnum_images\x18\x04 \x01(\x05\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\r\n\x05steps\x18\x07 \x01(\x05\x12\x1b\n\x0eguidance_scale\x18\x08 \x01(\x02H\x00\x88\x01\x01\x12 \n\x13preference_strength\x18\t \x01(\x02H\x01\x88\x01\x01\x12\x13\n\x06refine\x18\n \x01(\x08H\x02\x88\x01\x01\x12\x0c\n\x04seed\x18\x0b \x01(\x04\x12\x15\n\rpreview_every\x18\x0c \x01(\x05\x42\x11\n\x0f_guidance_scaleB\x16\n\x14_preference_strengthB\t\n\x07_refine\"J\n\x10GenerateProgress\x12\x13\n\x0bimage_index\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x03 \x01(\x05\"A\n\x0fGeneratePreview\x12\x13\n\x0bimage_index\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x05\x12\x0b\n\x03png\x18\x03 \x01(\x0c\"x\n\x0eGeneratedImage\x12\x13\n\x0bimage_index\x18\x01 \x01(\x05\x12\x0b\n\x03png\x18\x02 \x01(\x0c\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x0e\n\x06height\x18\x05 \x01(\x05\x12\x17\n\x0fprofile_version\x18\x06 \x01(\x03\"\xa1\x01\n\rGenerateEvent\x12.\n\x08progress\x18\x01 \x01(\x0b\x32\x1a.viper.v1.GenerateProgressH\x00\x12,\n\x07preview\x18\x02 \x01(\x0b\x32\x19.viper.v1.GeneratePreviewH\x00\x12)\n\x05image\x18\x03 \x01(\x0b\x32\x18.viper.v1.GeneratedImageH\x00\x42\x07\n\x05\x65vent2U\n\x11GenerationService\x12@\n\x08Generate\x12\x19.viper.v1.GenerateRequest\x1a\x17.viper.v1.GenerateEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fviper_proto/v1/generation.proto\x12\x08viper.v1\"\xe6\x02\n\x0fGenerateRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\t\x12\x12\n\nnum_images\x18\x04 \x01(\x05\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\r\n\x05steps\x18\x07 \x01(\x05\x12\x1b\n\x0eguidance_scale\x18\x08 \x01(\x02H\x00\x88\x01\x01\x12 \n\x13preference_strength\x18\t \x01(\x02H\x01\x88\x01\x01\x12\x13\n\x06refine\x18\n \x01(\x08H\x02\x88\x01\x01\x12\x0c\n\x04seed\x18\x0b \x01(\x04\x12\x15\n\rpreview_every\x18\x0c \x01(\x05\x12\x12\n\ncandidates\x18\r \x01(\x05\x12\x14\n\x0cscore_images\x18\x0e \x01(\x08\x42\x11\n\x0f_guidance_scaleB\x16\n\x14_preference_strengthB\t\n\x07_refine\"J\n\x10GenerateProgress\x12\x13\n\x0bimage_index\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x03 \x01(\x05\"A\n\x0fGeneratePreview\x12\x13\n\x0bimage_index\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x05\x12\x0b\n\x03png\x18\x03 \x01(\x0c\"\x96\x01\n\x0eGeneratedImage\x12\x13\n\x0bimage_index\x18\x01 \x01(\x05\x12\x0b\n\x03png\x18\x02 \x01(\x0c\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x0e\n\x06height\x18\x05 \x01(\x05\x12\x17\n\x0fprofile_version\x18\x06 \x01(\x03\x12\x12\n\x05score\x18\x07 \x01(\x01H\x00\x88\x01\x01\x42\x08\n\x06_score\"\xa1\x01\n\rGenerateEvent\x12.\n\x08progress\x18\x01 \x01(\x0b\x32\x1a.viper.v1.GenerateProgressH\x00\x12,\n\x07preview\x18\x02 \x01(\x0b\x32\x19.viper.v1.GeneratePreviewH\x00\x12)\n\x05image\x18\x03 \x01(\x0b\x32\x18.viper.v1.GeneratedImageH\x00\x42\x07\n\x05\x65vent2U\n\x11GenerationService\x12@\n\x08Generate\x12\x19.viper.v1.GenerateRequest\x1a\x17.viper.v1.GenerateEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,15 +32,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'viper_proto.v1.generation_p
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=46
-  _globals['_GENERATEREQUEST']._serialized_end=362
-  _globals['_GENERATEPROGRESS']._serialized_start=364
-  _globals['_GENERATEPROGRESS']._serialized_end=438
-  _globals['_GENERATEPREVIEW']._serialized_start=440
-  _globals['_GENERATEPREVIEW']._serialized_end=505
-  _globals['_GENERATEDIMAGE']._serialized_start=507
-  _globals['_GENERATEDIMAGE']._serialized_end=627
-  _globals['_GENERATEEVENT']._serialized_start=630
-  _globals['_GENERATEEVENT']._serialized_end=791
-  _globals['_GENERATIONSERVICE']._serialized_start=793
-  _globals['_GENERATIONSERVICE']._serialized_end=878
+  _globals['_GENERATEREQUEST']._serialized_end=404
+  _globals['_GENERATEPROGRESS']._serialized_start=406
+  _globals['_GENERATEPROGRESS']._serialized_end=480
+  _globals['_GENERATEPREVIEW']._serialized_start=482
+  _globals['_GENERATEPREVIEW']._serialized_end=547
+  _globals['_GENERATEDIMAGE']._serialized_start=550
+  _globals['_GENERATEDIMAGE']._serialized_end=700
+  _globals['_GENERATEEVENT']._serialized_start=703
+  _globals['_GENERATEEVENT']._serialized_end=864
+  _globals['_GENERATIONSERVICE']._serialized_start=866
+  _globals['_GENERATIONSERVICE']._serialized_end=951
 # @@protoc_insertion_point(module_scope)

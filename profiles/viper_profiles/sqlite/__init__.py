@@ -12,14 +12,11 @@ from typing import TypeVar
 from ..errors import StoreNotFound, StoreUnavailable
 from ..records import SchemaStatus
 from ..tenants import DEFAULT_TENANT
-from .connection import open_database, transaction
+from .connection import is_busy, open_database, transaction
 from .queries import SqliteTransaction
 from .schema import migrate, schema_status
 
 T = TypeVar("T")
-
-# SQLITE_BUSY and SQLITE_LOCKED (primary codes; the extended ones carry them in the low byte).
-_BUSY_CODES = {5, 6}
 
 
 class SqliteBackend:
@@ -106,8 +103,6 @@ def _unavailable_when_busy() -> Iterator[None]:
     try:
         yield
     except sqlite3.OperationalError as error:
-        code = getattr(error, "sqlite_errorcode", None)  # Python 3.11+
-        busy = (code & 0xFF) in _BUSY_CODES if code is not None else "database is locked" in str(error)
-        if busy:
+        if is_busy(error):
             raise StoreUnavailable(f"the profile database is busy: {error}") from error
         raise

@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from typing import Protocol
 
 from PIL import Image
@@ -25,6 +26,7 @@ from viper_profiles import Rating, StoredImage
 from .. import tracing
 from ..domain import GenerationEvent, GenerationParams, Preferences, ScoredQuery, ScoringContext
 from ..imaging import ImageDecodeError, decode_image
+from ..models.generation import image_seed
 from ..models.metric import context_pairs
 from ..models.prefix_cache import CacheStats
 from .errors import ModelsNotReady, QueueFull, StoredImageUnreadable
@@ -162,6 +164,61 @@ class ModelEngine:
         async for event in self.sdxl_scheduler.stream(task):
             yield event
 
+    async def generate_candidates(self, params: GenerationParams, liked_features: Sequence[str],
+                                  disliked_features: Sequence[str], *,
+                                  user: str | None = None) -> AsyncIterator[GenerationEvent]:
+        """Best of N's images: params.candidates generations of one image each, candidate i with the seed image i
+        of a Generate of that many images has (so it is that image), and its events carry i as image_index.
+        As requests of their own they share each UNet call, up to --generate-batch of them at once (one
+        more starts as one ends). The caller has checked the queue's room (check_room): they queue even if
+        it has filled since, so an admitted request is never refused half done."""
+        _, _, generations = self._loaded_work()
+        events: asyncio.Queue = asyncio.Queue()
+        indices = iter(range(params.candidates))
+        relays: list[asyncio.Task] = []
+
+        def start_next() -> None:
+            if (index := next(indices, None)) is not None:
+                one = replace(params, num_images=1, candidates=1, seed=image_seed(params, index))
+                task = GenerationTask(generations, one, liked_features, disliked_features, user,
+                                      on_denoising_step=self._observer.generation_step)
+                relays.append(asyncio.create_task(self._relay(index, task, events)))
+
+        try:
+            for _ in range(min(self._settings.generate_batch, params.candidates)):
+                start_next()
+            ended = 0
+            while ended < params.candidates:
+                index, event = await events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                if event is None:  # that candidate's generation has ended
+                    ended += 1
+                    start_next()
+                else:
+                    yield replace(event, image_index=index)
+        finally:
+            for relay in relays:
+                relay.cancel()
+
+    async def _relay(self, index: int, task: GenerationTask, events: asyncio.Queue) -> None:
+        """Hands one candidate's events, then None (or what it failed with), to generate_candidates."""
+        try:
+            async for event in self.sdxl_scheduler.stream(task, reserved=True):
+                events.put_nowait((index, event))
+        except Exception as exc:
+            events.put_nowait((index, exc))
+        else:
+            events.put_nowait((index, None))
+
+    def check_room(self, *, generate: bool = False, score: bool = False) -> None:
+        """QueueFull unless the named models' queues have room: a request that needs both (best of N) is
+        checked for both before any work."""
+        if generate:
+            self._check_room(self.sdxl_scheduler)
+        if score:
+            self._check_room(self.idefics2_scheduler)
+
     def stored_context(self, user_id: str, version: int, images: Sequence[StoredImage]) -> ScoringContext:
         """A user's stored images as a metric context, decoded only if the prefix is not cached.
 
@@ -189,14 +246,17 @@ class ModelEngine:
         return context_pairs(len(context.liked), len(context.disliked), self._settings.metric_max_pairs)
 
     async def score(self, context: ScoringContext, queries: Sequence[Image.Image], *,
-                    user: str | None = None) -> AsyncIterator[list[ScoredQuery]]:
-        """Yields the queries' scores a batch at a time. user: whose request it is."""
+                    user: str | None = None, reserved: bool = False) -> AsyncIterator[list[ScoredQuery]]:
+        """Yields the queries' scores a batch at a time. user: whose request it is. reserved: the request
+        was admitted already (check_room), the scoring queues even when the queue is full."""
         _, scorings, _ = self._loaded_work()
-        self._check_room(self.idefics2_scheduler)
+        if not reserved:
+            self._check_room(self.idefics2_scheduler)
         with tracing.span("engine.prepare", queries=len(queries)):
             scoring = await asyncio.to_thread(scorings.scorer.prepare, context, queries)
             tracing.annotate(prefix_cache=_prefix_cache_use(scoring))
-        async for batch in self.idefics2_scheduler.stream(ScoringTask(scorings, scoring, user)):
+        task = ScoringTask(scorings, scoring, user)
+        async for batch in self.idefics2_scheduler.stream(task, reserved=reserved):
             yield batch
 
     def forget_user(self, user_id: str, version: int) -> None:

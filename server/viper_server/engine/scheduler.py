@@ -202,11 +202,14 @@ class StepScheduler:
             task.cancel()
             raise
 
-    async def stream(self, task: Task) -> AsyncIterator[Any]:
+    async def stream(self, task: Task, *, reserved: bool = False) -> AsyncIterator[Any]:
         """Runs the task, yielding what it emits as it emits it; raises whatever it failed with once its
-        earlier events have been yielded. Closing the iterator early cancels the task."""
+        earlier events have been yielded. Closing the iterator early cancels the task.
+
+        reserved: the task continues a request that already passed the queue bound (a later candidate of a
+        best of N): it queues even when the queue is full, so an admitted request is not failed half done."""
         events: asyncio.Queue = asyncio.Queue()
-        self._submit(task, events=events)
+        self._submit(task, events=events, reserved=reserved)
         try:
             while (event := await events.get()) is not _END:
                 yield event
@@ -229,11 +232,11 @@ class StepScheduler:
 
     # -- internals ------------------------------------------------------------------------------------
 
-    def _submit(self, task: Task, events: asyncio.Queue | None) -> None:
+    def _submit(self, task: Task, events: asyncio.Queue | None, reserved: bool = False) -> None:
         with self._cond:
             if self._closed:
                 raise WorkerClosed(f"{self.name} scheduler stopped")
-            if len(self._waiting) >= self.max_queue:
+            if len(self._waiting) >= self.max_queue and not reserved:
                 raise QueueFull(self.name, len(self._waiting))
             task._bind(asyncio.get_running_loop(), events, next(self._seq))
             task.trace = tracing.capture(self.name, task.kind)  # here: the caller's trace context is current

@@ -266,7 +266,7 @@ class PersonalizedGenerator:
             picture = pipeline.image_processor.postprocess(pixels, output_type="pil")[0]
             generation.image = None
             generation.emit(FinishedImage(image.index, png_bytes(picture), image_seed(params, image.index),
-                                          params.width, params.height))
+                                          params.width, params.height, picture=picture))
 
     # -- one image's set-up -----------------------------------------------------------------------------
 

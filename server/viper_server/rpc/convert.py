@@ -85,7 +85,7 @@ def event_to_proto(event: GenerationEvent, profile_version: int) -> generation_p
     if isinstance(event, FinishedImage):
         return generation_pb2.GenerateEvent(image=generation_pb2.GeneratedImage(
             image_index=event.image_index, png=event.png, seed=event.seed, width=event.width, height=event.height,
-            profile_version=profile_version))
+            profile_version=profile_version, score=event.score))
     raise TypeError(f"not a generation event: {event!r}")
 
 

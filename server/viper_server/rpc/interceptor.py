@@ -291,7 +291,7 @@ class _Outcome:
     def _audit_event(self) -> AuditEvent:
         caller = self.call.state.caller
         user_id = self.user_id if self.user_id and USER_ID_PATTERN.fullmatch(self.user_id) else None
-        if user_id is None and caller is not None and self.call.method in PERMISSION_OF:
+        if user_id is None and caller is not None and PERMISSION_OF.get(self.call.method) == access.LIST:
             user_id = caller.user_id  # an end user's listing acts on their own profile
         return AuditEvent(
             time=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),

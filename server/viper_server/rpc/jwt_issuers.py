@@ -80,9 +80,11 @@ class IssuerKeys:
         return self._caller(claims), self._remember_for(claims)
 
     async def _key(self, kid: str) -> jwt.PyJWK:
-        now = time.monotonic()
-        stale = now - self._loaded_at > self.entry.jwks_cache_seconds
-        unknown = kid not in self._keys and now - self._last_refresh >= REFRESH_INTERVAL
+        now, cache_seconds = time.monotonic(), self.entry.jwks_cache_seconds
+        # Counted from the last attempt, failed ones too: an unreachable provider is not asked on every call.
+        since = now - self._last_refresh
+        stale = now - self._loaded_at > cache_seconds and since >= min(REFRESH_INTERVAL, cache_seconds)
+        unknown = kid not in self._keys and since >= REFRESH_INTERVAL
         if stale or unknown:
             self._last_refresh = now
             await asyncio.to_thread(self._reload)

@@ -292,6 +292,7 @@ def check_generate(request: generation_pb2.GenerateRequest, limits: Limits, *, d
                 else DEFAULT_PREFERENCE_STRENGTH)
     _check_range("preference_strength", strength, 0.0, MAX_PREFERENCE_STRENGTH)
     _check_range("preview_every", request.preview_every, 0, steps * 2)
+    candidates = _check_candidates(request.candidates, num_images, limits)
     _check_range("seed", request.seed, 0, MAX_SEED)
     for field, text in prompts.items():
         if (count := vocabulary.prompt_token_count(text)) > vocabulary.max_prompt_tokens:
@@ -310,7 +311,20 @@ def check_generate(request: generation_pb2.GenerateRequest, limits: Limits, *, d
         refine=request.refine if request.HasField("refine") else True,
         seed=request.seed or secrets.randbelow(MAX_SEED) + 1,
         preview_every=request.preview_every,
+        candidates=candidates,
+        score_images=request.score_images,
     )
+
+
+def _check_candidates(candidates: int, num_images: int, limits: Limits) -> int:
+    """Best of N: how many images to generate; 0 means num_images (no ranking)."""
+    if candidates < 0:
+        raise InvalidRequest("candidates: must not be negative")
+    if candidates and candidates < num_images:
+        raise InvalidRequest(f"candidates: {candidates} is fewer than num_images ({num_images})")
+    if candidates > limits.max_candidates:
+        raise InvalidRequest(f"candidates: {candidates}, at most {limits.max_candidates} allowed")
+    return candidates or num_images
 
 
 # -- MetricService ---------------------------------------------------------------------------------

@@ -76,6 +76,17 @@ def dominant_colour(image: Image.Image) -> str | None:
     return world.COLOURS[int(counts.argmax())]
 
 
+def colour_share(image: Image.Image, colour: str) -> float:
+    """How close an image is to a colour: the share of its coloured pixels (as dominant_colour counts them) whose
+    hue is nearest that colour's; 0 for an image without coloured pixels."""
+    hsv = np.asarray(image.convert("RGB").convert("HSV"), dtype=np.float64)
+    coloured = (hsv[..., 1] > 64) & (hsv[..., 2] > 64)
+    if not coloured.any():
+        return 0.0
+    nearest = world.nearest_colours(hsv[..., 0][coloured] * 360 / 256)
+    return float((nearest == world.COLOURS.index(colour)).mean())
+
+
 def red_minus_blue(image: Image.Image) -> float:
     """Mean (R - B) channel value over the image, in 0-255 units."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float64)

@@ -37,6 +37,7 @@ export class GeneratePanel {
       steps: number("steps"),
       previewEvery: number("preview-every"),
       refine: document.getElementById("refine").checked,
+      candidates: number("best-of"),
     };
   }
 
@@ -53,7 +54,7 @@ export class GeneratePanel {
       const seeds = await this.run(request, row);
       if (document.getElementById("compare").checked && seeds.length) {
         // The same seeds without the profile: the difference is the personalization alone.
-        await this.run({...request, preferenceStrength: 0, seed: seeds[0]}, row);
+        await this.run({...request, preferenceStrength: 0, seed: seeds[0], candidates: 0}, row);
       }
       this.status.textContent = "Done.";
     } catch (error) {
@@ -75,7 +76,12 @@ export class GeneratePanel {
     const run = document.createElement("div");
     run.className = "run";
     run.dataset.state = "running";
-    run.dataset.label = `strength ${request.preferenceStrength.toFixed(2)}`;
+    const count = Math.min(Math.max(request.numImages || 1, 1), 8);
+    // Best of N: progress covers every candidate, then the best `count` arrive, best first, with their scores.
+    const candidates = request.candidates > count ? request.candidates : 0;
+    const candidateSteps = new Array(candidates).fill(0);
+    run.dataset.label = `strength ${request.preferenceStrength.toFixed(2)}` +
+      (candidates ? ` · best of ${candidates}` : "");
     const title = document.createElement("h3");
     title.textContent = `“${request.prompt || "…"}” · ${run.dataset.label}` +
       (request.seed !== "0" ? ` · seed ${request.seed}` : "");
@@ -83,7 +89,6 @@ export class GeneratePanel {
     tiles.className = "tiles";
     run.append(title, tiles);
     row.append(run);
-    const count = Math.min(Math.max(request.numImages || 1, 1), 8);
     const tileList = Array.from({length: count}, (_, i) => tile(i));
     tiles.append(...tileList.map((t) => t.root));
     this.status.textContent = "Waiting for the server…";
@@ -94,8 +99,12 @@ export class GeneratePanel {
         {signal: this.controller.signal})) {
         answered = true;
         const data = event.progress || event.preview || event.image;
+        if (candidates && event.progress) {
+          this.showCandidates(tileList, candidateSteps, data);
+          continue;
+        }
         const t = tileList[data.imageIndex || 0];
-        if (!t) continue;
+        if (!t || (candidates && event.preview)) continue;
         if (event.progress) {
           t.bar.max = data.totalSteps || 1;
           t.bar.value = data.step || 0;
@@ -114,6 +123,11 @@ export class GeneratePanel {
           t.bar.value = t.bar.max;
           t.root.dataset.state = "done";
           t.caption.textContent = `seed ${data.seed} · ${data.width}×${data.height} · profile v${data.profileVersion}`;
+          if (data.score !== undefined) {
+            t.root.dataset.score = String(data.score);
+            t.caption.textContent += ` · score ${data.score.toFixed(4)}` +
+              (candidates ? ` (#${(data.imageIndex || 0) + 1} of ${candidates})` : "");
+          }
           t.download.href = t.img.src;
           t.download.download = `viper-${data.seed}.png`;
           t.download.hidden = false;
@@ -137,6 +151,21 @@ export class GeneratePanel {
       throw error;
     }
     return seeds;
+  }
+
+  // A candidate's progress: every tile waiting for a pick shows the steps of all candidates together.
+  showCandidates(tileList, candidateSteps, data) {
+    const index = data.imageIndex || 0;
+    candidateSteps[index] = data.step || 0;
+    const total = data.totalSteps || 1;
+    const done = candidateSteps.reduce((sum, steps) => sum + steps, 0);
+    for (const t of tileList) {
+      t.bar.max = total * candidateSteps.length;
+      t.bar.value = done;
+      t.caption.textContent = `${candidateSteps.length} candidates: step ${done} of ${t.bar.max}`;
+      if (t.root.dataset.state !== "running") t.root.dataset.state = "running";
+    }
+    this.status.textContent = `Candidate ${index + 1} of ${candidateSteps.length}: step ${data.step || 0} of ${total}`;
   }
 }
 
