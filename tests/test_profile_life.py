@@ -303,3 +303,20 @@ def test_the_whole_life_on_postgresql(toy_models_dir, postgres_url):
     with psycopg.connect(postgres_url) as connection:
         for table in ("profiles", "profile_versions", "version_images", "images"):
             assert connection.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,), table
+
+
+def test_the_history_and_profile_size_flags():
+    import argparse
+
+    from viper_server.config import add_serve_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    defaults = config_from_args(parser.parse_args([]), environ={})
+    assert (defaults.keep_versions, defaults.limits.max_profile_images) == (None, 100)
+    given = config_from_args(parser.parse_args([]), environ={"VIPER_KEEP_VERSIONS": "5",
+                                                               "VIPER_MAX_PROFILE_IMAGES": "40"})
+    assert (given.keep_versions, given.limits.max_profile_images) == (5, 40)
+    with pytest.raises(ValueError, match="keep_versions"):
+        config_from_args(parser.parse_args(["--keep-versions", "0"]), environ={})
+    assert "unlimited" in parser.format_help()
