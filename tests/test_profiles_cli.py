@@ -316,3 +316,40 @@ def test_the_kubernetes_replicas_migrate_with_viper_profiles_before_serving():
     database = [variable for variable in server["env"] if variable["name"] == DB_ENV]
     assert [variable for variable in migrate["env"] if variable["name"] == DB_ENV] == database
     assert all(variable in server["env"] for variable in migrate["env"])  # the same database, the same way
+
+
+# --- export and import
+
+
+def test_export_then_import_moves_a_profile_between_databases(capsys, db_url, tmp_path):
+    with open_store(db_url) as store:
+        save(store, "alice", b"one", b"two")
+        save(store, "alice", b"two", b"three")
+    archive = tmp_path / "alice.zip"
+    status, out, err = run(capsys, "export", "--db", db_url, "--user", "alice", "-o", str(archive))
+    assert (status, err) == (0, "") and out.startswith(f"exported alice to {archive}")
+    assert run(capsys, "export", "--db", db_url, "--user", "alice", "-o", str(archive))[0] == 2  # never overwrites
+
+    other = str(tmp_path / "other.db")
+    status, out, err = run(capsys, "import", "--db", other, "--user", "bob", "--tenant", "shop", str(archive))
+    assert (status, out) == (2, "")  # like every operator command, never creates a database
+    assert run(capsys, "migrate", "--db", other)[0] == 0
+    status, out, err = run(capsys, "import", "--db", other, "--user", "bob", "--tenant", "shop", str(archive))
+    assert (status, out, err) == (0, "imported 2 version(s) as bob: now at version 2\n", "")
+    with open_store(other) as store:
+        assert [v.change.value for v in store.list_versions("bob", page_size=10, tenant="shop")] == ["import",
+                                                                                                   "extract"]
+        assert [image.data for image in store.get_with_images("bob", tenant="shop")[1]] == [b"two", b"three"]
+    status, _, err = run(capsys, "import", "--db", other, "--user", "bob", "--tenant", "shop", str(archive))
+    assert status == 1 and "replace" in err
+    assert run(capsys, "import", "--db", other, "--user", "bob", "--tenant", "shop", "--replace", str(archive))[0] == 0
+
+
+def test_import_of_a_bad_archive_stores_nothing(capsys, tmp_path):
+    db = str(tmp_path / "profiles.db")
+    open_store(db).close()
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    status, out, err = run(capsys, "import", "--db", db, "--user", "bob", str(bad))
+    assert (status, out) == (2, "") and err.startswith("error: archive: not a readable zip")
+    assert run(capsys, "export", "--db", db, "--user", "bob", "-o", str(tmp_path / "x.zip"))[0] == 1

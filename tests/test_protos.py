@@ -32,6 +32,8 @@ def test_services_keep_their_public_names():
 
     assert set(profile_pb2.DESCRIPTOR.services_by_name["ProfileService"].methods_by_name) == {
         "ExtractProfile", "GetProfile", "ListProfiles", "UpdateProfile", "DeleteProfile",
+        "AddRatings", "RemoveRatings", "ListProfileVersions", "RestoreProfileVersion", "ExportProfile",
+        "ImportProfile",
     }
     assert "Generate" in generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].methods_by_name
     assert "Score" in metric_pb2.DESCRIPTOR.services_by_name["MetricService"].methods_by_name

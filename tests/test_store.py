@@ -477,7 +477,8 @@ def test_re_extraction_replaces_everything_and_keeps_created_at(store: ProfileSt
     assert (second.raw_text, second.extractor_model) == ("new output", "other-model")
     assert [(ref.sha256, ref.comment) for ref in second.images] == [(sha256(LIKED_PNG), "new comment")]
     assert store.get("alice") == second
-    assert stored_shas(db) == {sha256(LIKED_PNG)}  # the replaced images went with them
+    # The replaced images stay while version 1 is kept in the history (test_store_history.py).
+    assert stored_shas(db) == {sha256(LIKED_PNG), sha256(b"old only"), sha256(DISLIKED_PNG)}
     assert save(store, "alice").version == 3
 
 

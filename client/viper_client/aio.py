@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -25,6 +26,7 @@ from viper_client.convert import GenerateOptions
 from viper_client.errors import error_from_rpc
 from viper_client.images import ImageSource
 from viper_client.types import GeneratedImage, GenerateEvent, Profile, RatedImage, ScoreResult
+from viper_proto.v1 import profile_pb2
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -71,8 +73,8 @@ class AsyncViperClient:
         response = await self._unary(self._connection.profiles.ExtractProfile, request, user_id, timeout, long=True)
         return convert.profile_from_proto(response)
 
-    async def get_profile(self, user_id: str, *, timeout: Timeout = UNSET) -> Profile:
-        request = convert.get_request(user_id)
+    async def get_profile(self, user_id: str, *, version: int | None = None, timeout: Timeout = UNSET) -> Profile:
+        request = convert.get_request(user_id, version)
         response = await self._unary(self._connection.profiles.GetProfile, request, user_id, timeout)
         return convert.profile_from_proto(response)
 
@@ -104,6 +106,53 @@ class AsyncViperClient:
     ) -> None:
         request = convert.delete_request(user_id, expected_version)
         await self._unary(self._connection.profiles.DeleteProfile, request, user_id, timeout)
+
+    async def add_ratings(self, user_id: str, images: Iterable[RatedImage], *, expected_version: int | None = None,
+                    timeout: Timeout = UNSET) -> Profile:
+        """Appends rated images to the user's stored ones (creating the profile if there is none) and
+        re-extracts over all of them; with expected_version, raises Conflict if it is stale."""
+        request = convert.add_ratings_request(user_id, images, expected_version)
+        response = await self._unary(self._connection.profiles.AddRatings, request, user_id, timeout, long=True)
+        return convert.profile_from_proto(response)
+
+    async def remove_ratings(self, user_id: str, image_sha256: Iterable[str], *, expected_version: int | None = None,
+                       timeout: Timeout = UNSET) -> Profile:
+        """Removes stored images (by ProfileImage.sha256) and re-extracts over the rest; removing every one is
+        FailedPrecondition (delete_profile erases a profile)."""
+        request = convert.remove_ratings_request(user_id, image_sha256, expected_version)
+        response = await self._unary(self._connection.profiles.RemoveRatings, request, user_id, timeout, long=True)
+        return convert.profile_from_proto(response)
+
+    async def list_profile_versions(self, user_id: str, *, page_size: int = 100,
+                                    timeout: Timeout = UNSET) -> AsyncIterator[Profile]:
+        """The kept versions of the user's profile, newest first, fetched a page at a time."""
+        request = convert.list_versions_request(user_id, page_size)
+        while True:
+            page = await self._unary(self._connection.profiles.ListProfileVersions, request, user_id, timeout)
+            for version in page.versions:
+                yield convert.profile_from_proto(version)
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    async def restore_profile_version(self, user_id: str, version: int, *, expected_version: int | None = None,
+                                timeout: Timeout = UNSET) -> Profile:
+        """Makes a new version with a kept version's features and images."""
+        request = convert.restore_request(user_id, version, expected_version)
+        response = await self._unary(self._connection.profiles.RestoreProfileVersion, request, user_id, timeout)
+        return convert.profile_from_proto(response)
+
+    async def export_profile(self, user_id: str, *, timeout: Timeout = UNSET) -> bytes:
+        """The profile with every kept version and its images, as a zip archive (docs/profile-archive.md)."""
+        request = profile_pb2.ExportProfileRequest(user_id=user_id)
+        return (await self._unary(self._connection.profiles.ExportProfile, request, user_id, timeout)).archive
+
+    async def import_profile(self, user_id: str, archive: bytes | str | os.PathLike[str], *, replace: bool = False,
+                       timeout: Timeout = UNSET) -> Profile:
+        """Creates the user's profile from an archive (bytes or a file); Conflict if one exists, unless replace."""
+        request = convert.import_request(user_id, archive, replace)
+        response = await self._unary(self._connection.profiles.ImportProfile, request, user_id, timeout)
+        return convert.profile_from_proto(response)
 
     def generate(
         self, user_id: str, prompt: str, *, timeout: Timeout = UNSET, **options: Unpack[GenerateOptions]

@@ -41,6 +41,8 @@ _TRUE_VALUES = ("1", "t", "true", "y", "yes")  # what C-core's gpr_parse_bool_va
 RETRIED_METHODS = (
     ("viper.v1.ProfileService", "GetProfile"),
     ("viper.v1.ProfileService", "ListProfiles"),
+    ("viper.v1.ProfileService", "ListProfileVersions"),
+    ("viper.v1.ProfileService", "ExportProfile"),
     ("viper.v1.MetricService", "Score"),
     ("viper.v1.GenerationService", "Generate"),
 )

@@ -195,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     get = actions.add_parser("get", parents=[json_output], help="show a profile")
     get.add_argument("--user", required=True, help=USER_HELP)
+    get.add_argument("--version", type=_positive_int, help="a kept version (default: the current one)")
     get.set_defaults(handler=get_profile)
 
     list_ = actions.add_parser("list", parents=[json_output], help="list all profiles")
@@ -217,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("--user", required=True, help=USER_HELP)
     delete.add_argument("--expected-version", type=int, help=EXPECTED_VERSION_HELP)
     delete.set_defaults(handler=delete_profile)
+    _add_life_commands(actions, json_output)
 
     generate = commands.add_parser(
         "generate", help="generate images personalized to a profile",
@@ -314,7 +316,94 @@ def extract_profile(client: ViperClient, args: argparse.Namespace) -> None:
 
 
 def get_profile(client: ViperClient, args: argparse.Namespace) -> None:
-    print_profile(client.get_profile(args.user), args.json, empty_note=NO_FEATURES)
+    print_profile(client.get_profile(args.user, version=args.version), args.json, empty_note=NO_FEATURES)
+
+
+def _add_life_commands(actions: argparse._SubParsersAction, json_output: argparse.ArgumentParser) -> None:
+    """add, remove, history, restore, export, import: a profile's life (README "Profile history")."""
+    add = actions.add_parser(
+        "add", parents=[json_output], help="rate more images: add them to a profile and re-extract",
+        description="Appends commented images to the user's stored ones (creating the profile if there is none) "
+                    "and re-extracts over all of them. An image stored already keeps its place and takes the new "
+                    "comment and rating.")
+    add.add_argument("--user", required=True, help=USER_HELP)
+    add.add_argument("--liked", type=Path, help="folder of newly liked images (taken in name order; default: none)")
+    add.add_argument("--disliked", type=Path,
+                     help="folder of newly disliked images (taken in name order; default: none)")
+    add.add_argument("--comments", required=True, type=Path,
+                     help="JSON object mapping each image's path, relative to the JSON file's folder, to its comment")
+    add.add_argument("--expected-version", type=int, help=EXPECTED_VERSION_HELP)
+    add.set_defaults(handler=add_ratings)
+    remove = actions.add_parser("remove", parents=[json_output], help="remove images from a profile and re-extract")
+    remove.add_argument("--user", required=True, help=USER_HELP)
+    remove.add_argument("--image", required=True, action="append", metavar="SHA256",
+                        help="a stored image's sha256 (as `viper profile get --json` shows); repeat for more")
+    remove.add_argument("--expected-version", type=int, help=EXPECTED_VERSION_HELP)
+    remove.set_defaults(handler=remove_ratings)
+    history = actions.add_parser("history", parents=[json_output], help="list a profile's kept versions")
+    history.add_argument("--user", required=True, help=USER_HELP)
+    history.set_defaults(handler=profile_history)
+    restore = actions.add_parser("restore", parents=[json_output],
+                                 help="make a new version from a kept one (no re-extraction)")
+    restore.add_argument("--user", required=True, help=USER_HELP)
+    restore.add_argument("--version", required=True, type=_positive_int, help="the kept version to restore")
+    restore.add_argument("--expected-version", type=int, help=EXPECTED_VERSION_HELP)
+    restore.set_defaults(handler=restore_version)
+    export = actions.add_parser("export", help="save a profile, every kept version and its images, as a zip")
+    export.add_argument("--user", required=True, help=USER_HELP)
+    export.add_argument("-o", "--output", required=True, type=Path, metavar="FILE",
+                        help="the archive to write; must not exist")
+    export.set_defaults(handler=export_profile)
+    import_ = actions.add_parser("import", parents=[json_output], help="create a profile from an exported zip")
+    import_.add_argument("--user", required=True, help=USER_HELP)
+    import_.add_argument("file", type=Path, metavar="FILE", help="an archive made by `viper profile export`")
+    import_.add_argument("--replace", action="store_true",
+                         help="erase and replace an existing profile (default: refuse, exit 1)")
+    import_.set_defaults(handler=import_profile)
+
+
+def add_ratings(client: ViperClient, args: argparse.Namespace) -> None:
+    if args.liked is None and args.disliked is None:
+        raise InputError("give --liked and/or --disliked")
+    images = load_rated_images(args.liked, args.disliked, args.comments)
+    try:
+        profile = client.add_ratings(args.user, images, expected_version=args.expected_version)
+    except ViperError as error:
+        raise name_files(error, "images", [image.image for image in images]) from error
+    print_profile(profile, args.json, empty_note=NOTHING_PARSED)
+
+
+def remove_ratings(client: ViperClient, args: argparse.Namespace) -> None:
+    print_profile(client.remove_ratings(args.user, args.image, expected_version=args.expected_version), args.json)
+
+
+def profile_history(client: ViperClient, args: argparse.Namespace) -> None:
+    versions = client.list_profile_versions(args.user)
+    if args.json:
+        print_json([dataclasses.asdict(version) for version in versions])
+        return
+    rows = [(str(v.version), v.change or "-", f"{v.liked_image_count}/{v.disliked_image_count}",
+             v.updated_at.isoformat(), ", ".join(v.liked_features) or "(none)") for v in versions]
+    print_table(("VERSION", "MADE BY", "LIKED/DISLIKED IMAGES", "TIME", "LIKED FEATURES"), rows)
+
+
+def restore_version(client: ViperClient, args: argparse.Namespace) -> None:
+    profile = client.restore_profile_version(args.user, args.version, expected_version=args.expected_version)
+    print_profile(profile, args.json)
+
+
+def export_profile(client: ViperClient, args: argparse.Namespace) -> None:
+    if args.output.exists():
+        raise InputError(f"{args.output} exists: remove it or name another file")
+    archive = client.export_profile(args.user)
+    partial = args.output.with_name(args.output.name + ".partial")
+    partial.write_bytes(archive)
+    partial.replace(args.output)  # complete or absent
+    print(f"exported {args.user} to {args.output} ({len(archive)} bytes)")
+
+
+def import_profile(client: ViperClient, args: argparse.Namespace) -> None:
+    print_profile(client.import_profile(args.user, args.file.read_bytes(), replace=args.replace), args.json)
 
 
 def list_profiles(client: ViperClient, args: argparse.Namespace) -> None:
@@ -578,8 +667,9 @@ def health_status(target: str, tls: Tls | None, token: str | None, timeout: floa
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
-def load_rated_images(liked_dir: Path, disliked_dir: Path, comments_file: Path) -> list[RatedImage]:
-    """The liked then the disliked images, each folder sorted by name, with their comments; all need one."""
+def load_rated_images(liked_dir: Path | None, disliked_dir: Path | None, comments_file: Path) -> list[RatedImage]:
+    """The liked then the disliked images, each folder sorted by name, with their comments; all need one.
+    A folder that is None is left out."""
     try:
         comments = json.loads(comments_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
@@ -592,8 +682,8 @@ def load_rated_images(liked_dir: Path, disliked_dir: Path, comments_file: Path) 
         for key, text in comments.items()
         if isinstance(text, str) and text.strip()
     }
-    rated = [(path, Rating.LIKED) for path in image_files(liked_dir)]
-    rated += [(path, Rating.DISLIKED) for path in image_files(disliked_dir)]
+    rated = [(path, Rating.LIKED) for path in (image_files(liked_dir) if liked_dir is not None else [])]
+    rated += [(path, Rating.DISLIKED) for path in (image_files(disliked_dir) if disliked_dir is not None else [])]
     uncommented = [str(path) for path, _ in rated if path.resolve() not in comment_by_path]
     if uncommented:
         raise InputError(f"no comment in {comments_file} for: {', '.join(uncommented)}")

@@ -3,8 +3,10 @@ the SDK's types and the protobuf messages meet."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from datetime import timezone
+from pathlib import Path
 from typing import TypedDict
 
 import grpc
@@ -27,6 +29,14 @@ from viper_proto.v1 import generation_pb2, metric_pb2, profile_pb2
 
 _RATING_TO_PROTO = {Rating.LIKED: profile_pb2.RATING_LIKED, Rating.DISLIKED: profile_pb2.RATING_DISLIKED}
 _RATING_FROM_PROTO = {value: rating for rating, value in _RATING_TO_PROTO.items()}
+_CHANGE_FROM_PROTO = {
+    profile_pb2.PROFILE_CHANGE_EXTRACT: "extract",
+    profile_pb2.PROFILE_CHANGE_ADD: "add",
+    profile_pb2.PROFILE_CHANGE_REMOVE: "remove",
+    profile_pb2.PROFILE_CHANGE_UPDATE: "update",
+    profile_pb2.PROFILE_CHANGE_RESTORE: "restore",
+    profile_pb2.PROFILE_CHANGE_IMPORT: "import",
+}
 
 
 class GenerateOptions(TypedDict, total=False):
@@ -62,8 +72,47 @@ def extract_request(user_id: str, images: Iterable[RatedImage]) -> profile_pb2.E
     )
 
 
-def get_request(user_id: str) -> profile_pb2.GetProfileRequest:
-    return profile_pb2.GetProfileRequest(user_id=user_id)
+def get_request(user_id: str, version: int | None = None) -> profile_pb2.GetProfileRequest:
+    return profile_pb2.GetProfileRequest(user_id=user_id, version=version or 0)
+
+
+def rated_images(images: Iterable[RatedImage]) -> list[profile_pb2.RatedImage]:
+    return [
+        profile_pb2.RatedImage(data=encode_image(rated.image), comment=rated.comment,
+                               rating=_RATING_TO_PROTO[Rating(rated.rating)])
+        for rated in images
+    ]
+
+
+def add_ratings_request(user_id: str, images: Iterable[RatedImage],
+                        expected_version: int | None) -> profile_pb2.AddRatingsRequest:
+    return profile_pb2.AddRatingsRequest(user_id=user_id, images=rated_images(images),
+                                         expected_version=expected_version or 0)
+
+
+def remove_ratings_request(user_id: str, image_sha256: Iterable[str],
+                           expected_version: int | None) -> profile_pb2.RemoveRatingsRequest:
+    if isinstance(image_sha256, str):  # one sha256 would be sent as 64 one-character ones
+        raise TypeError("image_sha256 is a list of sha256 strings, not one string")
+    return profile_pb2.RemoveRatingsRequest(user_id=user_id, image_sha256=list(image_sha256),
+                                            expected_version=expected_version or 0)
+
+
+def list_versions_request(user_id: str, page_size: int) -> profile_pb2.ListProfileVersionsRequest:
+    return profile_pb2.ListProfileVersionsRequest(user_id=user_id, page_size=page_size)
+
+
+def restore_request(user_id: str, version: int,
+                    expected_version: int | None) -> profile_pb2.RestoreProfileVersionRequest:
+    return profile_pb2.RestoreProfileVersionRequest(user_id=user_id, version=version,
+                                                    expected_version=expected_version or 0)
+
+
+def import_request(user_id: str, archive: bytes | str | os.PathLike[str],
+                   replace: bool) -> profile_pb2.ImportProfileRequest:
+    """archive: the bytes export_profile returned, or a path to a file holding them."""
+    data = archive if isinstance(archive, (bytes, bytearray)) else Path(archive).read_bytes()
+    return profile_pb2.ImportProfileRequest(user_id=user_id, archive=bytes(data), replace=replace)
 
 
 def list_request(page_size: int) -> profile_pb2.ListProfilesRequest:
@@ -136,6 +185,7 @@ def profile_from_proto(message: profile_pb2.Profile) -> Profile:
             )
             for image in message.images
         ],
+        change=_CHANGE_FROM_PROTO.get(message.change, ""),
     )
 
 

@@ -51,6 +51,9 @@ class Profile:
     updated_at: datetime
     extractor_model: str
     images: list[ProfileImage]
+    # What made this version ("extract", "add", "remove", "update", "restore", "import"): set on versions
+    # from the history (list_profile_versions, get_profile(version=...)); "" otherwise or when not known.
+    change: str = ""
 
 
 @dataclass(frozen=True)

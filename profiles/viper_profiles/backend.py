@@ -12,12 +12,21 @@ each step is done in its database and how transactions are isolated:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from .records import AppliedMigration, RowCheck, SchemaStatus, StoredImage, StoredProfile, StoreStats
+from .records import (
+    AppliedMigration,
+    Change,
+    ProfileVersion,
+    RowCheck,
+    SchemaStatus,
+    StoredImage,
+    StoredProfile,
+    StoreStats,
+)
 
 T = TypeVar("T")
 
@@ -37,6 +46,16 @@ class Transaction(Protocol):
 
     def count_profiles(self) -> int:
         """Profiles in every tenant."""
+
+    def list_profile_versions(self, user_id: str, before: int | None, limit: int,
+                              version: int | None = None) -> list[ProfileVersion]:
+        """Up to limit kept versions of the user, newest first: below `before` if given, only `version` if given."""
+
+    def read_version_images(self, user_id: str, version: int) -> list[StoredImage]:
+        """A kept version's images with their bytes, by position."""
+
+    def read_image_data(self, shas: Iterable[str]) -> dict[str, bytes]:
+        """The stored bytes of these images (by sha256)."""
 
     # --- writes
     def lock_user(self, user_id: str) -> None:
@@ -78,7 +97,14 @@ class Transaction(Protocol):
         between profiles), and deletes the images that no profile uses any more."""
 
     def delete_profile(self, user_id: str) -> None:
-        """Deletes the profile row, its image references and the images no other profile uses."""
+        """Deletes the profile row, every kept version of it, their image references and the images that no
+        other profile or version uses."""
+
+    def append_version(self, user_id: str, change: Change) -> None:
+        """Copies the current profile (as the last write left it) and its image references into the history."""
+
+    def prune_versions(self, user_id: str, keep: int) -> None:
+        """Drops every kept version but the newest `keep`, and the images nothing uses any more."""
 
     # --- whole-database reads, for the operator's commands (viper-profiles)
     def integrity_problems(self) -> list[str]:
@@ -105,6 +131,10 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Releases the connections; idempotent. Later calls raise StoreUnavailable."""
+
+    def scrub(self) -> None:
+        """After an erasure: makes the deleted bytes unreadable from the database's files where the backend
+        can (SQLite: checkpoints and truncates the WAL); a no-op where it cannot."""
 
     # The migrations opening the database applied (none if it was current, or opened without migrating).
     applied_migrations: tuple[AppliedMigration, ...]

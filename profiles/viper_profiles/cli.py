@@ -4,6 +4,8 @@
     viper-profiles check --db URL        integrity, schema version, orphaned images, stray rows; 1 on a problem
     viper-profiles stats --db URL        users, versions, images, bytes, shared images (--json)
     viper-profiles backup --db URL FILE  an online, consistent copy (SQLite; PostgreSQL: pg_dump)
+    viper-profiles export --db URL --user U -o FILE   one profile, every kept version, as an archive
+    viper-profiles import --db URL --user U FILE      a profile from an archive (--replace to overwrite)
 
 Exit status, as the `viper` CLI's: 0 done; 1 the database is there but something is wrong with it (a check
 found a problem, the schema is not this code's, a damaged file); 2 the command could not run (usage, a bad
@@ -21,8 +23,10 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .archive import build_archive, import_archive, read_archive
 from .errors import BackupNotSupported, StoreError, StoreNotFound, StoreUnavailable
 from .store import DB_ENV, DEFAULT_DB, DEFAULT_TIMEOUT, ProfileStore, open_store
+from .tenants import DEFAULT_TENANT
 
 EXIT_PROBLEM = 1
 EXIT_USAGE = 2
@@ -84,7 +88,57 @@ def build_parser() -> argparse.ArgumentParser:
                     "database is backed up with pg_dump --format=custom --file=FILE URL.")
     backup.add_argument("file", type=Path, metavar="FILE", help="the copy to write; must not exist")
     backup.set_defaults(run=run_backup)
+    _add_archive_commands(commands, common)
     return parser
+
+
+def _add_archive_commands(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    owner = argparse.ArgumentParser(add_help=False)
+    owner.add_argument("--user", required=True, help="the user id")
+    owner.add_argument("--tenant", default=DEFAULT_TENANT, help=f"the user's tenant (default {DEFAULT_TENANT})")
+    export = commands.add_parser(
+        "export", parents=[common, owner], help="write one profile, every kept version, as an archive",
+        description="Writes the user's profile with every kept version and its images as a zip archive "
+                    "(docs/profile-archive.md), the same as the ExportProfile RPC's.")
+    export.add_argument("-o", "--output", type=Path, required=True, metavar="FILE", help="the archive to write; "
+                        "must not exist")
+    export.set_defaults(run=run_export)
+    imported = commands.add_parser(
+        "import", parents=[common, owner], help="create a profile from an archive",
+        description="Creates the user's profile from an archive made by export (or ExportProfile), every version "
+                    "kept, after checking the archive whole (sizes, names, format version, hashes). The server's "
+                    "ImportProfile also decodes every image and applies its request limits.")
+    imported.add_argument("file", type=Path, metavar="FILE", help="the archive")
+    imported.add_argument("--replace", action="store_true", help="erase and replace an existing profile")
+    imported.set_defaults(run=run_import)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    if args.output.exists():
+        raise ValueError(f"{args.output} exists: remove it or name another file")
+    with _open_current(args) as store:
+        archive = build_archive(store, args.user, tenant=args.tenant)
+    partial = args.output.with_name(args.output.name + ".partial")
+    partial.write_bytes(archive)
+    partial.replace(args.output)  # complete or absent
+    print(f"exported {args.user} to {args.output} ({_size(len(archive))})")
+    return 0
+
+
+def run_import(args: argparse.Namespace) -> int:
+    archive = read_archive(args.file.read_bytes())  # InvalidArchive is a ValueError: nothing stored
+    with _open_current(args) as store:
+        profile = import_archive(store, args.user, archive, replace=args.replace, tenant=args.tenant)
+    print(f"imported {len(archive.versions)} version(s) as {args.user}: now at version {profile.version}")
+    return 0
+
+
+def _open_current(args: argparse.Namespace) -> ProfileStore:
+    store = _open_as_it_is(args)
+    if (problem := store.schema_status().problem()) is not None:
+        store.close()
+        raise StoreError(problem)
+    return store
 
 
 def run_migrate(args: argparse.Namespace) -> int:

@@ -27,6 +27,25 @@ class ProfileNotFound(StoreError):
         self.user_id = user_id
 
 
+class VersionNotFound(StoreError):
+    """The profile exists, but not that version of it (never made, or dropped by --keep-versions)."""
+
+    def __init__(self, user_id: str, version: int) -> None:
+        super().__init__(f"profile of user {quote_user_id(user_id)} has no version {version}")
+        self.user_id = user_id
+        self.version = version
+
+
+class ProfileExists(StoreError):
+    """An import would overwrite an existing profile, and replacing it was not asked for."""
+
+    def __init__(self, user_id: str, version: int) -> None:
+        super().__init__(f"user {quote_user_id(user_id)} has a profile already (version {version}); "
+                         "set replace to overwrite it")
+        self.user_id = user_id
+        self.version = version
+
+
 class VersionConflict(StoreError):
     """The caller's expected_version is stale: someone else changed the profile first."""
 

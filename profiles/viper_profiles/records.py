@@ -57,6 +57,28 @@ class StoredProfile:
         return sum(image.rating is Rating.DISLIKED for image in self.images)
 
 
+class Change(str, enum.Enum):
+    """What made a version of a profile."""
+
+    EXTRACT = "extract"
+    ADD = "add"
+    REMOVE = "remove"
+    UPDATE = "update"
+    RESTORE = "restore"
+    IMPORT = "import"
+    UNKNOWN = "unknown"  # versions stored before history was kept (the profile_versions migration)
+
+
+@dataclass(frozen=True)
+class ProfileVersion(StoredProfile):
+    """One kept version of a profile: its content as it was, and what made it.
+
+    updated_at is when this version was made; created_at the profile's, as it was then.
+    """
+
+    change: Change = Change.UNKNOWN
+
+
 # --- what the operator's commands (viper-profiles) read about a database as a whole
 
 
@@ -105,7 +127,7 @@ class SchemaStatus:
 class RowCheck:
     """Rows that break the store's invariants (each count 0 in a healthy database)."""
 
-    orphaned_images: int  # image rows no profile references (a delete or re-extraction removes them)
+    orphaned_images: int  # image rows no profile or kept version references (a delete or re-extraction removes them)
     orphaned_image_bytes: int
     stray_references: int  # image references of users without a profile (a deleted user's leftovers)
     stray_users: int  # the users those belong to
@@ -116,7 +138,7 @@ class RowCheck:
         problems = []
         if self.orphaned_images:
             problems.append(f"{self.orphaned_images} orphaned image(s), {self.orphaned_image_bytes} bytes: "
-                            "stored images no profile references")
+                            "stored images no profile or kept version references")
         if self.stray_references:
             problems.append(f"{self.stray_references} stray image reference(s) of {self.stray_users} user(s) "
                             "without a profile (rows left behind by deleted users)")

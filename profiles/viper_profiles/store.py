@@ -10,15 +10,17 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from .backend import Backend, Transaction
-from .errors import InvalidText, ProfileNotFound, VersionConflict
+from .errors import InvalidText, ProfileExists, ProfileNotFound, VersionConflict, VersionNotFound
 from .records import (
     AppliedMigration,
+    Change,
+    ProfileVersion,
     Rating,
     RowCheck,
     SchemaStatus,
@@ -43,7 +45,8 @@ _URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 def open_store(url: str | os.PathLike[str], *, timeout: float = DEFAULT_TIMEOUT,
-               pool_size: int = DEFAULT_POOL_SIZE, migrate: bool = True) -> ProfileStore:
+               pool_size: int = DEFAULT_POOL_SIZE, migrate: bool = True,
+               keep_versions: int | None = None) -> ProfileStore:
     """Opens (creating and migrating if needed) the store at url.
 
     - a plain path, or `sqlite:///relative/path`, `sqlite:////absolute/path` -> SQLite;
@@ -53,10 +56,12 @@ def open_store(url: str | os.PathLike[str], *, timeout: float = DEFAULT_TIMEOUT,
     SQLite file raises StoreNotFound), and only the operator's reads (schema_status, integrity_problems,
     check_rows, stats, backup) are meant for a database whose schema_status is not current.
 
+    keep_versions: how many versions of each profile the history keeps (None: all of them).
+
     Raises StoreUnavailable if the database cannot be reached within `timeout` seconds, StoreError if
     its schema is newer than this code, ValueError for a URL of another kind.
     """
-    return ProfileStore(url, timeout=timeout, pool_size=pool_size, migrate=migrate)
+    return ProfileStore(url, timeout=timeout, pool_size=pool_size, migrate=migrate, keep_versions=keep_versions)
 
 
 def _open_backend(url: str | os.PathLike[str], *, timeout: float, pool_size: int, migrate: bool = True) -> Backend:
@@ -91,11 +96,17 @@ class ProfileStore:
     expected_version) always names one content. Database unreachable -> StoreUnavailable.
     Every operation on a profile acts in one tenant (`tenant=`, default DEFAULT_TENANT): a tenant's
     profiles, versions and listing are its own.
+    Every write appends the version it makes to the profile's history (a ProfileVersion: its content, its
+    images by reference, and what made it), keeping the newest `keep_versions` (None: all); an image's bytes
+    are stored once, and kept while any profile or kept version uses them. A delete erases the history too.
     `ProfileStore(url)` is `open_store(url)`.
     """
 
     def __init__(self, url: str | os.PathLike[str], *, timeout: float = DEFAULT_TIMEOUT,
-                 pool_size: int = DEFAULT_POOL_SIZE, migrate: bool = True) -> None:
+                 pool_size: int = DEFAULT_POOL_SIZE, migrate: bool = True, keep_versions: int | None = None) -> None:
+        if keep_versions is not None and keep_versions < 1:
+            raise ValueError(f"keep_versions must be at least 1, got {keep_versions}")
+        self._keep_versions = keep_versions
         self._backend = _open_backend(url, timeout=timeout, pool_size=pool_size, migrate=migrate)
 
     def close(self) -> None:
@@ -124,11 +135,14 @@ class ProfileStore:
         extractor_model: str,
         images: Sequence[SourceImage],
         tenant: str = DEFAULT_TENANT,
+        change: Change = Change.EXTRACT,
+        expected_version: int | None = None,
     ) -> StoredProfile:
         """Creates the user's profile, or replaces all of it (features, text, images).
 
         The version goes one above the last the user was ever given; created_at is kept from the
-        first save of the current profile.
+        first save of the current profile. change: what the history records as having made it.
+        expected_version: VersionConflict unless the current version is this (0: unless there is no profile).
         """
         validate_user_id(user_id)
         validate_tenant(tenant)
@@ -149,7 +163,11 @@ class ProfileStore:
         now = _utc_now()
 
         def save(tx: Transaction) -> StoredProfile:
+            # Claimed first: it locks the user even when no row exists yet, so the check below sees every
+            # write of this user committed before (raising rolls the claim back).
             version = tx.claim_version(user_id)
+            if expected_version is not None and (current := tx.find_version(user_id) or 0) != expected_version:
+                raise VersionConflict(user_id, expected=expected_version, actual=current)
             previous = tx.find_profile(user_id)
             tx.put_profile(
                 user_id,
@@ -162,7 +180,7 @@ class ProfileStore:
                 updated_at=now,
             )
             tx.replace_images(user_id, stored)
-            return tx.find_profile(user_id)
+            return self._record(tx, user_id, change)
 
         return self._backend.write(save, tenant)
 
@@ -202,12 +220,14 @@ class ProfileStore:
                 liked_features=liked,
                 disliked_features=disliked,
             )
-            return tx.find_profile(user_id)
+            return self._record(tx, user_id, Change.UPDATE)
 
         return self._backend.write(update, tenant)
 
     def delete(self, user_id: str, *, expected_version: int | None = None, tenant: str = DEFAULT_TENANT) -> int:
-        """Deletes the profile, and every image of it that no other profile uses; returns the deleted version."""
+        """Erases the profile with every kept version, and every image of them that no other profile or version
+        uses; returns the deleted version. The backend then scrubs what it can of the deleted bytes (SQLite:
+        secure_delete zeroes the freed pages, and the WAL is checkpointed and truncated)."""
         validate_user_id(user_id)
         validate_tenant(tenant)
 
@@ -216,7 +236,110 @@ class ProfileStore:
             tx.delete_profile(user_id)
             return version
 
-        return self._backend.write(delete, tenant)
+        deleted = self._backend.write(delete, tenant)
+        self._backend.scrub()
+        return deleted
+
+    # --- history
+
+    def list_versions(self, user_id: str, *, page_size: int, before: int | None = None,
+                      tenant: str = DEFAULT_TENANT) -> list[ProfileVersion]:
+        """Up to page_size kept versions, newest first, below the version `before` if given.
+
+        ProfileNotFound if the user has no profile (a deleted profile has no history)."""
+        validate_user_id(user_id)
+        if page_size < 1:
+            raise ValueError(f"page_size must be at least 1, got {page_size}")
+
+        def read(tx: Transaction) -> list[ProfileVersion]:
+            if tx.find_version(user_id) is None:
+                raise ProfileNotFound(user_id)
+            return tx.list_profile_versions(user_id, before, page_size)
+
+        return self._backend.read(read, validate_tenant(tenant))
+
+    def get_version(self, user_id: str, version: int, *, tenant: str = DEFAULT_TENANT) -> ProfileVersion:
+        """A kept version; ProfileNotFound without a profile, VersionNotFound if that version is not kept."""
+        validate_user_id(user_id)
+        return self._backend.read(lambda tx: _kept(tx, user_id, version), validate_tenant(tenant))
+
+    def restore_version(self, user_id: str, version: int, *, expected_version: int | None = None,
+                        tenant: str = DEFAULT_TENANT) -> StoredProfile:
+        """Makes a new version with a kept version's features, text, extractor and images (no re-extraction)."""
+        validate_user_id(user_id)
+        validate_tenant(tenant)
+        now = _utc_now()
+
+        def restore(tx: Transaction) -> StoredProfile:
+            _checked_version(tx, user_id, expected_version)
+            old = _kept(tx, user_id, version)
+            images = tx.read_version_images(user_id, version)
+            created_at = tx.find_profile(user_id).created_at
+            self._put(tx, user_id, old, images, created_at=created_at, updated_at=now)
+            return self._record(tx, user_id, Change.RESTORE)
+
+        return self._backend.write(restore, tenant)
+
+    def export_versions(self, user_id: str, *,
+                        tenant: str = DEFAULT_TENANT) -> tuple[list[ProfileVersion], dict[str, bytes]]:
+        """Every kept version (oldest first) and the bytes of every image they use, from one snapshot."""
+        validate_user_id(user_id)
+
+        def read(tx: Transaction) -> tuple[list[ProfileVersion], dict[str, bytes]]:
+            if tx.find_version(user_id) is None:
+                raise ProfileNotFound(user_id)
+            versions = tx.list_profile_versions(user_id, None, 2**62)[::-1]
+            return versions, tx.read_image_data({image.sha256 for v in versions for image in v.images})
+
+        return self._backend.read(read, validate_tenant(tenant))
+
+    def import_versions(self, user_id: str, versions: Sequence[ProfileVersion], images: Mapping[str, bytes], *,
+                        replace: bool = False, tenant: str = DEFAULT_TENANT) -> StoredProfile:
+        """Creates the profile from versions (oldest first; their own version numbers are not kept: each gets
+        the user's next one) whose images' bytes are in `images`. The last becomes the current profile,
+        recorded as made by an import. ProfileExists if the user has a profile, unless replace (which erases
+        it first, history included)."""
+        validate_user_id(user_id)
+        validate_tenant(tenant)
+        if not versions:
+            raise ValueError("an import needs at least one version")
+        checked = [_checked_import(version, images) for version in versions]
+        now = _utc_now()
+
+        def write(tx: Transaction) -> StoredProfile:
+            tx.lock_user(user_id)
+            current = tx.find_version(user_id)
+            if current is not None and not replace:
+                raise ProfileExists(user_id, current)
+            if current is not None:
+                tx.delete_profile(user_id)
+            for number, (version, stored) in enumerate(checked, start=1):
+                last = number == len(checked)
+                self._put(tx, user_id, version, stored, created_at=version.created_at,
+                          updated_at=now if last else version.updated_at)
+                profile = self._record(tx, user_id, Change.IMPORT if last else version.change)
+            return profile
+
+        profile = self._backend.write(write, tenant)
+        if replace:
+            self._backend.scrub()
+        return profile
+
+    def _put(self, tx: Transaction, user_id: str, content: StoredProfile, images: Sequence[StoredImage], *,
+             created_at: datetime, updated_at: datetime) -> None:
+        tx.put_profile(
+            user_id, liked_features=content.liked_features, disliked_features=content.disliked_features,
+            raw_text=content.raw_text, version=tx.claim_version(user_id), extractor_model=content.extractor_model,
+            created_at=created_at, updated_at=updated_at,
+        )
+        tx.replace_images(user_id, images)
+
+    def _record(self, tx: Transaction, user_id: str, change: Change) -> StoredProfile:
+        """Appends the version a write just made to the history (trimmed to keep_versions); returns it."""
+        tx.append_version(user_id, change)
+        if self._keep_versions is not None:
+            tx.prune_versions(user_id, self._keep_versions)
+        return tx.find_profile(user_id)
 
     def get_with_images(self, user_id: str, *, tenant: str = DEFAULT_TENANT) -> tuple[StoredProfile, list[StoredImage]]:
         """The profile and its images (with their bytes, by position) from one snapshot: the images are
@@ -270,6 +393,31 @@ def _checked_version(tx: Transaction, user_id: str, expected_version: int | None
     if expected_version is not None and expected_version != version:
         raise VersionConflict(user_id, expected=expected_version, actual=version)
     return version
+
+
+def _kept(tx: Transaction, user_id: str, version: int) -> ProfileVersion:
+    if tx.find_version(user_id) is None:
+        raise ProfileNotFound(user_id)
+    found = tx.list_profile_versions(user_id, None, 1, version=version)
+    if not found:
+        raise VersionNotFound(user_id, version)
+    return found[0]
+
+
+def _checked_import(version: ProfileVersion, images: Mapping[str, bytes]) -> tuple[ProfileVersion, list[StoredImage]]:
+    """A version to import with its images' bytes, each checked against its sha256."""
+    _feature_list(version.liked_features, "liked")
+    _feature_list(version.disliked_features, "disliked")
+    _check_text(version.raw_text, "raw_text")
+    _check_text(version.extractor_model, "extractor_model")
+    stored = []
+    for position, ref in enumerate(version.images):
+        data = images.get(ref.sha256)
+        if data is None or hashlib.sha256(data).hexdigest() != ref.sha256:
+            raise ValueError(f"image {ref.sha256[:16]}... is missing or does not match its sha256")
+        stored.append(StoredImage(sha256=ref.sha256, comment=_check_text(ref.comment, "comment"),
+                                  rating=Rating(ref.rating), position=position, data=bytes(data)))
+    return version, stored
 
 
 def _found(profile: StoredProfile | None, user_id: str) -> StoredProfile:

@@ -17,10 +17,17 @@ GET = "profiles.get"
 LIST = "profiles.list"
 UPDATE = "profiles.update"
 DELETE = "profiles.delete"
+ADD_RATINGS = "profiles.add_ratings"
+REMOVE_RATINGS = "profiles.remove_ratings"
+HISTORY = "profiles.history"
+RESTORE = "profiles.restore"
+EXPORT = "profiles.export"
+IMPORT = "profiles.import"
 GENERATE = "generate"
 SCORE = "score"
 ANY = "*"
-PERMISSIONS = frozenset({EXTRACT, GET, LIST, UPDATE, DELETE, GENERATE, SCORE})
+PERMISSIONS = frozenset({EXTRACT, GET, LIST, UPDATE, DELETE, GENERATE, SCORE,
+                         ADD_RATINGS, REMOVE_RATINGS, HISTORY, RESTORE, EXPORT, IMPORT})
 
 SERVICE = "service"
 USER = "user"

@@ -10,12 +10,23 @@ the RPC layer maps them to status codes. Every operation takes the `Caller` firs
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 
 from PIL import Image
 
-from viper_profiles import ProfileNotFound, ProfileStore, SourceImage, StoredProfile
+from viper_profiles import (
+    Change,
+    ProfileNotFound,
+    ProfileStore,
+    ProfileVersion,
+    SourceImage,
+    StoredImage,
+    StoredProfile,
+    VersionConflict,
+)
+from viper_profiles.archive import Archive, build_archive, import_archive
 
 from . import access
 from .access import Caller
@@ -47,10 +58,28 @@ class InlineContext:
     disliked: Sequence[Image.Image]
 
 
+class TooManyProfileImages(ValueError):
+    """AddRatings would make the profile hold more images than --max-profile-images (INVALID_ARGUMENT)."""
+
+
+class ImageNotInProfile(LookupError):
+    """RemoveRatings names an image the profile does not hold (NOT_FOUND)."""
+
+
+class NoImagesLeft(Exception):
+    """RemoveRatings would remove every image: nothing left to extract from (FAILED_PRECONDITION)."""
+
+
+# Without --max-profile-images: what the real VPE's prompt holds (README "Profile history").
+DEFAULT_MAX_PROFILE_IMAGES = 100
+
+
 class ViperService:
-    def __init__(self, store: ProfileStore, engine: ModelEngine) -> None:
+    def __init__(self, store: ProfileStore, engine: ModelEngine, *,
+                 max_profile_images: int = DEFAULT_MAX_PROFILE_IMAGES) -> None:
         self._store = store
         self._engine = engine
+        self._max_profile_images = max_profile_images
 
     # -- what the loaded models accept (rpc.validation.Vocabulary) -------------------------------------
 
@@ -99,8 +128,11 @@ class ViperService:
         self._engine.forget_user(caller.scope(user_id), stored.version)
         return stored
 
-    async def get_profile(self, caller: Caller, user_id: str) -> StoredProfile:
+    async def get_profile(self, caller: Caller, user_id: str, version: int | None = None) -> StoredProfile:
+        """The current profile, or a kept version of it."""
         access.authorize(caller, access.GET, user_id)
+        if version is not None:
+            return await asyncio.to_thread(self._store.get_version, user_id, version, tenant=caller.tenant)
         return await asyncio.to_thread(self._store.get, user_id, tenant=caller.tenant)
 
     async def list_profiles(self, caller: Caller, page_size: int,
@@ -141,6 +173,97 @@ class ViperService:
         )
         # Versions are never reused: a Score that read the deleted profile must not cache it afterwards.
         self._engine.forget_user(caller.scope(user_id), deleted_version + 1)
+
+    # -- a profile's life: ratings added and removed, history, export and import ----------------------
+
+    async def add_ratings(self, caller: Caller, user_id: str, uploads: Sequence[RatedUpload], *,
+                          expected_version: int | None) -> StoredProfile:
+        """Appends the rated images to the stored ones (an image already stored keeps its position and takes
+        the new comment and rating) and re-extracts over all of them; creates the profile if there is none."""
+        access.authorize(caller, access.ADD_RATINGS, user_id)
+        version, stored = await self._stored_images(caller, user_id, expected_version)
+        merged: dict[str, RatedUpload | StoredImage] = {image.sha256: image for image in stored}
+        for upload in uploads:
+            merged[hashlib.sha256(upload.data).hexdigest()] = upload  # dicts keep the first insertion's place
+        if len(merged) > self._max_profile_images:
+            raise TooManyProfileImages(
+                f"images: the profile would hold {len(merged)} images, at most {self._max_profile_images} "
+                "(--max-profile-images)"
+            )
+        return await self._re_extract(caller, user_id, list(merged.values()), Change.ADD, version)
+
+    async def remove_ratings(self, caller: Caller, user_id: str, shas: Sequence[str], *,
+                             expected_version: int | None) -> StoredProfile:
+        """Removes the stored images named by sha256 and re-extracts over the rest."""
+        access.authorize(caller, access.REMOVE_RATINGS, user_id)
+        version, stored = await self._stored_images(caller, user_id, expected_version)
+        if version == 0:
+            raise ProfileNotFound(user_id)
+        if missing := set(shas) - {image.sha256 for image in stored}:
+            raise ImageNotInProfile(f"image_sha256: {sorted(missing)[0]} is not one of the profile's images")
+        kept = [image for image in stored if image.sha256 not in set(shas)]
+        if not kept:
+            raise NoImagesLeft("removing every image leaves nothing to extract from: DeleteProfile erases a profile")
+        return await self._re_extract(caller, user_id, kept, Change.REMOVE, version)
+
+    async def list_versions(self, caller: Caller, user_id: str, page_size: int,
+                            before: int | None) -> tuple[list[ProfileVersion], bool]:
+        """Up to page_size kept versions, newest first, below the version `before`; and whether more follow."""
+        access.authorize(caller, access.HISTORY, user_id)
+        rows = await asyncio.to_thread(self._store.list_versions, user_id, page_size=page_size + 1, before=before,
+                                       tenant=caller.tenant)
+        return rows[:page_size], len(rows) > page_size
+
+    async def restore_version(self, caller: Caller, user_id: str, version: int, *,
+                              expected_version: int | None) -> StoredProfile:
+        access.authorize(caller, access.RESTORE, user_id)
+        stored = await asyncio.to_thread(self._store.restore_version, user_id, version,
+                                         expected_version=expected_version, tenant=caller.tenant)
+        self._engine.forget_user(caller.scope(user_id), stored.version)
+        return stored
+
+    async def export_profile(self, caller: Caller, user_id: str) -> bytes:
+        access.authorize(caller, access.EXPORT, user_id)
+        return await asyncio.to_thread(build_archive, self._store, user_id, tenant=caller.tenant)
+
+    async def import_profile(self, caller: Caller, user_id: str, archive: Archive, *, replace: bool) -> StoredProfile:
+        """Creates the profile from a checked archive (rpc.validation), every version kept, no re-extraction."""
+        access.authorize(caller, access.IMPORT, user_id)
+        stored = await asyncio.to_thread(import_archive, self._store, user_id, archive, replace=replace,
+                                         tenant=caller.tenant)
+        self._engine.forget_user(caller.scope(user_id), stored.version)
+        return stored
+
+    async def _stored_images(self, caller: Caller, user_id: str,
+                             expected_version: int | None) -> tuple[int, list[StoredImage]]:
+        """The current version (0: no profile) and its images, checked against expected_version."""
+        try:
+            profile, images = await asyncio.to_thread(self._store.get_with_images, user_id, tenant=caller.tenant)
+            version = profile.version
+        except ProfileNotFound:
+            version, images = 0, []
+        if expected_version is not None and expected_version != version:
+            raise VersionConflict(user_id, expected=expected_version, actual=version)
+        return version, images
+
+    async def _re_extract(self, caller: Caller, user_id: str, images: Sequence[RatedUpload | StoredImage],
+                          change: Change, version: int) -> StoredProfile:
+        """Extracts over the images in order and stores the result, if the profile is still at `version`
+        (ABORTED otherwise: another write came first, while the model ran)."""
+        stored = [image for image in images if isinstance(image, StoredImage)]
+        decoded = iter(await asyncio.to_thread(self._engine.decode_stored, stored))
+        pictures = [image.image if isinstance(image, RatedUpload) else next(decoded) for image in images]
+        preferences = await self._engine.extract(pictures, [image.comment for image in images],
+                                                 user=caller.scope(user_id))
+        saved = await asyncio.to_thread(
+            self._store.save_extraction, user_id, liked_features=preferences.liked,
+            disliked_features=preferences.disliked, raw_text=preferences.raw_text,
+            extractor_model=self._engine.extractor_name,
+            images=[SourceImage(data=image.data, comment=image.comment, rating=image.rating) for image in images],
+            tenant=caller.tenant, change=change, expected_version=version,
+        )
+        self._engine.forget_user(caller.scope(user_id), saved.version)
+        return saved
 
     # -- generation and scoring -----------------------------------------------------------------------
 

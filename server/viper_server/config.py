@@ -35,6 +35,8 @@ class Limits:
     max_generate_size: int = 2048
     max_steps: int = 150
     max_score_queries: int = 64
+    # Images one profile holds (AddRatings): what fits the real VPE's prompt budget (README "Profile history").
+    max_profile_images: int = 100
     # Best of N: candidates generated and ranked per Generate call.
     max_candidates: int = 16
 
@@ -114,6 +116,8 @@ class ServerConfig:
     log_level: str = "info"
     # text for a terminal; json: one object a line (time, level, logger, message, request and trace ids, ...).
     log_format: str = "text"
+    # Versions of each profile the history keeps; unset = all of them.
+    keep_versions: int | None = None
     limits: Limits = Limits()
 
     @property
@@ -227,6 +231,8 @@ _SERVE_FLAGS: dict[str, _Flag] = {
                        choices=LOG_LEVELS),
     "log_format": _Flag("VIPER_LOG_FORMAT", str, "log lines as text, or json: one object a line for log pipelines",
                         choices=LOG_FORMATS),
+    "keep_versions": _Flag("VIPER_KEEP_VERSIONS", int, "versions of each profile the history keeps",
+                           shown_default="unlimited"),
 }
 _LIMIT_FLAGS: dict[str, _Flag] = {
     "max_images": _Flag("VIPER_MAX_IMAGES", int, "images per extraction"),
@@ -238,6 +244,7 @@ _LIMIT_FLAGS: dict[str, _Flag] = {
     "max_generate_size": _Flag("VIPER_MAX_GENERATE_SIZE", int, "largest generated width / height"),
     "max_steps": _Flag("VIPER_MAX_STEPS", int, "denoising steps per image"),
     "max_score_queries": _Flag("VIPER_MAX_SCORE_QUERIES", int, "query images per Score call"),
+    "max_profile_images": _Flag("VIPER_MAX_PROFILE_IMAGES", int, "images one profile holds (AddRatings)"),
     "max_candidates": _Flag("VIPER_MAX_CANDIDATES", int, "candidates a Generate call may rank (best of N)"),
 }
 
@@ -308,6 +315,8 @@ def check_config(config: ServerConfig) -> None:
         raise ValueError("--tls-cert and --tls-key go together")
     if config.tls_client_ca is not None and config.tls_cert is None:
         raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+    if config.keep_versions is not None and config.keep_versions < 1:
+        raise ValueError(f"keep_versions must be at least 1, not {config.keep_versions}")
     unauthenticated = config.auth_tokens is None and config.auth_config is None
     if not is_loopback(config.host) and unauthenticated and not config.allow_unauthenticated:
         raise ValueError(

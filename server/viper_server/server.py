@@ -64,7 +64,7 @@ class ViperServer:
         self.telemetry = Telemetry()
         check_secret_files(config)
         limit_concurrent_decodes(config.max_concurrent_decodes)
-        self.store = open_store(config.db)
+        self.store = open_store(config.db, keep_versions=config.keep_versions)
         self.engine = ModelEngine(
             model_preset(config.models, config.models_dir, BUILT_MODELS_ROOT),
             load_settings(config),
@@ -74,7 +74,8 @@ class ViperServer:
         )
         self.telemetry.watch(self.engine, self.store)
         # Traced: the store's reads and writes become spans (only while tracing is on).
-        service = ViperService(tracing.Traced(self.store, "store") if tracing.enabled() else self.store, self.engine)
+        service = ViperService(tracing.Traced(self.store, "store") if tracing.enabled() else self.store, self.engine,
+                               max_profile_images=config.limits.max_profile_images)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self._database_ok = True
@@ -93,7 +94,8 @@ class ViperServer:
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
         profile_pb2_grpc.add_ProfileServiceServicer_to_server(
-            ProfileServicer(service, config.limits, PageTokens(page_token_key(config))), self._server
+            ProfileServicer(service, config.limits, PageTokens(page_token_key(config)), config.max_message_bytes),
+            self._server
         )
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(
             GenerationServicer(service, config.limits, config.max_message_bytes), self._server

@@ -17,6 +17,8 @@ _MODULES = (profile_pb2, generation_pb2, metric_pb2)
 _READ_ONLY = frozenset({
     "/viper.v1.ProfileService/GetProfile",
     "/viper.v1.ProfileService/ListProfiles",
+    "/viper.v1.ProfileService/ListProfileVersions",
+    "/viper.v1.ProfileService/ExportProfile",
     "/viper.v1.GenerationService/Generate",
     "/viper.v1.MetricService/Score",
 })

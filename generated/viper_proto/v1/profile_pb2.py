@@ -27,15 +27,17 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cviper_proto/v1/profile.proto\x12\x08viper.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"M\n\nRatedImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0f\n\x07\x63omment\x18\x02 \x01(\t\x12 \n\x06rating\x18\x03 \x01(\x0e\x32\x10.viper.v1.Rating\"N\n\x15\x45xtractProfileRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12$\n\x06images\x18\x02 \x03(\x0b\x32\x14.viper.v1.RatedImage\"c\n\x0cProfileImage\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0f\n\x07\x63omment\x18\x02 \x01(\t\x12 \n\x06rating\x18\x03 \x01(\x0e\x32\x10.viper.v1.Rating\x12\x10\n\x08position\x18\x04 \x01(\x05\"\xcc\x02\n\x07Profile\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x16\n\x0eliked_features\x18\x02 \x03(\t\x12\x19\n\x11\x64isliked_features\x18\x03 \x03(\t\x12\x10\n\x08raw_text\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\x03\x12\x19\n\x11liked_image_count\x18\x06 \x01(\x05\x12\x1c\n\x14\x64isliked_image_count\x18\x07 \x01(\x05\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x65xtractor_model\x18\n \x01(\t\x12&\n\x06images\x18\x0b \x03(\x0b\x32\x16.viper.v1.ProfileImage\"$\n\x11GetProfileRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"<\n\x13ListProfilesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"T\n\x14ListProfilesResponse\x12#\n\x08profiles\x18\x01 \x03(\x0b\x32\x11.viper.v1.Profile\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xa5\x01\n\x14UpdateProfileRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x16\n\x0eliked_features\x18\x02 \x03(\t\x12\x19\n\x11\x64isliked_features\x18\x03 \x03(\t\x12/\n\x0bupdate_mask\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x18\n\x10\x65xpected_version\x18\x05 \x01(\x03\"A\n\x14\x44\x65leteProfileRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x18\n\x10\x65xpected_version\x18\x02 \x01(\x03*G\n\x06Rating\x12\x16\n\x12RATING_UNSPECIFIED\x10\x00\x12\x10\n\x0cRATING_LIKED\x10\x01\x12\x13\n\x0fRATING_DISLIKED\x10\x02\x32\xf0\x02\n\x0eProfileService\x12\x44\n\x0e\x45xtractProfile\x12\x1f.viper.v1.ExtractProfileRequest\x1a\x11.viper.v1.Profile\x12<\n\nGetProfile\x12\x1b.viper.v1.GetProfileRequest\x1a\x11.viper.v1.Profile\x12M\n\x0cListProfiles\x12\x1d.viper.v1.ListProfilesRequest\x1a\x1e.viper.v1.ListProfilesResponse\x12\x42\n\rUpdateProfile\x12\x1e.viper.v1.UpdateProfileRequest\x1a\x11.viper.v1.Profile\x12G\n\rDeleteProfile\x12\x1e.viper.v1.DeleteProfileRequest\x1a\x16.google.protobuf.Emptyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cviper_proto/v1/profile.proto\x12\x08viper.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"M\n\nRatedImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0f\n\x07\x63omment\x18\x02 \x01(\t\x12 \n\x06rating\x18\x03 \x01(\x0e\x32\x10.viper.v1.Rating\"N\n\x15\x45xtractProfileRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12$\n\x06images\x18\x02 \x03(\x0b\x32\x14.viper.v1.RatedImage\"c\n\x0cProfileImage\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0f\n\x07\x63omment\x18\x02 \x01(\t\x12 \n\x06rating\x18\x03 \x01(\x0e\x32\x10.viper.v1.Rating\x12\x10\n\x08position\x18\x04 \x01(\x05\"\xf5\x02\n\x07Profile\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x16\n\x0eliked_features\x18\x02 \x03(\t\x12\x19\n\x11\x64isliked_features\x18\x03 \x03(\t\x12\x10\n\x08raw_text\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\x03\x12\x19\n\x11liked_image_count\x18\x06 \x01(\x05\x12\x1c\n\x14\x64isliked_image_count\x18\x07 \x01(\x05\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x65xtractor_model\x18\n \x01(\t\x12&\n\x06images\x18\x0b \x03(\x0b\x32\x16.viper.v1.ProfileImage\x12\'\n\x06\x63hange\x18\x0c \x01(\x0e\x32\x17.viper.v1.ProfileChange\"5\n\x11GetProfileRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"<\n\x13ListProfilesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"T\n\x14ListProfilesResponse\x12#\n\x08profiles\x18\x01 \x03(\x0b\x32\x11.viper.v1.Profile\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xa5\x01\n\x14UpdateProfileRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x16\n\x0eliked_features\x18\x02 \x03(\t\x12\x19\n\x11\x64isliked_features\x18\x03 \x03(\t\x12/\n\x0bupdate_mask\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x18\n\x10\x65xpected_version\x18\x05 \x01(\x03\"A\n\x14\x44\x65leteProfileRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x18\n\x10\x65xpected_version\x18\x02 \x01(\x03\"d\n\x11\x41\x64\x64RatingsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12$\n\x06images\x18\x02 \x03(\x0b\x32\x14.viper.v1.RatedImage\x12\x18\n\x10\x65xpected_version\x18\x03 \x01(\x03\"W\n\x14RemoveRatingsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x14\n\x0cimage_sha256\x18\x02 \x03(\t\x12\x18\n\x10\x65xpected_version\x18\x03 \x01(\x03\"T\n\x1aListProfileVersionsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"[\n\x1bListProfileVersionsResponse\x12#\n\x08versions\x18\x01 \x03(\x0b\x32\x11.viper.v1.Profile\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"Z\n\x1cRestoreProfileVersionRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x18\n\x10\x65xpected_version\x18\x03 \x01(\x03\"\'\n\x14\x45xportProfileRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"(\n\x15\x45xportProfileResponse\x12\x0f\n\x07\x61rchive\x18\x01 \x01(\x0c\"I\n\x14ImportProfileRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61rchive\x18\x02 \x01(\x0c\x12\x0f\n\x07replace\x18\x03 \x01(\x08*\xd0\x01\n\rProfileChange\x12\x1e\n\x1aPROFILE_CHANGE_UNSPECIFIED\x10\x00\x12\x1a\n\x16PROFILE_CHANGE_EXTRACT\x10\x01\x12\x16\n\x12PROFILE_CHANGE_ADD\x10\x02\x12\x19\n\x15PROFILE_CHANGE_REMOVE\x10\x03\x12\x19\n\x15PROFILE_CHANGE_UPDATE\x10\x04\x12\x1a\n\x16PROFILE_CHANGE_RESTORE\x10\x05\x12\x19\n\x15PROFILE_CHANGE_IMPORT\x10\x06*G\n\x06Rating\x12\x16\n\x12RATING_UNSPECIFIED\x10\x00\x12\x10\n\x0cRATING_LIKED\x10\x01\x12\x13\n\x0fRATING_DISLIKED\x10\x02\x32\xc0\x06\n\x0eProfileService\x12\x44\n\x0e\x45xtractProfile\x12\x1f.viper.v1.ExtractProfileRequest\x1a\x11.viper.v1.Profile\x12<\n\nGetProfile\x12\x1b.viper.v1.GetProfileRequest\x1a\x11.viper.v1.Profile\x12M\n\x0cListProfiles\x12\x1d.viper.v1.ListProfilesRequest\x1a\x1e.viper.v1.ListProfilesResponse\x12\x42\n\rUpdateProfile\x12\x1e.viper.v1.UpdateProfileRequest\x1a\x11.viper.v1.Profile\x12G\n\rDeleteProfile\x12\x1e.viper.v1.DeleteProfileRequest\x1a\x16.google.protobuf.Empty\x12<\n\nAddRatings\x12\x1b.viper.v1.AddRatingsRequest\x1a\x11.viper.v1.Profile\x12\x42\n\rRemoveRatings\x12\x1e.viper.v1.RemoveRatingsRequest\x1a\x11.viper.v1.Profile\x12\x62\n\x13ListProfileVersions\x12$.viper.v1.ListProfileVersionsRequest\x1a%.viper.v1.ListProfileVersionsResponse\x12R\n\x15RestoreProfileVersion\x12&.viper.v1.RestoreProfileVersionRequest\x1a\x11.viper.v1.Profile\x12P\n\rExportProfile\x12\x1e.viper.v1.ExportProfileRequest\x1a\x1f.viper.v1.ExportProfileResponse\x12\x42\n\rImportProfile\x12\x1e.viper.v1.ImportProfileRequest\x1a\x11.viper.v1.Profileb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'viper_proto.v1.profile_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RATING']._serialized_start=1154
-  _globals['_RATING']._serialized_end=1225
+  _globals['_PROFILECHANGE']._serialized_start=1833
+  _globals['_PROFILECHANGE']._serialized_end=2041
+  _globals['_RATING']._serialized_start=2043
+  _globals['_RATING']._serialized_end=2114
   _globals['_RATEDIMAGE']._serialized_start=138
   _globals['_RATEDIMAGE']._serialized_end=215
   _globals['_EXTRACTPROFILEREQUEST']._serialized_start=217
@@ -43,17 +45,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROFILEIMAGE']._serialized_start=297
   _globals['_PROFILEIMAGE']._serialized_end=396
   _globals['_PROFILE']._serialized_start=399
-  _globals['_PROFILE']._serialized_end=731
-  _globals['_GETPROFILEREQUEST']._serialized_start=733
-  _globals['_GETPROFILEREQUEST']._serialized_end=769
-  _globals['_LISTPROFILESREQUEST']._serialized_start=771
-  _globals['_LISTPROFILESREQUEST']._serialized_end=831
-  _globals['_LISTPROFILESRESPONSE']._serialized_start=833
-  _globals['_LISTPROFILESRESPONSE']._serialized_end=917
-  _globals['_UPDATEPROFILEREQUEST']._serialized_start=920
-  _globals['_UPDATEPROFILEREQUEST']._serialized_end=1085
-  _globals['_DELETEPROFILEREQUEST']._serialized_start=1087
-  _globals['_DELETEPROFILEREQUEST']._serialized_end=1152
-  _globals['_PROFILESERVICE']._serialized_start=1228
-  _globals['_PROFILESERVICE']._serialized_end=1596
+  _globals['_PROFILE']._serialized_end=772
+  _globals['_GETPROFILEREQUEST']._serialized_start=774
+  _globals['_GETPROFILEREQUEST']._serialized_end=827
+  _globals['_LISTPROFILESREQUEST']._serialized_start=829
+  _globals['_LISTPROFILESREQUEST']._serialized_end=889
+  _globals['_LISTPROFILESRESPONSE']._serialized_start=891
+  _globals['_LISTPROFILESRESPONSE']._serialized_end=975
+  _globals['_UPDATEPROFILEREQUEST']._serialized_start=978
+  _globals['_UPDATEPROFILEREQUEST']._serialized_end=1143
+  _globals['_DELETEPROFILEREQUEST']._serialized_start=1145
+  _globals['_DELETEPROFILEREQUEST']._serialized_end=1210
+  _globals['_ADDRATINGSREQUEST']._serialized_start=1212
+  _globals['_ADDRATINGSREQUEST']._serialized_end=1312
+  _globals['_REMOVERATINGSREQUEST']._serialized_start=1314
+  _globals['_REMOVERATINGSREQUEST']._serialized_end=1401
+  _globals['_LISTPROFILEVERSIONSREQUEST']._serialized_start=1403
+  _globals['_LISTPROFILEVERSIONSREQUEST']._serialized_end=1487
+  _globals['_LISTPROFILEVERSIONSRESPONSE']._serialized_start=1489
+  _globals['_LISTPROFILEVERSIONSRESPONSE']._serialized_end=1580
+  _globals['_RESTOREPROFILEVERSIONREQUEST']._serialized_start=1582
+  _globals['_RESTOREPROFILEVERSIONREQUEST']._serialized_end=1672
+  _globals['_EXPORTPROFILEREQUEST']._serialized_start=1674
+  _globals['_EXPORTPROFILEREQUEST']._serialized_end=1713
+  _globals['_EXPORTPROFILERESPONSE']._serialized_start=1715
+  _globals['_EXPORTPROFILERESPONSE']._serialized_end=1755
+  _globals['_IMPORTPROFILEREQUEST']._serialized_start=1757
+  _globals['_IMPORTPROFILEREQUEST']._serialized_end=1830
+  _globals['_PROFILESERVICE']._serialized_start=2117
+  _globals['_PROFILESERVICE']._serialized_end=2949
 # @@protoc_insertion_point(module_scope)

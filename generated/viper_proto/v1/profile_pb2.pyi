@@ -12,11 +12,28 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ProfileChange(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PROFILE_CHANGE_UNSPECIFIED: _ClassVar[ProfileChange]
+    PROFILE_CHANGE_EXTRACT: _ClassVar[ProfileChange]
+    PROFILE_CHANGE_ADD: _ClassVar[ProfileChange]
+    PROFILE_CHANGE_REMOVE: _ClassVar[ProfileChange]
+    PROFILE_CHANGE_UPDATE: _ClassVar[ProfileChange]
+    PROFILE_CHANGE_RESTORE: _ClassVar[ProfileChange]
+    PROFILE_CHANGE_IMPORT: _ClassVar[ProfileChange]
+
 class Rating(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     RATING_UNSPECIFIED: _ClassVar[Rating]
     RATING_LIKED: _ClassVar[Rating]
     RATING_DISLIKED: _ClassVar[Rating]
+PROFILE_CHANGE_UNSPECIFIED: ProfileChange
+PROFILE_CHANGE_EXTRACT: ProfileChange
+PROFILE_CHANGE_ADD: ProfileChange
+PROFILE_CHANGE_REMOVE: ProfileChange
+PROFILE_CHANGE_UPDATE: ProfileChange
+PROFILE_CHANGE_RESTORE: ProfileChange
+PROFILE_CHANGE_IMPORT: ProfileChange
 RATING_UNSPECIFIED: Rating
 RATING_LIKED: Rating
 RATING_DISLIKED: Rating
@@ -52,7 +69,7 @@ class ProfileImage(_message.Message):
     def __init__(self, sha256: _Optional[str] = ..., comment: _Optional[str] = ..., rating: _Optional[_Union[Rating, str]] = ..., position: _Optional[int] = ...) -> None: ...
 
 class Profile(_message.Message):
-    __slots__ = ("user_id", "liked_features", "disliked_features", "raw_text", "version", "liked_image_count", "disliked_image_count", "create_time", "update_time", "extractor_model", "images")
+    __slots__ = ("user_id", "liked_features", "disliked_features", "raw_text", "version", "liked_image_count", "disliked_image_count", "create_time", "update_time", "extractor_model", "images", "change")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     LIKED_FEATURES_FIELD_NUMBER: _ClassVar[int]
     DISLIKED_FEATURES_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +81,7 @@ class Profile(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
     EXTRACTOR_MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     liked_features: _containers.RepeatedScalarFieldContainer[str]
     disliked_features: _containers.RepeatedScalarFieldContainer[str]
@@ -75,13 +93,16 @@ class Profile(_message.Message):
     update_time: _timestamp_pb2.Timestamp
     extractor_model: str
     images: _containers.RepeatedCompositeFieldContainer[ProfileImage]
-    def __init__(self, user_id: _Optional[str] = ..., liked_features: _Optional[_Iterable[str]] = ..., disliked_features: _Optional[_Iterable[str]] = ..., raw_text: _Optional[str] = ..., version: _Optional[int] = ..., liked_image_count: _Optional[int] = ..., disliked_image_count: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., extractor_model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[ProfileImage, _Mapping]]] = ...) -> None: ...
+    change: ProfileChange
+    def __init__(self, user_id: _Optional[str] = ..., liked_features: _Optional[_Iterable[str]] = ..., disliked_features: _Optional[_Iterable[str]] = ..., raw_text: _Optional[str] = ..., version: _Optional[int] = ..., liked_image_count: _Optional[int] = ..., disliked_image_count: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., extractor_model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[ProfileImage, _Mapping]]] = ..., change: _Optional[_Union[ProfileChange, str]] = ...) -> None: ...
 
 class GetProfileRequest(_message.Message):
-    __slots__ = ("user_id",)
+    __slots__ = ("user_id", "version")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     user_id: str
-    def __init__(self, user_id: _Optional[str] = ...) -> None: ...
+    version: int
+    def __init__(self, user_id: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ListProfilesRequest(_message.Message):
     __slots__ = ("page_size", "page_token")
@@ -120,3 +141,73 @@ class DeleteProfileRequest(_message.Message):
     user_id: str
     expected_version: int
     def __init__(self, user_id: _Optional[str] = ..., expected_version: _Optional[int] = ...) -> None: ...
+
+class AddRatingsRequest(_message.Message):
+    __slots__ = ("user_id", "images", "expected_version")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    images: _containers.RepeatedCompositeFieldContainer[RatedImage]
+    expected_version: int
+    def __init__(self, user_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[RatedImage, _Mapping]]] = ..., expected_version: _Optional[int] = ...) -> None: ...
+
+class RemoveRatingsRequest(_message.Message):
+    __slots__ = ("user_id", "image_sha256", "expected_version")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    image_sha256: _containers.RepeatedScalarFieldContainer[str]
+    expected_version: int
+    def __init__(self, user_id: _Optional[str] = ..., image_sha256: _Optional[_Iterable[str]] = ..., expected_version: _Optional[int] = ...) -> None: ...
+
+class ListProfileVersionsRequest(_message.Message):
+    __slots__ = ("user_id", "page_size", "page_token")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    page_size: int
+    page_token: str
+    def __init__(self, user_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListProfileVersionsResponse(_message.Message):
+    __slots__ = ("versions", "next_page_token")
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    versions: _containers.RepeatedCompositeFieldContainer[Profile]
+    next_page_token: str
+    def __init__(self, versions: _Optional[_Iterable[_Union[Profile, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class RestoreProfileVersionRequest(_message.Message):
+    __slots__ = ("user_id", "version", "expected_version")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    version: int
+    expected_version: int
+    def __init__(self, user_id: _Optional[str] = ..., version: _Optional[int] = ..., expected_version: _Optional[int] = ...) -> None: ...
+
+class ExportProfileRequest(_message.Message):
+    __slots__ = ("user_id",)
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    def __init__(self, user_id: _Optional[str] = ...) -> None: ...
+
+class ExportProfileResponse(_message.Message):
+    __slots__ = ("archive",)
+    ARCHIVE_FIELD_NUMBER: _ClassVar[int]
+    archive: bytes
+    def __init__(self, archive: _Optional[bytes] = ...) -> None: ...
+
+class ImportProfileRequest(_message.Message):
+    __slots__ = ("user_id", "archive", "replace")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    ARCHIVE_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    archive: bytes
+    replace: bool
+    def __init__(self, user_id: _Optional[str] = ..., archive: _Optional[bytes] = ..., replace: _Optional[bool] = ...) -> None: ...

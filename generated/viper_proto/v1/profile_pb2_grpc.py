@@ -62,6 +62,36 @@ class ProfileServiceStub:
                 request_serializer=viper__proto_dot_v1_dot_profile__pb2.DeleteProfileRequest.SerializeToString,
                 response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                 _registered_method=True)
+        self.AddRatings = channel.unary_unary(
+                '/viper.v1.ProfileService/AddRatings',
+                request_serializer=viper__proto_dot_v1_dot_profile__pb2.AddRatingsRequest.SerializeToString,
+                response_deserializer=viper__proto_dot_v1_dot_profile__pb2.Profile.FromString,
+                _registered_method=True)
+        self.RemoveRatings = channel.unary_unary(
+                '/viper.v1.ProfileService/RemoveRatings',
+                request_serializer=viper__proto_dot_v1_dot_profile__pb2.RemoveRatingsRequest.SerializeToString,
+                response_deserializer=viper__proto_dot_v1_dot_profile__pb2.Profile.FromString,
+                _registered_method=True)
+        self.ListProfileVersions = channel.unary_unary(
+                '/viper.v1.ProfileService/ListProfileVersions',
+                request_serializer=viper__proto_dot_v1_dot_profile__pb2.ListProfileVersionsRequest.SerializeToString,
+                response_deserializer=viper__proto_dot_v1_dot_profile__pb2.ListProfileVersionsResponse.FromString,
+                _registered_method=True)
+        self.RestoreProfileVersion = channel.unary_unary(
+                '/viper.v1.ProfileService/RestoreProfileVersion',
+                request_serializer=viper__proto_dot_v1_dot_profile__pb2.RestoreProfileVersionRequest.SerializeToString,
+                response_deserializer=viper__proto_dot_v1_dot_profile__pb2.Profile.FromString,
+                _registered_method=True)
+        self.ExportProfile = channel.unary_unary(
+                '/viper.v1.ProfileService/ExportProfile',
+                request_serializer=viper__proto_dot_v1_dot_profile__pb2.ExportProfileRequest.SerializeToString,
+                response_deserializer=viper__proto_dot_v1_dot_profile__pb2.ExportProfileResponse.FromString,
+                _registered_method=True)
+        self.ImportProfile = channel.unary_unary(
+                '/viper.v1.ProfileService/ImportProfile',
+                request_serializer=viper__proto_dot_v1_dot_profile__pb2.ImportProfileRequest.SerializeToString,
+                response_deserializer=viper__proto_dot_v1_dot_profile__pb2.Profile.FromString,
+                _registered_method=True)
 
 
 class ProfileServiceServicer:
@@ -99,7 +129,52 @@ class ProfileServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteProfile(self, request, context):
-        """Deletes a profile with its images.
+        """Erases a profile: every version of it, and every image no other profile
+        or version uses.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddRatings(self, request, context):
+        """Appends rated images to the stored ones (creating the profile if there is
+        none) and re-extracts over all of them, in their stored order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveRatings(self, request, context):
+        """Removes stored images by sha256 and re-extracts over the rest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListProfileVersions(self, request, context):
+        """The kept versions of a profile, newest first, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreProfileVersion(self, request, context):
+        """Makes a new version with a kept version's features and images (no
+        re-extraction).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportProfile(self, request, context):
+        """The profile, every kept version with its images, as a zip archive.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportProfile(self, request, context):
+        """Creates a profile from an archive made by ExportProfile (no re-extraction).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -132,6 +207,36 @@ def add_ProfileServiceServicer_to_server(servicer, server):
                     servicer.DeleteProfile,
                     request_deserializer=viper__proto_dot_v1_dot_profile__pb2.DeleteProfileRequest.FromString,
                     response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'AddRatings': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddRatings,
+                    request_deserializer=viper__proto_dot_v1_dot_profile__pb2.AddRatingsRequest.FromString,
+                    response_serializer=viper__proto_dot_v1_dot_profile__pb2.Profile.SerializeToString,
+            ),
+            'RemoveRatings': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveRatings,
+                    request_deserializer=viper__proto_dot_v1_dot_profile__pb2.RemoveRatingsRequest.FromString,
+                    response_serializer=viper__proto_dot_v1_dot_profile__pb2.Profile.SerializeToString,
+            ),
+            'ListProfileVersions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListProfileVersions,
+                    request_deserializer=viper__proto_dot_v1_dot_profile__pb2.ListProfileVersionsRequest.FromString,
+                    response_serializer=viper__proto_dot_v1_dot_profile__pb2.ListProfileVersionsResponse.SerializeToString,
+            ),
+            'RestoreProfileVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreProfileVersion,
+                    request_deserializer=viper__proto_dot_v1_dot_profile__pb2.RestoreProfileVersionRequest.FromString,
+                    response_serializer=viper__proto_dot_v1_dot_profile__pb2.Profile.SerializeToString,
+            ),
+            'ExportProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportProfile,
+                    request_deserializer=viper__proto_dot_v1_dot_profile__pb2.ExportProfileRequest.FromString,
+                    response_serializer=viper__proto_dot_v1_dot_profile__pb2.ExportProfileResponse.SerializeToString,
+            ),
+            'ImportProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportProfile,
+                    request_deserializer=viper__proto_dot_v1_dot_profile__pb2.ImportProfileRequest.FromString,
+                    response_serializer=viper__proto_dot_v1_dot_profile__pb2.Profile.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -271,6 +376,168 @@ class ProfileService:
             '/viper.v1.ProfileService/DeleteProfile',
             viper__proto_dot_v1_dot_profile__pb2.DeleteProfileRequest.SerializeToString,
             google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddRatings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/viper.v1.ProfileService/AddRatings',
+            viper__proto_dot_v1_dot_profile__pb2.AddRatingsRequest.SerializeToString,
+            viper__proto_dot_v1_dot_profile__pb2.Profile.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveRatings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/viper.v1.ProfileService/RemoveRatings',
+            viper__proto_dot_v1_dot_profile__pb2.RemoveRatingsRequest.SerializeToString,
+            viper__proto_dot_v1_dot_profile__pb2.Profile.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListProfileVersions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/viper.v1.ProfileService/ListProfileVersions',
+            viper__proto_dot_v1_dot_profile__pb2.ListProfileVersionsRequest.SerializeToString,
+            viper__proto_dot_v1_dot_profile__pb2.ListProfileVersionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreProfileVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/viper.v1.ProfileService/RestoreProfileVersion',
+            viper__proto_dot_v1_dot_profile__pb2.RestoreProfileVersionRequest.SerializeToString,
+            viper__proto_dot_v1_dot_profile__pb2.Profile.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/viper.v1.ProfileService/ExportProfile',
+            viper__proto_dot_v1_dot_profile__pb2.ExportProfileRequest.SerializeToString,
+            viper__proto_dot_v1_dot_profile__pb2.ExportProfileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/viper.v1.ProfileService/ImportProfile',
+            viper__proto_dot_v1_dot_profile__pb2.ImportProfileRequest.SerializeToString,
+            viper__proto_dot_v1_dot_profile__pb2.Profile.FromString,
             options,
             channel_credentials,
             insecure,

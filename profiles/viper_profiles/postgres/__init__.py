@@ -111,6 +111,10 @@ class PostgresBackend:
             "pg_dump --format=custom --file=FILE URL (restore with pg_restore)"
         )
 
+    def scrub(self) -> None:
+        """Nothing the store can do: deleted rows stay in the table's pages (and WAL) until VACUUM reuses them
+        (README "Erasure")."""
+
     def close(self) -> None:
         self._pool.close()  # a no-op once closed
 

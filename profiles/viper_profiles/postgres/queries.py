@@ -20,10 +20,10 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from ..records import ImageRef, Rating, RowCheck, StoredImage, StoredProfile, StoreStats
+from ..records import Change, ImageRef, ProfileVersion, Rating, RowCheck, StoredImage, StoredProfile, StoreStats
 
 # The store's tables, for the integrity checks.
-_TABLES = ["profiles", "images", "profile_images", "last_versions"]
+_TABLES = ["profiles", "images", "profile_images", "last_versions", "profile_versions", "version_images"]
 _PROFILE_COLUMNS = (
     "user_id, liked_features, disliked_features, raw_text, version, extractor_model, created_at, updated_at"
 )
@@ -88,6 +88,40 @@ class PostgresTransaction:
 
     def count_profiles(self) -> int:
         return self._conn.execute("SELECT count(*) FROM profiles").fetchone()[0]
+
+    def list_profile_versions(self, user_id: str, before: int | None, limit: int,
+                              version: int | None = None) -> list[ProfileVersion]:
+        rows = self._rows(
+            f"""
+            SELECT {_PROFILE_COLUMNS}, made_by FROM profile_versions
+            WHERE tenant = %s AND user_id = %s AND (%s::bigint IS NULL OR version < %s::bigint)
+              AND (%s::bigint IS NULL OR version = %s::bigint)
+            ORDER BY version DESC LIMIT %s
+            """,
+            [self._tenant, user_id, before, before, version, version, limit],
+        )
+        refs = self._version_image_refs(user_id, [row["version"] for row in rows])
+        return [ProfileVersion(**vars(_profile(row, refs[row["version"]])), change=Change(row["made_by"]))
+                for row in rows]
+
+    def read_version_images(self, user_id: str, version: int) -> list[StoredImage]:
+        with self._conn.cursor(row_factory=dict_row, binary=True) as cursor:
+            cursor.execute(
+                """
+                SELECT version_images.sha256, comment, rating, position, data
+                FROM version_images JOIN images USING (sha256)
+                WHERE tenant = %s AND user_id = %s AND version = %s
+                ORDER BY position
+                """,
+                [self._tenant, user_id, version],
+            )
+            return [StoredImage(sha256=row["sha256"], comment=row["comment"], rating=Rating(row["rating"]),
+                                position=row["position"], data=bytes(row["data"])) for row in cursor]
+
+    def read_image_data(self, shas: Iterable[str]) -> dict[str, bytes]:
+        with self._conn.cursor(binary=True) as cursor:
+            cursor.execute("SELECT sha256, data FROM images WHERE sha256 = ANY(%s)", [sorted(set(shas))])
+            return {sha: bytes(data) for sha, data in cursor}
 
     # --- writes
 
@@ -197,9 +231,38 @@ class PostgresTransaction:
         self._delete_unreferenced_images(set(dropped) - {image.sha256 for image in images})
 
     def delete_profile(self, user_id: str) -> None:
-        dropped = self._drop_image_references(user_id)
+        dropped = self._drop_image_references(user_id) + self._drop_versions(user_id, None)
         self._conn.execute("DELETE FROM profiles WHERE tenant = %s AND user_id = %s", [self._tenant, user_id])
         self._delete_unreferenced_images(dropped)
+
+    def append_version(self, user_id: str, change: Change) -> None:
+        """Copies the current profile and its image references into the history."""
+        key = [self._tenant, user_id]
+        self._conn.execute(
+            f"""
+            INSERT INTO profile_versions (tenant, {_PROFILE_COLUMNS}, made_by)
+            SELECT tenant, {_PROFILE_COLUMNS}, %s FROM profiles WHERE tenant = %s AND user_id = %s
+            """,
+            [change.value, *key],
+        )
+        self._conn.execute(
+            """
+            INSERT INTO version_images (tenant, user_id, version, position, sha256, comment, rating)
+            SELECT tenant, user_id, profiles.version, position, sha256, comment, rating
+            FROM profile_images JOIN profiles USING (tenant, user_id) WHERE tenant = %s AND user_id = %s
+            """,
+            key,
+        )
+
+    def prune_versions(self, user_id: str, keep: int) -> None:
+        """Drops every version but the newest `keep`, and the images nothing uses any more."""
+        row = self._conn.execute(
+            "SELECT version FROM profile_versions WHERE tenant = %s AND user_id = %s ORDER BY version DESC "
+            "LIMIT 1 OFFSET %s",
+            [self._tenant, user_id, keep - 1],
+        ).fetchone()
+        if row is not None:
+            self._delete_unreferenced_images(self._drop_versions(user_id, row[0]))
 
     # --- helpers
 
@@ -214,6 +277,30 @@ class PostgresTransaction:
         )
         return [sha for (sha,) in rows]
 
+    def _drop_versions(self, user_id: str, below: int | None) -> list[str]:
+        """Deletes the history rows below a version (None: all); returns the sha256s their images pointed to."""
+        where = "tenant = %s AND user_id = %s AND (%s::bigint IS NULL OR version < %s::bigint)"
+        args = [self._tenant, user_id, below, below]
+        shas = [sha for (sha,) in self._conn.execute(f"DELETE FROM version_images WHERE {where} RETURNING sha256",
+                                                     args)]
+        self._conn.execute(f"DELETE FROM profile_versions WHERE {where}", args)
+        return shas
+
+    def _version_image_refs(self, user_id: str, versions: Sequence[int]) -> defaultdict[int, list[ImageRef]]:
+        refs: defaultdict[int, list[ImageRef]] = defaultdict(list)
+        rows = self._rows(
+            """
+            SELECT version, sha256, comment, rating, position FROM version_images
+            WHERE tenant = %s AND user_id = %s AND version = ANY(%s)
+            ORDER BY version, position
+            """,
+            [self._tenant, user_id, list(versions)],
+        )
+        for row in rows:
+            refs[row["version"]].append(ImageRef(sha256=row["sha256"], comment=row["comment"],
+                                                 rating=Rating(row["rating"]), position=row["position"]))
+        return refs
+
     def _delete_unreferenced_images(self, candidates: Iterable[str]) -> None:
         # Only images this write stopped referencing can have become orphans, so only those are checked.
         candidates = sorted(set(candidates))
@@ -227,6 +314,7 @@ class PostgresTransaction:
             DELETE FROM images
             WHERE sha256 = ANY(%s)
               AND NOT EXISTS (SELECT 1 FROM profile_images WHERE profile_images.sha256 = images.sha256)
+              AND NOT EXISTS (SELECT 1 FROM version_images WHERE version_images.sha256 = images.sha256)
             """,
             [candidates],
         )
@@ -297,9 +385,12 @@ class PostgresTransaction:
             """
             SELECT
                 (SELECT count(*) FROM images WHERE NOT EXISTS (
-                    SELECT 1 FROM profile_images WHERE profile_images.sha256 = images.sha256)) AS orphaned_images,
+                    SELECT 1 FROM profile_images WHERE profile_images.sha256 = images.sha256) AND NOT EXISTS (
+                    SELECT 1 FROM version_images WHERE version_images.sha256 = images.sha256)) AS orphaned_images,
                 (SELECT coalesce(sum(octet_length(data)), 0) FROM images WHERE NOT EXISTS (
-                    SELECT 1 FROM profile_images WHERE profile_images.sha256 = images.sha256)) AS orphaned_image_bytes,
+                    SELECT 1 FROM profile_images WHERE profile_images.sha256 = images.sha256) AND NOT EXISTS (
+                    SELECT 1 FROM version_images WHERE version_images.sha256 = images.sha256))
+                    AS orphaned_image_bytes,
                 (SELECT count(*) FROM profile_images WHERE NOT EXISTS (
                     SELECT 1 FROM profiles WHERE profiles.tenant = profile_images.tenant
                     AND profiles.user_id = profile_images.user_id)) AS stray_references,

@@ -77,7 +77,59 @@ def _add_tenants(conn: psycopg.Connection) -> None:
     )
 
 
-MIGRATIONS: tuple[Migration, ...] = (_create_profile_tables, _create_last_versions, _add_tenants)
+def _add_profile_versions(conn: psycopg.Connection) -> None:
+    # Every kept version of a profile, with its images (by reference: the bytes stay in `images`, once).
+    conn.execute(
+        """
+        CREATE TABLE profile_versions (
+            tenant text COLLATE "C" NOT NULL,
+            user_id text COLLATE "C" NOT NULL,
+            version bigint NOT NULL,
+            liked_features text[] NOT NULL,
+            disliked_features text[] NOT NULL,
+            raw_text text NOT NULL,
+            extractor_model text NOT NULL,
+            created_at timestamptz NOT NULL,
+            updated_at timestamptz NOT NULL,
+            made_by text NOT NULL,
+            PRIMARY KEY (tenant, user_id, version)
+        )
+        """
+    )
+    conn.execute(
+        """
+        CREATE TABLE version_images (
+            tenant text COLLATE "C" NOT NULL,
+            user_id text COLLATE "C" NOT NULL,
+            version bigint NOT NULL,
+            position integer NOT NULL,
+            sha256 text COLLATE "C" NOT NULL REFERENCES images (sha256),
+            comment text NOT NULL,
+            rating text NOT NULL CHECK (rating IN ('liked', 'disliked')),
+            PRIMARY KEY (tenant, user_id, version, position),
+            FOREIGN KEY (tenant, user_id, version) REFERENCES profile_versions (tenant, user_id, version)
+        )
+        """
+    )
+    conn.execute("CREATE INDEX version_images_sha256 ON version_images (sha256)")
+    # Each existing profile's current version becomes its first history row; what made it is not known.
+    conn.execute(
+        """
+        INSERT INTO profile_versions SELECT tenant, user_id, version, liked_features, disliked_features, raw_text,
+            extractor_model, created_at, updated_at, 'unknown' FROM profiles
+        """
+    )
+    conn.execute(
+        """
+        INSERT INTO version_images SELECT tenant, user_id, profiles.version, position, sha256, comment, rating
+        FROM profile_images JOIN profiles USING (tenant, user_id)
+        """
+    )
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    _create_profile_tables, _create_last_versions, _add_tenants, _add_profile_versions,
+)
 
 
 def migration_name(migration: Migration) -> str:

@@ -74,6 +74,15 @@ class SqliteBackend:
                 self._db.conn.backup(copy)
         partial.replace(target)
 
+    def scrub(self) -> None:
+        # secure_delete zeroed the freed pages in the database, but the WAL still holds the frames written
+        # before (the images as inserted): copy the WAL back and truncate it to nothing. Another process
+        # reading at that moment keeps its frames; they are overwritten by a later checkpoint.
+        with _unavailable_when_busy(), self._lock:
+            if self._closed:
+                raise StoreUnavailable("the profile store is closed")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
     def close(self) -> None:
         with self._lock:
             self._closed = True

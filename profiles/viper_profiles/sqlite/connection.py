@@ -23,6 +23,8 @@ def open_database(path: Path, *, timeout: float) -> Database:
     _enable_wal(db, timeout=timeout)
     # Off by default in SQLite, and per connection.
     db.execute("PRAGMA foreign_keys = ON")
+    # Erasure: deleted rows (images) are overwritten with zeros in the file, not just marked free.
+    db.execute("PRAGMA secure_delete = ON")
     return db
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from sqlite_utils import Database
 from sqlite_utils.db import NotFoundError
 
-from ..records import ImageRef, Rating, RowCheck, StoredImage, StoredProfile, StoreStats
+from ..records import Change, ImageRef, ProfileVersion, Rating, RowCheck, StoredImage, StoredProfile, StoreStats
 
 
 class SqliteTransaction:
@@ -67,6 +67,38 @@ class SqliteTransaction:
 
     def count_profiles(self) -> int:
         return self._db["profiles"].count
+
+    def list_profile_versions(self, user_id: str, before: int | None, limit: int,
+                              version: int | None = None) -> list[ProfileVersion]:
+        where, args = "tenant = ? AND user_id = ?", [self._tenant, user_id]
+        if before is not None:
+            where, args = where + " AND version < ?", [*args, before]
+        if version is not None:
+            where, args = where + " AND version = ?", [*args, version]
+        rows = list(self._db["profile_versions"].rows_where(where, args, order_by="version DESC", limit=limit))
+        refs = self._version_image_refs(user_id, [row["version"] for row in rows])
+        return [ProfileVersion(**vars(_profile(row, refs[row["version"]])), change=Change(row["made_by"]))
+                for row in rows]
+
+    def read_version_images(self, user_id: str, version: int) -> list[StoredImage]:
+        rows = self._db.query(
+            """
+            SELECT version_images.sha256, comment, rating, position, data
+            FROM version_images JOIN images USING (sha256)
+            WHERE tenant = ? AND user_id = ? AND version = ?
+            ORDER BY position
+            """,
+            [self._tenant, user_id, version],
+        )
+        return [StoredImage(sha256=row["sha256"], comment=row["comment"], rating=Rating(row["rating"]),
+                            position=row["position"], data=row["data"]) for row in rows]
+
+    def read_image_data(self, shas: Iterable[str]) -> dict[str, bytes]:
+        rows = self._db.query(
+            "SELECT sha256, data FROM images WHERE sha256 IN (SELECT value FROM json_each(?))",
+            [json.dumps(sorted(set(shas)))],
+        )
+        return {row["sha256"]: row["data"] for row in rows}
 
     # --- writes
 
@@ -144,9 +176,37 @@ class SqliteTransaction:
         self._delete_unreferenced_images(dropped)
 
     def delete_profile(self, user_id: str) -> None:
-        dropped = self._drop_image_references(user_id)
+        dropped = self._drop_image_references(user_id) + self._drop_versions(user_id, None)
         self._db["profiles"].delete((self._tenant, user_id))
         self._delete_unreferenced_images(dropped)
+
+    def append_version(self, user_id: str, change: Change) -> None:
+        """Copies the current profile and its image references into the history."""
+        key = [self._tenant, user_id]
+        self._db.execute(
+            """
+            INSERT INTO profile_versions SELECT tenant, user_id, version, liked_features, disliked_features,
+                raw_text, extractor_model, created_at, updated_at, ? FROM profiles WHERE tenant = ? AND user_id = ?
+            """,
+            [change.value, *key],
+        )
+        self._db.execute(
+            """
+            INSERT INTO version_images SELECT tenant, user_id, profiles.version, position, sha256, comment, rating
+            FROM profile_images JOIN profiles USING (tenant, user_id) WHERE tenant = ? AND user_id = ?
+            """,
+            key,
+        )
+
+    def prune_versions(self, user_id: str, keep: int) -> None:
+        """Drops every version but the newest `keep`, and the images nothing uses any more."""
+        row = self._db.execute(
+            "SELECT version FROM profile_versions WHERE tenant = ? AND user_id = ? ORDER BY version DESC "
+            "LIMIT 1 OFFSET ?",
+            [self._tenant, user_id, keep - 1],
+        ).fetchone()
+        if row is not None:
+            self._delete_unreferenced_images(self._drop_versions(user_id, row[0]))
 
     # --- helpers
 
@@ -163,6 +223,31 @@ class SqliteTransaction:
         )
         return [row["sha256"] for row in rows]
 
+    def _drop_versions(self, user_id: str, below: int | None) -> list[str]:
+        """Deletes the history rows below a version (None: all); returns the sha256s their images pointed to."""
+        where, args = "tenant = ? AND user_id = ?", [self._tenant, user_id]
+        if below is not None:
+            where, args = where + " AND version < ?", [*args, below]
+        rows = self._db.query(f"DELETE FROM version_images WHERE {where} RETURNING sha256", args)
+        shas = [row["sha256"] for row in rows]
+        self._db.execute(f"DELETE FROM profile_versions WHERE {where}", args)
+        return shas
+
+    def _version_image_refs(self, user_id: str, versions: Sequence[int]) -> defaultdict[int, list[ImageRef]]:
+        rows = self._db.query(
+            """
+            SELECT version, sha256, comment, rating, position FROM version_images
+            WHERE tenant = ? AND user_id = ? AND version IN (SELECT value FROM json_each(?))
+            ORDER BY version, position
+            """,
+            [self._tenant, user_id, json.dumps(list(versions))],
+        )
+        refs: defaultdict[int, list[ImageRef]] = defaultdict(list)
+        for row in rows:
+            refs[row["version"]].append(ImageRef(sha256=row["sha256"], comment=row["comment"],
+                                                 rating=Rating(row["rating"]), position=row["position"]))
+        return refs
+
     def _delete_unreferenced_images(self, candidates: Iterable[str]) -> None:
         # Only images this write stopped referencing can have become orphans, so only
         # those are checked: a write costs its own images, not the whole table.
@@ -172,6 +257,9 @@ class SqliteTransaction:
             WHERE sha256 IN (SELECT value FROM json_each(?))
               AND NOT EXISTS (
                 SELECT 1 FROM profile_images WHERE profile_images.sha256 = images.sha256
+              )
+              AND NOT EXISTS (
+                SELECT 1 FROM version_images WHERE version_images.sha256 = images.sha256
               )
             """,
             [json.dumps(sorted(set(candidates)))],
@@ -218,9 +306,12 @@ class SqliteTransaction:
             """
             SELECT
                 (SELECT count(*) FROM images WHERE NOT EXISTS (
-                    SELECT 1 FROM profile_images WHERE profile_images.sha256 = images.sha256)) AS orphaned_images,
+                    SELECT 1 FROM profile_images WHERE profile_images.sha256 = images.sha256) AND NOT EXISTS (
+                    SELECT 1 FROM version_images WHERE version_images.sha256 = images.sha256)) AS orphaned_images,
                 (SELECT coalesce(sum(length(data)), 0) FROM images WHERE NOT EXISTS (
-                    SELECT 1 FROM profile_images WHERE profile_images.sha256 = images.sha256)) AS orphaned_image_bytes,
+                    SELECT 1 FROM profile_images WHERE profile_images.sha256 = images.sha256) AND NOT EXISTS (
+                    SELECT 1 FROM version_images WHERE version_images.sha256 = images.sha256))
+                    AS orphaned_image_bytes,
                 (SELECT count(*) FROM profile_images WHERE NOT EXISTS (
                     SELECT 1 FROM profiles WHERE profiles.tenant = profile_images.tenant
                     AND profiles.user_id = profile_images.user_id)) AS stray_references,

@@ -103,7 +103,47 @@ def _add_tenants(db: Database) -> None:
     db.execute("CREATE INDEX idx_profile_images_sha256 ON profile_images (sha256)")
 
 
-MIGRATIONS: tuple[Migration, ...] = (_create_profile_tables, _create_last_versions, _add_tenants)
+def _add_profile_versions(db: Database) -> None:
+    # Every kept version of a profile, with its images (by reference: the bytes stay in `images`, once).
+    db.execute(
+        """
+        CREATE TABLE profile_versions (
+            tenant TEXT NOT NULL, user_id TEXT NOT NULL, version INTEGER NOT NULL, liked_features TEXT NOT NULL,
+            disliked_features TEXT NOT NULL, raw_text TEXT NOT NULL, extractor_model TEXT NOT NULL,
+            created_at TEXT NOT NULL, updated_at TEXT NOT NULL, made_by TEXT NOT NULL,
+            PRIMARY KEY (tenant, user_id, version)
+        ) STRICT
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE version_images (
+            tenant TEXT NOT NULL, user_id TEXT NOT NULL, version INTEGER NOT NULL, position INTEGER NOT NULL,
+            sha256 TEXT NOT NULL REFERENCES images (sha256), comment TEXT NOT NULL, rating TEXT NOT NULL,
+            PRIMARY KEY (tenant, user_id, version, position),
+            FOREIGN KEY (tenant, user_id, version) REFERENCES profile_versions (tenant, user_id, version)
+        ) STRICT
+        """
+    )
+    db.execute("CREATE INDEX idx_version_images_sha256 ON version_images (sha256)")
+    # Each existing profile's current version becomes its first history row; what made it is not known.
+    db.execute(
+        """
+        INSERT INTO profile_versions SELECT tenant, user_id, version, liked_features, disliked_features, raw_text,
+            extractor_model, created_at, updated_at, 'unknown' FROM profiles
+        """
+    )
+    db.execute(
+        """
+        INSERT INTO version_images SELECT tenant, user_id, profiles.version, position, sha256, comment, rating
+        FROM profile_images JOIN profiles USING (tenant, user_id)
+        """
+    )
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    _create_profile_tables, _create_last_versions, _add_tenants, _add_profile_versions,
+)
 
 
 def schema_version(db: Database) -> int:

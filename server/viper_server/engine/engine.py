@@ -238,6 +238,10 @@ class ModelEngine:
             version=version,
         )
 
+    def decode_stored(self, images: Sequence[StoredImage]) -> list[Image.Image]:
+        """Stored images decoded for the models (StoredImageUnreadable for one that cannot be)."""
+        return list(_StoredImages(images, self._max_image_pixels))
+
     def context_pairs(self, context: ScoringContext) -> int:
         """How many pairs of the context a score uses; ContextError (before any model work) when none."""
         return context_pairs(len(context.liked), len(context.disliked), self._settings.metric_max_pairs)

@@ -7,13 +7,22 @@ import binascii
 import hashlib
 import hmac
 
-from viper_profiles import Rating, StoredProfile
+from viper_profiles import Change, ProfileVersion, Rating, StoredProfile
 from viper_proto.v1 import generation_pb2, metric_pb2, profile_pb2
 
 from ..domain import FinishedImage, GenerationEvent, Preview, Progress, ScoredQuery
 
 RATING_FROM_PROTO = {profile_pb2.RATING_LIKED: Rating.LIKED, profile_pb2.RATING_DISLIKED: Rating.DISLIKED}
 _RATING_TO_PROTO = {rating: value for value, rating in RATING_FROM_PROTO.items()}
+_CHANGE_TO_PROTO = {
+    Change.EXTRACT: profile_pb2.PROFILE_CHANGE_EXTRACT,
+    Change.ADD: profile_pb2.PROFILE_CHANGE_ADD,
+    Change.REMOVE: profile_pb2.PROFILE_CHANGE_REMOVE,
+    Change.UPDATE: profile_pb2.PROFILE_CHANGE_UPDATE,
+    Change.RESTORE: profile_pb2.PROFILE_CHANGE_RESTORE,
+    Change.IMPORT: profile_pb2.PROFILE_CHANGE_IMPORT,
+    Change.UNKNOWN: profile_pb2.PROFILE_CHANGE_UNSPECIFIED,
+}
 
 
 def profile_to_proto(profile: StoredProfile) -> profile_pb2.Profile:
@@ -36,7 +45,18 @@ def profile_to_proto(profile: StoredProfile) -> profile_pb2.Profile:
     )
     message.create_time.FromDatetime(profile.created_at)
     message.update_time.FromDatetime(profile.updated_at)
+    if isinstance(profile, ProfileVersion):
+        message.change = _CHANGE_TO_PROTO[profile.change]
     return message
+
+
+def versions_page_to_proto(versions: list[ProfileVersion], more: bool,
+                           tokens: PageTokens) -> profile_pb2.ListProfileVersionsResponse:
+    return profile_pb2.ListProfileVersionsResponse(
+        versions=[profile_to_proto(version) for version in versions],
+        # The page token names the last version listed, signed: the next page starts below it.
+        next_page_token=tokens.encode(str(versions[-1].version)) if more and versions else "",
+    )
 
 
 def profiles_page_to_proto(profiles: list[StoredProfile], more: bool,

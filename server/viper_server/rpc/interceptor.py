@@ -29,14 +29,17 @@ from viper_profiles import (
     USER_ID_PATTERN,
     InvalidText,
     InvalidUserId,
+    ProfileExists,
     ProfileNotFound,
     StoreUnavailable,
     VersionConflict,
+    VersionNotFound,
     quote_user_id,
 )
 
 from .. import access, tracing
 from ..access import PermissionDenied
+from ..application import ImageNotInProfile, NoImagesLeft, TooManyProfileImages
 from ..audit import AuditEvent, AuditSink
 from ..domain import ContextError
 from ..engine.errors import ModelsNotReady, QueueFull, WorkerClosed
@@ -64,6 +67,12 @@ PERMISSION_OF = {
     "/viper.v1.ProfileService/ListProfiles": access.LIST,
     "/viper.v1.ProfileService/UpdateProfile": access.UPDATE,
     "/viper.v1.ProfileService/DeleteProfile": access.DELETE,
+    "/viper.v1.ProfileService/AddRatings": access.ADD_RATINGS,
+    "/viper.v1.ProfileService/RemoveRatings": access.REMOVE_RATINGS,
+    "/viper.v1.ProfileService/ListProfileVersions": access.HISTORY,
+    "/viper.v1.ProfileService/RestoreProfileVersion": access.RESTORE,
+    "/viper.v1.ProfileService/ExportProfile": access.EXPORT,
+    "/viper.v1.ProfileService/ImportProfile": access.IMPORT,
     "/viper.v1.GenerationService/Generate": access.GENERATE,
     "/viper.v1.MetricService/Score": access.SCORE,
 }
@@ -83,6 +92,11 @@ _STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidText, grpc.StatusCode.INVALID_ARGUMENT),
     (ProfileNotFound, grpc.StatusCode.NOT_FOUND),
     (VersionConflict, grpc.StatusCode.ABORTED),
+    (ProfileExists, grpc.StatusCode.ABORTED),
+    (VersionNotFound, grpc.StatusCode.NOT_FOUND),
+    (ImageNotInProfile, grpc.StatusCode.NOT_FOUND),
+    (TooManyProfileImages, grpc.StatusCode.INVALID_ARGUMENT),
+    (NoImagesLeft, grpc.StatusCode.FAILED_PRECONDITION),
     (ContextError, grpc.StatusCode.FAILED_PRECONDITION),
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ResponseTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),

@@ -24,7 +24,14 @@ from ..application import InlineContext, ViperService
 from ..config import Limits
 from . import validation
 from .context import count_items, current_caller
-from .convert import PageTokens, event_to_proto, profile_to_proto, profiles_page_to_proto, score_to_proto
+from .convert import (
+    PageTokens,
+    event_to_proto,
+    profile_to_proto,
+    profiles_page_to_proto,
+    score_to_proto,
+    versions_page_to_proto,
+)
 
 
 class ResponseTooLarge(Exception):
@@ -32,10 +39,12 @@ class ResponseTooLarge(Exception):
 
 
 class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
-    def __init__(self, service: ViperService, limits: Limits, page_tokens: PageTokens) -> None:
+    def __init__(self, service: ViperService, limits: Limits, page_tokens: PageTokens,
+                 max_message_bytes: int | None = None) -> None:
         self._service = service
         self._limits = limits
         self._page_tokens = page_tokens
+        self._max_message_bytes = max_message_bytes
 
     async def ExtractProfile(self, request: profile_pb2.ExtractProfileRequest,
                              context: grpc.aio.ServicerContext) -> profile_pb2.Profile:
@@ -48,8 +57,8 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
 
     async def GetProfile(self, request: profile_pb2.GetProfileRequest,
                          context: grpc.aio.ServicerContext) -> profile_pb2.Profile:
-        user_id = validation.check_user_id(request.user_id)
-        return profile_to_proto(await self._service.get_profile(current_caller(), user_id))
+        user_id, version = validation.check_get(request)
+        return profile_to_proto(await self._service.get_profile(current_caller(), user_id, version))
 
     async def ListProfiles(self, request: profile_pb2.ListProfilesRequest,
                            context: grpc.aio.ServicerContext) -> profile_pb2.ListProfilesResponse:
@@ -71,6 +80,50 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
         user_id, expected_version = validation.check_delete(request)
         await self._service.delete_profile(current_caller(), user_id, expected_version=expected_version)
         return empty_pb2.Empty()
+
+    async def AddRatings(self, request: profile_pb2.AddRatingsRequest,
+                         context: grpc.aio.ServicerContext) -> profile_pb2.Profile:
+        with tracing.span("validate"):
+            user_id, uploads, expected = await asyncio.to_thread(validation.check_add_ratings, request,
+                                                                 self._limits, self._service)
+        stored = await self._service.add_ratings(current_caller(), user_id, uploads, expected_version=expected)
+        return profile_to_proto(stored)
+
+    async def RemoveRatings(self, request: profile_pb2.RemoveRatingsRequest,
+                            context: grpc.aio.ServicerContext) -> profile_pb2.Profile:
+        user_id, shas, expected = validation.check_remove_ratings(request, self._limits)
+        stored = await self._service.remove_ratings(current_caller(), user_id, shas, expected_version=expected)
+        return profile_to_proto(stored)
+
+    async def ListProfileVersions(self, request: profile_pb2.ListProfileVersionsRequest,
+                                  context: grpc.aio.ServicerContext) -> profile_pb2.ListProfileVersionsResponse:
+        user_id, page_size, before = validation.check_list_versions(request, self._page_tokens)
+        page, more = await self._service.list_versions(current_caller(), user_id, page_size, before)
+        return versions_page_to_proto(page, more, self._page_tokens)
+
+    async def RestoreProfileVersion(self, request: profile_pb2.RestoreProfileVersionRequest,
+                                    context: grpc.aio.ServicerContext) -> profile_pb2.Profile:
+        user_id, version, expected = validation.check_restore(request)
+        stored = await self._service.restore_version(current_caller(), user_id, version, expected_version=expected)
+        return profile_to_proto(stored)
+
+    async def ExportProfile(self, request: profile_pb2.ExportProfileRequest,
+                            context: grpc.aio.ServicerContext) -> profile_pb2.ExportProfileResponse:
+        user_id = validation.check_user_id(request.user_id)
+        archive = await self._service.export_profile(current_caller(), user_id)
+        # Checked here, not left to the transport (see ResponseTooLarge); a few bytes of framing spare.
+        if self._max_message_bytes is not None and len(archive) + 64 > self._max_message_bytes:
+            raise ResponseTooLarge(f"the profile's archive is {len(archive)} bytes, more than this server sends "
+                                   f"(--max-message-bytes): lower --keep-versions, or remove images")
+        return profile_pb2.ExportProfileResponse(archive=archive)
+
+    async def ImportProfile(self, request: profile_pb2.ImportProfileRequest,
+                            context: grpc.aio.ServicerContext) -> profile_pb2.Profile:
+        with tracing.span("validate"):
+            user_id, archive, replace = await asyncio.to_thread(validation.check_import, request, self._limits,
+                                                                self._service)
+        return profile_to_proto(await self._service.import_profile(current_caller(), user_id, archive,
+                                                                   replace=replace))
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):

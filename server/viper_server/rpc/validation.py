@@ -6,6 +6,7 @@ it to INVALID_ARGUMENT. Nothing is stored or sent to a model before validation h
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from typing import Protocol
 from PIL import Image
 
 from viper_profiles import InvalidUserId, validate_user_id
+from viper_profiles.archive import Archive, InvalidArchive, read_archive
 from viper_proto.v1 import generation_pb2, metric_pb2, profile_pb2
 
 from ..config import Limits
@@ -34,6 +36,7 @@ DEFAULT_GUIDANCE_SCALE = 5.0
 MAX_GUIDANCE_SCALE = 30.0
 DEFAULT_PREFERENCE_STRENGTH = 0.85
 MAX_PREFERENCE_STRENGTH = 2.0
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class InvalidRequest(ValueError):
@@ -198,6 +201,92 @@ def check_features(features: Sequence[str], field: str) -> list[str]:
             raise InvalidRequest(f"{field}[{index}]: longer than {MAX_FEATURE_CHARS} characters")
         _check_no_nul(feature, f"{field}[{index}]")
     return cleaned
+
+
+# -- a profile's life (AddRatings, RemoveRatings, history, export and import) -------------------------
+
+
+def check_get(request: profile_pb2.GetProfileRequest) -> tuple[str, int | None]:
+    """(user id, the kept version asked for; None = the current one)."""
+    if request.version < 0:
+        raise InvalidRequest("version: must not be negative")
+    return check_user_id(request.user_id), request.version or None
+
+
+def check_add_ratings(request: profile_pb2.AddRatingsRequest, limits: Limits,
+                      vocabulary: Vocabulary) -> tuple[str, list[RatedUpload], int | None]:
+    """The images are checked as ExtractProfile's; expected_version 0 = no check."""
+    user_id, uploads = check_extract(request, limits, vocabulary)
+    return user_id, uploads, check_expected_version(request.expected_version)
+
+
+def check_remove_ratings(request: profile_pb2.RemoveRatingsRequest,
+                         limits: Limits) -> tuple[str, tuple[str, ...], int | None]:
+    user_id = check_user_id(request.user_id)
+    if not request.image_sha256:
+        raise InvalidRequest("image_sha256: at least one image to remove is required")
+    if len(request.image_sha256) > limits.max_profile_images:
+        raise InvalidRequest(f"image_sha256: {len(request.image_sha256)} given, a profile holds at most "
+                             f"{limits.max_profile_images}")
+    for index, sha in enumerate(request.image_sha256):
+        if not _SHA256.fullmatch(sha):
+            raise InvalidRequest(f"image_sha256[{index}]: not a lowercase hex sha256")
+    return user_id, tuple(dict.fromkeys(request.image_sha256)), check_expected_version(request.expected_version)
+
+
+def check_list_versions(request: profile_pb2.ListProfileVersionsRequest,
+                        tokens: PageTokens) -> tuple[str, int, int | None]:
+    """(user id, page size, the version the page starts below)."""
+    user_id = check_user_id(request.user_id)
+    page_size, _ = check_list(profile_pb2.ListProfilesRequest(page_size=request.page_size), tokens)
+    if not request.page_token:
+        return user_id, page_size, None
+    try:
+        before = int(tokens.decode(request.page_token))
+    except ValueError:
+        raise InvalidRequest("page_token: not a token returned by ListProfileVersions") from None
+    if before < 1:
+        raise InvalidRequest("page_token: not a token returned by ListProfileVersions")
+    return user_id, page_size, before
+
+
+def check_restore(request: profile_pb2.RestoreProfileVersionRequest) -> tuple[str, int, int | None]:
+    user_id = check_user_id(request.user_id)
+    if request.version < 1:
+        raise InvalidRequest("version: the version to restore is required (at least 1)")
+    return user_id, request.version, check_expected_version(request.expected_version)
+
+
+def check_import(request: profile_pb2.ImportProfileRequest, limits: Limits,
+                 vocabulary: Vocabulary) -> tuple[str, Archive, bool]:
+    """The archive read and every part of it checked as an extraction's would be: sizes, formats, features,
+    comments, and each image decoded."""
+    user_id = check_user_id(request.user_id)
+    if not request.archive:
+        raise InvalidRequest("archive: required")
+    try:
+        archive = read_archive(request.archive, max_images=limits.max_profile_images * 64)
+    except InvalidArchive as exc:
+        raise InvalidRequest(f"archive: {exc}") from None
+    control_tokens = sorted(vocabulary.control_tokens)
+    for index, version in enumerate(archive.versions):
+        where = f"archive: versions[{index}]"
+        if len(version.images) > limits.max_profile_images:
+            raise InvalidRequest(f"{where}: {len(version.images)} images, at most {limits.max_profile_images}")
+        check_features(version.liked_features, f"{where}.liked_features")
+        check_features(version.disliked_features, f"{where}.disliked_features")
+        _check_no_nul(version.raw_text, f"{where}.raw_text")
+        _check_no_nul(version.extractor_model, f"{where}.extractor_model")
+        for position, image in enumerate(version.images):
+            field = f"{where}.images[{position}].comment"
+            if len(image.comment) > limits.max_comment_chars:
+                raise InvalidRequest(f"{field}: more than {limits.max_comment_chars} characters")
+            _check_no_nul(image.comment, field)
+            if any(token in image.comment for token in control_tokens):
+                raise InvalidRequest(f"{field}: contains a control token")
+    for sha, data in archive.images.items():
+        check_image(data, f"archive: images/{sha}", limits)
+    return user_id, archive, request.replace
 
 
 def _check_no_nul(text: str, field: str) -> None:

@@ -54,6 +54,54 @@ export class ProfilePanel {
     this.stored = profile;
     this.render();
     this.status.textContent = note;
+    this.loadHistory();
+  }
+
+  // The kept versions, newest first, each (but the current one) with a Restore button.
+  async loadHistory() {
+    const list = document.getElementById("history");
+    const current = this.stored;
+    try {
+      const page = await this.app.client.unary("/viper.v1.ProfileService/ListProfileVersions",
+        {userId: current.userId, pageSize: 20});
+      list.replaceChildren(...(page.versions || []).map((version) => this.historyItem(version, current)));
+    } catch (error) {
+      list.replaceChildren();
+      if (error.code !== "permission_denied") showError(error, "Loading your profile's history");
+    }
+  }
+
+  historyItem(version, current) {
+    const item = document.createElement("li");
+    item.dataset.version = version.version;
+    const when = version.updateTime ? new Date(version.updateTime).toLocaleString() : "";
+    const change = (version.change || "PROFILE_CHANGE_UNSPECIFIED").replace("PROFILE_CHANGE_", "").toLowerCase();
+    const text = document.createElement("span");
+    text.textContent = `version ${version.version} · ${change === "unspecified" ? "saved" : change} · ${when} · ` +
+      `${version.likedImageCount} liked, ${version.dislikedImageCount} disliked images · ` +
+      `liked: ${(version.likedFeatures || []).join(", ") || "(none)"}`;
+    item.append(text);
+    if (version.version !== current.version) {
+      const restore = document.createElement("button");
+      restore.type = "button";
+      restore.className = "secondary restore";
+      restore.textContent = "Restore";
+      restore.addEventListener("click", () => this.restore(version.version, current.version));
+      item.append(restore);
+    }
+    return item;
+  }
+
+  async restore(version, expectedVersion) {
+    this.status.textContent = `Restoring version ${version}…`;
+    try {
+      const profile = await this.app.client.unary("/viper.v1.ProfileService/RestoreProfileVersion",
+        {userId: this.stored.userId, version, expectedVersion});
+      this.show(profile, `Restored version ${version} as version ${profile.version}.`);
+    } catch (error) {
+      this.status.textContent = "Not restored";
+      showError(error, "Restoring a version");
+    }
   }
 
   // Back to the stored profile, dropping local edits.

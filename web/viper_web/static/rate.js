@@ -18,7 +18,9 @@ export class RatePanel {
       event.target.value = "";
       this.update();
     });
+    this.addButton = document.getElementById("add-ratings");
     this.extractButton.addEventListener("click", () => this.extract());
+    this.addButton.addEventListener("click", () => this.extract(true));
     this.update();
   }
 
@@ -91,11 +93,13 @@ export class RatePanel {
       (commented >= RECOMMENDED ? "✓" : `(at least ${RECOMMENDED} recommended)`);
     this.status.classList.toggle("warn", rated.length > 0 && commented < RECOMMENDED);
     this.extractButton.disabled = rated.length === 0 || this.busy;
+    this.addButton.disabled = rated.length === 0 || this.busy;
     this.extractButton.textContent = rated.length
       ? `Extract my preferences from ${rated.length} image${rated.length === 1 ? "" : "s"}` : "Extract my preferences";
   }
 
-  async extract() {
+  // add: AddRatings (the stored images stay, these are appended) instead of ExtractProfile (a new profile).
+  async extract(add = false) {
     const userId = this.app.userId();
     if (!userId) return;
     this.busy = true;
@@ -111,8 +115,13 @@ export class RatePanel {
           rating: entry.card.dataset.rating === "liked" ? "RATING_LIKED" : "RATING_DISLIKED",
         });
       }
-      const profile = await this.app.client.unary("/viper.v1.ProfileService/ExtractProfile", {userId, images});
-      this.app.profile.show(profile, "Extracted from your reactions.");
+      const stored = this.app.profile.stored;
+      const profile = add
+        ? await this.app.client.unary("/viper.v1.ProfileService/AddRatings", {
+          userId, images, expectedVersion: stored && stored.userId === userId ? stored.version : "0"})
+        : await this.app.client.unary("/viper.v1.ProfileService/ExtractProfile", {userId, images});
+      this.app.profile.show(profile, add ? `Added ${images.length} image(s): version ${profile.version}.`
+        : "Extracted from your reactions.");
       document.getElementById("profile").scrollIntoView({behavior: "smooth"});
     } catch (error) {
       showError(error, "Extracting your preferences");
