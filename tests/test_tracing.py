@@ -107,7 +107,7 @@ def test_an_extraction_is_one_trace_from_the_caller_through_validation_the_queue
     assert rpc.context.trace_id == mine.get_span_context().trace_id
     assert rpc.parent.span_id == mine.get_span_context().span_id
     assert rpc.attributes["rpc.grpc.status_code"] == "OK"
-    assert rpc.attributes["viper.user_id"] == "traced-alice"
+    assert rpc.attributes["viper.user_id"] == "default/traced-alice"  # tenant-qualified
     below = children(finished, rpc)
     assert {"validate", "engine.prepare", "queue", "model.prefill", "model.decode",
             "store.save_extraction"} <= names(below)

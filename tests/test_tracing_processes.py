@@ -36,13 +36,18 @@ def traced_server(receiver, tiny_models_dir, tmp_path_factory):
 
 
 def test_the_page_the_gateway_and_the_server_share_one_trace(receiver, traced_server):
-    with GatewayProcess(traced_server.target, env=receiver.env("test-gateway")) as gateway:
+    with GatewayProcess(traced_server.target, extra_args=("--log-format", "json"),
+                        env=receiver.env("test-gateway")) as gateway:
         connection = http.client.HTTPConnection(gateway.url.split("//")[1], timeout=60)
         connection.request("POST", GET_PROFILE, body=json.dumps({"userId": "nobody"}),
                            headers={"Content-Type": "application/json",
                                     "traceparent": f"00-{TRACE_ID}-{CALLER_SPAN}-01"})
         assert connection.getresponse().status == 404
         connection.close()
+        # The gateway's JSON line of the call: its fields, and the trace it belongs to.
+        entry = json.loads(gateway.wait_for_log(r'"logger": "viper_web.rpc"'))
+        assert entry["method"] == GET_PROFILE and entry["status"] == "NOT_FOUND" and entry["user"] == "nobody"
+        assert entry["trace_id"] == TRACE_ID and isinstance(entry["duration_ms"], float)
     ours = lambda service, span: span.trace_id.hex() == TRACE_ID  # noqa: E731
     in_gateway = receiver.wait_for(lambda service, span: ours(service, span) and service == "test-gateway")
     in_server = receiver.wait_for(lambda service, span: ours(service, span) and service == "test-server")
@@ -59,7 +64,7 @@ def test_without_a_traceparent_the_server_starts_a_trace_of_its_own(receiver, tr
         client.get_profile("a-new-trace")
     [(_, span)] = receiver.wait_for(
         lambda service, span: service == "test-server" and span.name.endswith("GetProfile")
-        and any(a.value.string_value == "a-new-trace" for a in span.attributes))
+        and any(a.value.string_value == "default/a-new-trace" for a in span.attributes))
     assert not span.parent_span_id and span.trace_id.hex() not in ("", "0" * 32, TRACE_ID)
 
 

@@ -201,10 +201,14 @@ class Gateway:
                                                    f"gateway error (request_id {request_id})"), ())
             self._learn_auth(method, headers, outcome)
         finally:
+            elapsed_ms = (time.monotonic() - started) * 1e3
+            # The fields again as `extra`, for --log-format json.
+            fields = {"method": method.path, "protocol": f"{exchange.protocol}/{codec.name}",
+                      "user": _loggable(user_id), "backend": outcome.backend, "status": outcome.code.name,
+                      "duration_ms": round(elapsed_ms, 1), "request_id": _loggable(request_id)}
             log.info("rpc method=%s protocol=%s/%s user=%s backend=%s status=%s ms=%.1f request_id=%s",
                      method.path.lstrip("/"), exchange.protocol, codec.name, _loggable(user_id),
-                     outcome.backend, outcome.code.name, (time.monotonic() - started) * 1e3,
-                     _loggable(request_id))
+                     outcome.backend, outcome.code.name, elapsed_ms, _loggable(request_id), extra=fields)
 
     async def _request(self, receive, headers: dict[str, str], method: Method,
                        exchange: Exchange) -> tuple[Message, bytes] | None:

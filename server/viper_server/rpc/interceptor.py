@@ -327,7 +327,10 @@ class _Outcome:
         self.call.telemetry.rpc_finished(self.call.method, self.code.name, elapsed)
         # Probes come every few seconds from every orchestrator: their lines only at debug.
         level = logging.DEBUG if self.call.method.startswith(OPEN_METHOD_PREFIXES) else logging.INFO
-        tracing.finish_rpc(self.span, self.code.name, self.user)
+        caller = self.call.state.caller
+        # In a trace the user is tenant-qualified: two tenants' "alice" are two users.
+        tracing.finish_rpc(self.span, self.code.name,
+                           self.user if caller is None or self.user == "-" else f"{caller.tenant}/{self.user}")
         # The fields again as `extra`, for --log-format json.
         fields = {"method": self.call.method, "user": self.user, "status": self.code.name,
                   "duration_ms": round(elapsed * 1e3, 1), "request_id": self.call.request_id}
