@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install serve test test-soak lint protos bench web
+.PHONY: install serve test test-quick test-soak lint protos bench web
 
 install: $(INSTALLED)
 
@@ -20,8 +20,19 @@ $(INSTALLED): pyproject.toml profiles/pyproject.toml server/pyproject.toml web/p
 serve: install
 	$(BIN)/viper-server serve
 
+# Worker processes for pytest-xdist: many tests wait on servers and subprocesses, so even 2 cores keep 3 busy.
+# Each test module runs whole on one worker (--dist loadfile), so a module's shared server starts once.
+TEST_WORKERS ?= 3
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile
+
 test: install lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL)
+
+# The inner loop: everything but the slowest end-to-end modules (the browser, nginx in front of replicas, the
+# client installed into a fresh virtualenv, the benches); `make test` and CI still run them.
+test-quick: install
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL) --ignore=tests/test_web_browser.py --ignore=tests/test_replicas.py \
+		--ignore=tests/test_client_install.py --ignore=tests/test_benches.py
 
 lint: install
 	$(BIN)/ruff check .
@@ -38,6 +49,7 @@ bench: install
 	$(BIN)/python bench/metric.py
 	$(BIN)/python bench/concurrency.py
 	$(BIN)/python bench/tracing.py
+	$(BIN)/python bench/auth.py
 
 # The web page in one command: `viper serve` on its defaults (127.0.0.1:50051, the toy models) and the gateway
 # in front of it at http://127.0.0.1:8080. The server trusts the local development identity provider

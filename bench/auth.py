@@ -65,11 +65,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=200, help="GetProfile calls per block")
     parser.add_argument("--rounds", type=int, default=5, help="blocks per kind of credential, alternating")
+    parser.add_argument("--models-dir", type=Path,
+                        help="the tiny models: built there if missing (default: a temp folder)")
     args = parser.parse_args()
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        models_dir = ensure_tiny_models(folder / "tiny-models")
+        models_dir = ensure_tiny_models(args.models_dir or folder / "tiny-models")
         config = write_auth_config(folder, key)
         with ServerProcess(folder / "profiles.db", models_dir, "--auth-config", str(config)) as server:
             images = [RatedImage(path, comment="bench", rating=rating) for rating in ("liked", "disliked")

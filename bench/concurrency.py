@@ -202,13 +202,16 @@ def main() -> None:
     parser.add_argument("--models", choices=("tiny", "full-random"), default="tiny",
                         help="tiny (built here) or full-random (the real architectures, random weights: for a GPU)")
     parser.add_argument("--device", default="auto", help="the server's --device")
+    parser.add_argument("--models-dir", type=Path,
+                        help="with --models tiny: tiny models already built there, or built there once "
+                             "(default: built in a temp folder, removed after)")
     parser.add_argument("--server-arg", action="append", default=[],
                         help="an extra viper-server flag, e.g. --server-arg=--scheduling-policy=fifo")
     args = parser.parse_args()
 
     query_bytes = queries()
     with tempfile.TemporaryDirectory() as tmp:
-        models_dir = ensure_tiny_models(Path(tmp) / "models") if args.models == "tiny" else Path(tmp)
+        models_dir = ensure_tiny_models(args.models_dir or Path(tmp) / "models") if args.models == "tiny" else Path(tmp)
         tokens = ["--vpe-max-new-tokens", str(args.new_tokens)] if args.new_tokens else []
         server = ServerProcess(Path(tmp) / "profiles.db", models_dir, "--device", args.device, *tokens,
                                *args.server_arg, models=args.models, env={"OMP_NUM_THREADS": str(args.threads)})

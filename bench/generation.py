@@ -116,10 +116,10 @@ class GrpcFigures:
         )
 
 
-def bench_grpc(models_dir: Path, params: GenerationParams, repeats: int, threads: int) -> GrpcFigures:
+def bench_grpc(models_dir: Path, db: Path, params: GenerationParams, repeats: int, threads: int) -> GrpcFigures:
     """The same request in process and through the server; the profile's features guide both."""
     generator = PersonalizedGenerator(load_sdxl(str(models_dir / "sdxl-base"), str(models_dir / "sdxl-refiner")))
-    server = ServerProcess(models_dir / "profiles.db", models_dir, env={"OMP_NUM_THREADS": str(threads)})
+    server = ServerProcess(db, models_dir, env={"OMP_NUM_THREADS": str(threads)})
     with server, ViperClient(server.target) as client:
         profile = client.extract_profile("bench", [
             RatedImage(_png(color), comment=comment, rating=rating)
@@ -284,6 +284,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2, help="images per request")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the cores are shared)")
+    parser.add_argument("--models-dir", type=Path,
+                        help="tiny models already built there, or built there once "
+                             "(default: built in a temp folder, removed after)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     # Figures only: no progress bars or load-time notices from the libraries.
@@ -300,14 +303,14 @@ def main() -> None:
         seed=1234,
     )
     with tempfile.TemporaryDirectory() as tmp:
-        models_dir = ensure_tiny_models(Path(tmp) / "tiny-models")
+        models_dir = ensure_tiny_models(args.models_dir or Path(tmp) / "tiny-models")
         print(
             f"tiny SDXL, {args.size}x{args.size}, {args.steps} steps (base to {params.high_noise_frac:.0%}, "
             f"then refiner), {args.images} images x {args.repeats} repeats, {args.threads} torch thread(s)"
         )
         model = bench_model(models_dir, params, args.repeats)
         print(model.report())
-        print(bench_grpc(models_dir, params, args.repeats, args.threads).report())
+        print(bench_grpc(models_dir, Path(tmp) / "profiles.db", params, args.repeats, args.threads).report())
         print(f"best of N: toy models, {args.size}x{args.size}, {args.steps} steps, generate batch 4")
         toy_dir = ensure_toy_models(Path(tmp) / "toy-models")
         print(bench_best_of_n(toy_dir, params, args.repeats, args.threads).report())

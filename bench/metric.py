@@ -106,6 +106,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="torch threads, here and in the servers")
     parser.add_argument("--repeats", type=int, default=3, help="end-to-end calls timed per server")
+    parser.add_argument("--models-dir", type=Path,
+                        help="tiny models already built there, or built there once "
+                             "(default: built in a temp folder, removed after)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -116,7 +119,7 @@ def main() -> None:
 def run(args: argparse.Namespace, tmp: Path) -> None:
     """The bench, with every file in tmp; the servers it starts are stopped before it returns."""
     context, queries = load_examples()
-    models_dir = ensure_tiny_models(tmp / "tiny-models")
+    models_dir = ensure_tiny_models(args.models_dir or tmp / "tiny-models")
     runtime = load_tiny_runtime(models_dir)
     scorer = MetricScorer(runtime, batch_size=args.batch_size)
     reference = measure_reference(runtime, context, queries)

@@ -65,13 +65,15 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=300, help="GetProfile calls per server")
     parser.add_argument("--generations", type=int, default=6, help="Generate calls per server")
     parser.add_argument("--steps", type=int, default=8, help="denoising steps per generation")
+    parser.add_argument("--models-dir", type=Path,
+                        help="the tiny models: built there if missing (default: a temp folder)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, OtlpReceiver() as receiver:
         run(args, Path(tmp), receiver)
 
 
 def run(args: argparse.Namespace, tmp: Path, receiver: OtlpReceiver) -> None:
-    models = ensure_tiny_models(tmp / "models")
+    models = ensure_tiny_models(args.models_dir or tmp / "models")
     env = {"OMP_NUM_THREADS": "1"}
     with ServerProcess(tmp / "off.db", models, env=env).start() as off, \
             ServerProcess(tmp / "on.db", models, env={**env, **receiver.env("bench")}).start() as on, \

@@ -1,6 +1,44 @@
+import contextlib
+import fcntl
+import hashlib
+from importlib import metadata
 from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Built and installed models, kept across sessions under var/ (git-ignored), each in a folder named by a hash
+# of everything that shapes its files: a change to a builder or a library version makes a new folder.
+MODEL_CACHE = ROOT / "var" / "test-models"
+# The libraries whose versions shape the files written (formats, configs, default values).
+MODEL_LIBRARIES = ("torch", "transformers", "diffusers", "peft", "tokenizers", "safetensors")
+
+
+def content_key(*sources: Path) -> str:
+    """A short hash of the source files (every file under a folder) and the model libraries' versions."""
+    digest = hashlib.sha256()
+    for library in MODEL_LIBRARIES:
+        digest.update(f"{library}={metadata.version(library)}\n".encode())
+    for source in sources:
+        files = sorted(path for path in source.rglob("*") if path.is_file() and "__pycache__" not in path.parts) \
+            if source.is_dir() else [source]
+        for path in files:
+            digest.update(f"{path.relative_to(ROOT)}\n".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def cache_lock(name: str):
+    """Held while one process (a session, or an xdist worker) fills a cache folder; the others wait, then find
+    it filled. The folders are also written atomically (renamed into place), so a reader never sees half."""
+    MODEL_CACHE.mkdir(parents=True, exist_ok=True)
+    with open(MODEL_CACHE / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="module")
@@ -16,21 +54,27 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
-def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Tiny random-weight checkpoints (layout: engine.presets.BUILT_LAYOUT), built once per test session
-    through the same builder `make serve` uses."""
+def tiny_models_dir() -> Path:
+    """Tiny random-weight checkpoints (layout: engine.presets.BUILT_LAYOUT), built through the same builder
+    `make serve` uses, once for all sessions and workers while the builders and libraries stay the same
+    (var/test-models/tiny-<hash>). Read only: a test that changes models works on a copy."""
     from viper_server.models.tiny import ensure_tiny_models
 
-    return ensure_tiny_models(tmp_path_factory.mktemp("models") / "tiny-models")
+    with cache_lock("tiny"):
+        return ensure_tiny_models(MODEL_CACHE / f"tiny-{content_key(ROOT / 'server/viper_server/models')}")
 
 
 @pytest.fixture(scope="session")
-def toy_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The trained toy-world checkpoints (viper_server.toy; same layout), installed once per test session
-    through the same code `--models toy` uses."""
+def toy_models_dir() -> Path:
+    """The trained toy-world checkpoints (viper_server.toy; same layout), installed through the same code
+    `--models toy` uses (the manifest checked), once while the weights and installer stay the same
+    (var/test-models/toy-<hash>). Read only."""
     from viper_server.toy import ensure_toy_models
 
-    return ensure_toy_models(tmp_path_factory.mktemp("models") / "toy-models")
+    toy = ROOT / "server/viper_server/toy"
+    key = content_key(toy / "weights", toy / "checkpoints.py", toy / "manifest.py")
+    with cache_lock("toy"):
+        return ensure_toy_models(MODEL_CACHE / f"toy-{key}")
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +89,8 @@ def postgres_server():
     from viper_server.testing.postgres import PostgresNotFound, PostgresServer, find_postgres_bin
 
     try:
-        bin_dir = find_postgres_bin(install=True)
+        with cache_lock("system-packages"):  # one apt-get at a time across xdist workers
+            bin_dir = find_postgres_bin(install=True)
     except PostgresNotFound as missing:
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI must run the PostgreSQL tests: {missing}")
@@ -74,7 +119,8 @@ def nginx_bin():
     from viper_server.testing.nginx import NginxNotFound, find_nginx
 
     try:
-        return find_nginx(install=True)
+        with cache_lock("system-packages"):
+            return find_nginx(install=True)
     except NginxNotFound as missing:
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI must run the nginx tests: {missing}")

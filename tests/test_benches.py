@@ -33,13 +33,15 @@ def processes_marked(marker: str) -> list[int]:
     ("tracing.py", ["--calls", "5", "--generations", "1", "--steps", "2"], "tracing: "),
     ("auth.py", ["--calls", "20", "--rounds", "1"], "ratio: "),
 ])
-def test_a_bench_leaves_no_process_or_temp_folder_behind(tmp_path, bench, args, last):
+def test_a_bench_leaves_no_process_or_temp_folder_behind(tmp_path, tiny_models_dir, bench, args, last):
     marker = f"VIPER_BENCH_MARKER={uuid.uuid4().hex}"
     name, value = marker.split("=")
     temp = tmp_path / "tmp"
     temp.mkdir()
     result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / bench), *args], capture_output=True, text=True, timeout=600,
+        # The session's tiny models: building them is the tiny_models_dir fixture's (and make bench's) part.
+        [sys.executable, str(ROOT / "bench" / bench), *args, "--models-dir", str(tiny_models_dir)],
+        capture_output=True, text=True, timeout=600,
         env={**os.environ, name: value, "TMPDIR": str(temp)},
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -4,6 +4,8 @@ never saw; viper_server.toy.evaluate). tests/test_toy_models.py checks the same 
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -36,11 +38,18 @@ def rated_uploads(rated: list[world.RatedImage]) -> list[RatedImage]:
 def held_out(client):
     """The 20 held-out users, each extracted once as user-N from their 16 rated images in a mixed order:
     (user, the rated images in stored order, the stored profile)."""
-    users = []
-    for index, user in enumerate(evaluate.held_out_users()):
+    def extract(index: int, user: world.User) -> tuple:
         rated = evaluate.rated_in_mixed_order(user, seed=index)
-        users.append((user, rated, client.extract_profile(f"user-{index}", rated_uploads(rated))))
-    return users
+        return user, rated, client.extract_profile(f"user-{index}", rated_uploads(rated))
+
+    return in_parallel(extract, evaluate.held_out_users())
+
+
+def in_parallel(work, items) -> list:
+    """work(index, item) for every item, a few calls at a time (the server batches them; each result is the
+    same as alone, tests/test_batching.py), results in the items' order."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(work, *zip(*enumerate(items))))
 
 
 def test_extraction_names_the_liked_and_the_disliked_colour(held_out):
@@ -55,8 +64,8 @@ def test_extraction_names_the_liked_and_the_disliked_colour(held_out):
 
 
 def test_scores_prefer_the_liked_colour_and_follow_the_context(client, held_out):
-    per_user = []
-    for index, (user, rated, _) in enumerate(held_out):
+    def score(index: int, held: tuple) -> tuple:
+        user, rated, _ = held
         liked_queries, disliked_queries = evaluate.held_out_queries(user, seed=index)
         queries = liked_queries + disliked_queries
         stored = client.score(f"user-{index}", queries)
@@ -64,7 +73,9 @@ def test_scores_prefer_the_liked_colour_and_follow_the_context(client, held_out)
         swapped = client.score("", queries, liked=[r.image for r in rated if not r.liked],
                                disliked=[r.image for r in rated if r.liked])
         half = len(liked_queries)
-        per_user.append((stored[:half], stored[half:], swapped[:half], swapped[half:]))
+        return stored[:half], stored[half:], swapped[:half], swapped[half:]
+
+    per_user = in_parallel(score, held_out)
     figures = evaluate.metric_figures(per_user)
     assert figures.pairs_ranked_right >= 0.95, figures
     assert figures.mean_swap_shift >= 0.3, figures

@@ -66,11 +66,16 @@ def test_exceptions_reach_the_caller(worker):
 
 
 def test_full_queue_is_refused_at_once_with_its_depth(worker):
-    release = threading.Event()
+    started, release = threading.Event(), threading.Event()
+
+    def block(job) -> bool:
+        started.set()
+        return release.wait(60)
 
     async def main():
-        running = asyncio.ensure_future(worker.run(lambda job: release.wait(5)))
-        await asyncio.sleep(0.05)  # the first job is running, the queue is empty
+        running = asyncio.ensure_future(worker.run(block))
+        # The first job is running, the queue is empty (a fixed pause was too short on a loaded machine).
+        assert await asyncio.to_thread(started.wait, 60)
         queued = [asyncio.ensure_future(worker.run(lambda job: None)) for _ in range(2)]
         await asyncio.sleep(0)
         with pytest.raises(QueueFull, match="2 requests waiting"):
