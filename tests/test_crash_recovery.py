@@ -82,9 +82,10 @@ def assert_database_intact(db_path: Path) -> None:
         assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         assert db.execute("PRAGMA foreign_key_check").fetchall() == []
         orphans = db.execute(
-            "SELECT count(*) FROM images WHERE sha256 NOT IN (SELECT sha256 FROM profile_images)"
+            "SELECT count(*) FROM images WHERE sha256 NOT IN "
+            "(SELECT sha256 FROM profile_images UNION SELECT sha256 FROM version_images)"
         ).fetchone()[0]
-        assert orphans == 0, "images no profile uses were left behind"
+        assert orphans == 0, "images no profile or kept version uses were left behind"
 
 
 def test_acknowledged_writes_survive_kill_9(tiny_models_dir, tmp_path):
