@@ -75,8 +75,10 @@ def main() -> None:
 def run(args: argparse.Namespace, tmp: Path, receiver: OtlpReceiver) -> None:
     models = ensure_tiny_models(args.models_dir or tmp / "models")
     env = {"OMP_NUM_THREADS": "1"}
+    # The exporter on its defaults (OTEL_BSP_*: a batch every 5 s), as a production server would run.
+    traced = {key: value for key, value in receiver.env("bench").items() if not key.startswith("OTEL_BSP_")}
     with ServerProcess(tmp / "off.db", models, env=env).start() as off, \
-            ServerProcess(tmp / "on.db", models, env={**env, **receiver.env("bench")}).start() as on, \
+            ServerProcess(tmp / "on.db", models, env={**env, **traced}).start() as on, \
             ViperClient(off.target) as client_off, ViperClient(on.target) as client_on:
         for client in (client_off, client_on):
             client.extract_profile(USER, rated_images())
