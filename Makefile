@@ -26,7 +26,7 @@ TEST_WORKERS ?= 3
 PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile
 
 test: install lint
-	$(BIN)/python -m pytest $(PYTEST_PARALLEL)
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL) --durations=15
 
 # The inner loop: everything but the slowest end-to-end modules (the browser, nginx in front of replicas, the
 # client installed into a fresh virtualenv, the benches); `make test` and CI still run them.

@@ -125,3 +125,27 @@ def nginx_bin():
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI must run the nginx tests: {missing}")
         pytest.skip(str(missing))
+
+
+# The slowest modules first (those starting several servers, nginx, a browser or a virtualenv; `make test`
+# prints the slowest tests): under `make test`'s --dist loadfile each module is one
+# unit of work, handed out in collection order, and a slow module started last keeps one worker busy after the
+# others have finished. Any module not named keeps its place after these.
+SLOW_MODULES_FIRST = (
+    "test_benches.py",
+    "test_replicas.py",
+    "test_profile_life.py",
+    "test_toy_service.py",
+    "test_web_gateway.py",
+    "test_identity_gateway.py",
+    "test_web_browser.py",
+    "test_best_of_n.py",
+    "test_gateway_safety.py",
+    "test_client_install.py",
+    "test_profiles_install.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(SLOW_MODULES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # a stable sort: the rest keep their order
