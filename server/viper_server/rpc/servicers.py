@@ -83,9 +83,10 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
 
     async def AddRatings(self, request: profile_pb2.AddRatingsRequest,
                          context: grpc.aio.ServicerContext) -> profile_pb2.Profile:
-        with tracing.span("validate"):
-            user_id, uploads, expected = await asyncio.to_thread(validation.check_add_ratings, request,
-                                                                 self._limits, self._service)
+        with tracing.span("validate"):  # as ExtractProfile: headers, the queue's room, then the pixels
+            user_id, expected = await asyncio.to_thread(validation.check_add_ratings_fields, request, self._limits)
+            self._service.check_room("extract")
+            uploads = await asyncio.to_thread(validation.decode_extract, request, self._limits, self._service)
         stored = await self._service.add_ratings(current_caller(), user_id, uploads, expected_version=expected)
         return profile_to_proto(stored)
 

@@ -213,11 +213,10 @@ def check_get(request: profile_pb2.GetProfileRequest) -> tuple[str, int | None]:
     return check_user_id(request.user_id), request.version or None
 
 
-def check_add_ratings(request: profile_pb2.AddRatingsRequest, limits: Limits,
-                      vocabulary: Vocabulary) -> tuple[str, list[RatedUpload], int | None]:
-    """The images are checked as ExtractProfile's; expected_version 0 = no check."""
-    user_id, uploads = check_extract(request, limits, vocabulary)
-    return user_id, uploads, check_expected_version(request.expected_version)
+def check_add_ratings_fields(request: profile_pb2.AddRatingsRequest, limits: Limits) -> tuple[str, int | None]:
+    """The user id and expected version (0 = no check), and the images' fields and headers as ExtractProfile's
+    (check_extract_fields); decode_extract decodes them once the queue has room."""
+    return check_extract_fields(request, limits), check_expected_version(request.expected_version)
 
 
 def check_remove_ratings(request: profile_pb2.RemoveRatingsRequest,
