@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from viper_client.telemetry import LOG_FORMATS
 from viper_profiles import DB_ENV, DEFAULT_DB
 
 from .engine.policy import POLICY_NAMES
@@ -17,7 +18,6 @@ from .engine.presets import PRESET_NAMES
 MiB = 1024 * 1024
 IDEFICS2_DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True)
