@@ -113,20 +113,7 @@ class ViperService:
     async def extract_profile(self, caller: Caller, user_id: str, uploads: Sequence[RatedUpload]) -> StoredProfile:
         """Runs the VPE over the rated images and stores the profile with them, replacing any earlier one."""
         access.authorize(caller, access.EXTRACT, user_id)
-        images, comments = [u.image for u in uploads], [u.comment for u in uploads]
-        preferences = await self._engine.extract(images, comments, user=caller.scope(user_id))
-        stored = await asyncio.to_thread(
-            self._store.save_extraction,
-            user_id,
-            liked_features=preferences.liked,
-            disliked_features=preferences.disliked,
-            raw_text=preferences.raw_text,
-            extractor_model=self._engine.extractor_name,
-            images=[SourceImage(data=u.data, comment=u.comment, rating=u.rating) for u in uploads],
-            tenant=caller.tenant,
-        )
-        self._engine.forget_user(caller.scope(user_id), stored.version)
-        return stored
+        return await self._extract_and_save(caller, user_id, uploads, Change.EXTRACT, version=None)
 
     async def get_profile(self, caller: Caller, user_id: str, version: int | None = None) -> StoredProfile:
         """The current profile, or a kept version of it."""
@@ -190,7 +177,7 @@ class ViperService:
                 f"images: the profile would hold {len(merged)} images, at most {self._max_profile_images} "
                 "(--max-profile-images)"
             )
-        return await self._re_extract(caller, user_id, list(merged.values()), Change.ADD, version)
+        return await self._extract_and_save(caller, user_id, list(merged.values()), Change.ADD, version)
 
     async def remove_ratings(self, caller: Caller, user_id: str, shas: Sequence[str], *,
                              expected_version: int | None) -> StoredProfile:
@@ -199,12 +186,13 @@ class ViperService:
         version, stored = await self._stored_images(caller, user_id, expected_version)
         if version == 0:
             raise ProfileNotFound(user_id)
-        if missing := set(shas) - {image.sha256 for image in stored}:
+        removed = set(shas)
+        if missing := removed - {image.sha256 for image in stored}:
             raise ImageNotInProfile(f"image_sha256: {sorted(missing)[0]} is not one of the profile's images")
-        kept = [image for image in stored if image.sha256 not in set(shas)]
+        kept = [image for image in stored if image.sha256 not in removed]
         if not kept:
             raise NoImagesLeft("removing every image leaves nothing to extract from: DeleteProfile erases a profile")
-        return await self._re_extract(caller, user_id, kept, Change.REMOVE, version)
+        return await self._extract_and_save(caller, user_id, kept, Change.REMOVE, version)
 
     async def list_versions(self, caller: Caller, user_id: str, page_size: int,
                             before: int | None) -> tuple[list[ProfileVersion], bool]:
@@ -246,12 +234,13 @@ class ViperService:
             raise VersionConflict(user_id, expected=expected_version, actual=version)
         return version, images
 
-    async def _re_extract(self, caller: Caller, user_id: str, images: Sequence[RatedUpload | StoredImage],
-                          change: Change, version: int) -> StoredProfile:
-        """Extracts over the images in order and stores the result, if the profile is still at `version`
-        (ABORTED otherwise: another write came first, while the model ran)."""
+    async def _extract_and_save(self, caller: Caller, user_id: str, images: Sequence[RatedUpload | StoredImage],
+                                change: Change, version: int | None) -> StoredProfile:
+        """Extracts over the images in order (uploads decoded already, stored ones decoded here) and stores the
+        result, if the profile is still at `version` (ABORTED otherwise: another write came first, while the
+        model ran; None: whatever it is, as ExtractProfile replaces it)."""
         stored = [image for image in images if isinstance(image, StoredImage)]
-        decoded = iter(await asyncio.to_thread(self._engine.decode_stored, stored))
+        decoded = iter(await asyncio.to_thread(self._engine.decode_stored, stored) if stored else ())
         pictures = [image.image if isinstance(image, RatedUpload) else next(decoded) for image in images]
         preferences = await self._engine.extract(pictures, [image.comment for image in images],
                                                  user=caller.scope(user_id))
