@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import pytest
 
-from viper_client import AsyncViperClient, CleartextTokenError, Tls, ViperClient, cli
+from viper_client import AsyncViperClient, CleartextTokenError, Tls, ViperClient, ViperError, cli
 
 REMOTE = ["10.1.2.3:50051", "viper.example.com:443", "127.0.0.1:50051,10.1.2.3:50051", "dns:///viper.example:1",
           "[2001:db8::1]:50051"]
@@ -44,6 +45,20 @@ def test_the_cli_refuses_too_unless_insecure(capsys, monkeypatch):
     assert cli.main(args) == 2
     error = capsys.readouterr().err
     assert "cleartext" in error and "--insecure" in error and "secret" not in error
-    assert cli.main(["--insecure", *args]) == 1  # past the check: the call itself fails (nobody listens)
+    # Past the check, the client would dial that address: no test sends traffic off this machine.
+    def not_dialled(*args, **kwargs):
+        raise ViperError(grpc.StatusCode.UNAVAILABLE, "not dialled in this test")
+
+    monkeypatch.setattr(cli, "ViperClient", not_dialled)
+    assert cli.main(["--insecure", *args]) == 1  # past the check
     monkeypatch.setenv("VIPER_INSECURE", "1")
     assert cli.main(args) == 1
+
+
+def test_viper_health_refuses_a_cleartext_token_too(capsys, monkeypatch):
+    args = ["--target", "10.1.2.3:50051", "--token", "secret", "health"]
+    assert cli.main(args) == 2
+    error = capsys.readouterr().err
+    assert "cleartext" in error and "secret" not in error
+    monkeypatch.setattr(cli, "check_health", lambda args, tls: 0)  # past the check, never dialled
+    assert cli.main(["--insecure", *args]) == 0

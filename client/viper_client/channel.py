@@ -191,7 +191,7 @@ def _with_call_credentials(targets: list[str], tls: Tls | None,
                            call_credentials: grpc.CallCredentials) -> grpc.ChannelCredentials:
     if tls is not None:
         return grpc.composite_channel_credentials(tls.credentials(), call_credentials)
-    if not all(_is_loopback(target) for target in targets):
+    if not all(is_loopback(target) for target in targets):
         raise ValueError("a token callable is sent over TLS, or in plaintext to a loopback address only: "
                          "pass tls=Tls(...), or a fixed token")
     return grpc.composite_channel_credentials(grpc.local_channel_credentials(), call_credentials)
@@ -206,14 +206,14 @@ def refuse_cleartext_token(target: str | Sequence[str], *, tls: Tls | None, inse
     if tls is not None or insecure:
         return
     for each in split_targets(target):
-        if not _is_loopback(each):
+        if not is_loopback(each):
             raise CleartextTokenError(
                 f"refusing to send a bearer token in cleartext to {each!r}, which is not a loopback address: "
                 "use TLS (tls=Tls(...), the CLI's --tls), or insecure=True (the CLI's --insecure, "
                 "env VIPER_INSECURE=1) on a network you trust")
 
 
-def _is_loopback(target: str) -> bool:
+def is_loopback(target: str) -> bool:
     """Whether a target is this machine: a loopback IP or localhost, or a Unix socket. Names are not resolved."""
     if target.startswith(("unix:", "unix-abstract:")):
         return True

@@ -22,7 +22,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tqdm import tqdm
 
-from viper_client.channel import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, DEFAULT_TIMEOUT, Tls, create_channel
+from viper_client.channel import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_TARGET,
+    DEFAULT_TIMEOUT,
+    Tls,
+    create_channel,
+    refuse_cleartext_token,
+)
 from viper_client.client import ViperClient
 from viper_client.errors import ViperError, error_from_rpc
 from viper_client.types import GeneratedImage, Preview, Profile, Progress, RatedImage, Rating
@@ -93,6 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     tls = Tls(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key) if use_tls else None
     try:
         if args.command == "health":
+            if args.token:  # the health check makes its own channel: the same refusal as connect()'s
+                refuse_cleartext_token(args.target, tls=tls, insecure=args.insecure)
             return check_health(args, tls)
         with ViperClient(args.target, token=args.token, tls=tls, insecure=args.insecure, **timeouts) as client:
             args.handler(client, args)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import logging
 import os
 import socket
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import uvicorn
 
+from viper_client.channel import is_loopback
 from viper_client.telemetry import LOG_FORMATS, TEXT_FORMAT, configure_log_format, tracer_provider_from_env
 
 from . import tracing
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     host = f"[{args.host}]" if ":" in args.host else args.host
     log.info("viper-web listening on http://%s:%d, back ends %s%s", host, port, ", ".join(targets),
              " (TLS)" if credentials is not None else "")
-    remote = [target for target in targets if not _is_loopback(target.rpartition(":")[0])]
+    remote = [target for target in targets if not is_loopback(target)]
     if remote and credentials is None:
         log.warning("back ends %s are reached in plaintext: callers' tokens cross the network in cleartext "
                     "(--backend-tls)", ", ".join(remote))
@@ -193,13 +193,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         tracing.shutdown()  # sends the spans still buffered
     return 0
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _listen(host: str, port: int) -> socket.socket:
