@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from google.protobuf import message_factory
@@ -35,9 +36,10 @@ class Method:
     def read_only(self) -> bool:
         return self.path in _READ_ONLY
 
-    @property
+    @functools.cached_property
     def carries_images(self) -> bool:
-        """Whether requests may carry image bytes (ExtractProfile, Score): only those get the large body limit."""
+        """Whether requests hold bytes fields (image or archive bytes: ExtractProfile, Score, AddRatings,
+        ImportProfile): only those get the large body limit. Walked once per method, not per call."""
         return _has_bytes(self.input.DESCRIPTOR, set())
 
 
