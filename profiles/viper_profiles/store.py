@@ -303,7 +303,9 @@ class ProfileStore:
         validate_tenant(tenant)
         if not versions:
             raise ValueError("an import needs at least one version")
-        checked = [_checked_import(version, images) for version in versions]
+        # Each image hashed once, however many versions use it.
+        matching = {sha for sha, data in images.items() if hashlib.sha256(data).hexdigest() == sha}
+        checked = [_checked_import(version, images, matching) for version in versions]
         now = _utc_now()
 
         def write(tx: Transaction) -> StoredProfile:
@@ -404,8 +406,9 @@ def _kept(tx: Transaction, user_id: str, version: int) -> ProfileVersion:
     return found[0]
 
 
-def _checked_import(version: ProfileVersion, images: Mapping[str, bytes]) -> tuple[ProfileVersion, list[StoredImage]]:
-    """A version to import with its images' bytes, each checked against its sha256."""
+def _checked_import(version: ProfileVersion, images: Mapping[str, bytes],
+                    matching: set[str]) -> tuple[ProfileVersion, list[StoredImage]]:
+    """A version to import with its images' bytes; matching: the shas whose bytes hash to them."""
     _feature_list(version.liked_features, "liked")
     _feature_list(version.disliked_features, "disliked")
     _check_text(version.raw_text, "raw_text")
@@ -413,7 +416,7 @@ def _checked_import(version: ProfileVersion, images: Mapping[str, bytes]) -> tup
     stored = []
     for position, ref in enumerate(version.images):
         data = images.get(ref.sha256)
-        if data is None or hashlib.sha256(data).hexdigest() != ref.sha256:
+        if data is None or ref.sha256 not in matching:
             raise ValueError(f"image {ref.sha256[:16]}... is missing or does not match its sha256")
         stored.append(StoredImage(sha256=ref.sha256, comment=_check_text(ref.comment, "comment"),
                                   rating=Rating(ref.rating), position=position, data=bytes(data)))
