@@ -187,6 +187,13 @@ def test_the_prefill_chunks_change_nothing(runtime, examples, prefill_images, pr
 # -- scoring: query batches of several users in one forward ------------------------------------------------
 
 
+def prefill(scorer: MetricScorer, scorings: list) -> None:
+    """The scorings' prefixes as the scheduler computes them: a chunk of one scoring a step, in turns."""
+    while pending := [scoring for scoring in scorings if scoring.phase == "prefix"]:
+        for scoring in pending:
+            scorer.prefix_step([scoring])
+
+
 def test_scorings_of_several_users_batched_equal_each_alone(runtime):
     scorer = MetricScorer(runtime, batch_size=2)
     queries = [open_rgb("query1.png"), open_rgb("query2.png"), open_rgb("query1.png").crop((0, 0, 448, 200))]
@@ -202,7 +209,7 @@ def test_scorings_of_several_users_batched_equal_each_alone(runtime):
     assert abs(alone[0][0] - alone[2][0]) > 1e-2
 
     scorings = [scorer.prepare(*request) for request in requests]
-    scorer.prefix_step(scorings)  # all three contexts in one forward pass
+    prefill(scorer, scorings)  # each context in chunks, taking turns
     assert scorer.cache_stats.misses == 3 and scorer.cache_stats.entries == 3
     while any(scoring.phase != "done" for scoring in scorings):
         scorer.query_step([scoring for scoring in scorings if scoring.phase != "done"])
@@ -211,10 +218,10 @@ def test_scorings_of_several_users_batched_equal_each_alone(runtime):
 
     # A second round from the cache, joined by a newcomer's context mid-way.
     again = [scorer.prepare(*request) for request in requests[:2]]
-    scorer.prefix_step(again)
+    prefill(scorer, again)
     scorer.query_step(again)
     late = scorer.prepare(*requests[2])
-    scorer.prefix_step([late])
+    prefill(scorer, [late])
     while any(scoring.phase != "done" for scoring in [*again, late]):
         scorer.query_step([scoring for scoring in [*again, late] if scoring.phase != "done"])
     assert scorer.cache_stats.hits == 3
@@ -378,7 +385,8 @@ def test_the_engine_runs_everything_at_once_with_each_requests_own_adapter(tiny_
         assert np.abs(pixels(ours[0]) - pixels(theirs[0])).max() <= 1
     assert alone[4] != alone[5]
     labels = {(model, step) for model, step, _ in steps.batches}
-    assert {("idefics2", "prefill"), ("idefics2", "decode"), ("idefics2", "prefix"), ("idefics2", "query"),
+    assert {("idefics2", "prefill"), ("idefics2", "decode"), ("idefics2", "query"),
             ("sdxl", "encode"), ("sdxl", "base"), ("sdxl", "refiner"), ("sdxl", "vae")} <= labels
+    assert ("idefics2", "prefix") not in labels  # cached by the runs alone: a cached prefix takes no step
     assert max(size for model, step, size in steps.batches if step == "decode") == 2
     assert max(size for model, step, size in steps.batches if step == "base") == 2

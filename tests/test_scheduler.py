@@ -35,8 +35,9 @@ class FakeTask(Task):
 
     def __init__(self, name: str, log: Log, *, kind: str = "work", user: str | None = None, steps: int = 1,
                  key: object = None, limit: int = 8, gate: threading.Event | None = None, seconds: float = 0,
-                 first_alone: bool = False) -> None:
+                 first_alone: bool = False, cost: int = 0, budget: int = 0) -> None:
         super().__init__(kind, user)
+        self.cost, self.budget = cost, budget
         self.name, self.log, self.remaining, self.key, self.limit, self.gate = name, log, steps, key, limit, gate
         self.seconds, self.first_alone, self.steps = seconds, first_alone, steps
         self.abandoned = False
@@ -45,7 +46,7 @@ class FakeTask(Task):
         key = self.key if self.key is not None else ("own", self.seq)
         if self.first_alone and self.remaining == self.steps:
             key = ("first", self.seq)  # like a generation's encode step before its shared denoising steps
-        return Step(key, run_fake, limit=self.limit, label=self.kind)
+        return Step(key, run_fake, limit=self.limit, label=self.kind, cost=self.cost, budget=self.budget)
 
     def abandon(self) -> None:
         self.abandoned = True
@@ -107,6 +108,17 @@ def test_a_batch_holds_at_most_its_limit(log):
     # Full batches first: the tasks served longest ago lead, the others fill the batch up to its limit.
     assert [len(batch) for batch in log.batches[1:]] == [3, 3, 3, 1]
     assert sorted(name for batch in log.batches[1:] for name in batch) == sorted([f"t{n}" for n in range(5)] * 2)
+
+
+def test_a_batch_holds_what_fits_its_budget_and_the_lead_always_runs(log):
+    sched = scheduler()
+    costs = {"big": 700, "a": 200, "b": 200, "c": 100, "d": 300}  # e.g. prompt tokens of each task's next step
+    tasks = [FakeTask(name, log, user=f"u{n}", key="shared", cost=cost, budget=500)
+             for n, (name, cost) in enumerate(costs.items())]
+    asyncio.run(held_then_released(sched, log, tasks))
+    sched.close(5)
+    # The lead runs alone beyond the budget; then the others in order while they fit, one that does not waits.
+    assert log.batches[1:] == [("big",), ("a", "b", "c"), ("d",)]
 
 
 def test_slots_bound_the_running_tasks_of_a_kind(log):

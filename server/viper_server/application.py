@@ -10,7 +10,6 @@ the RPC layer maps them to status codes. Every operation takes the `Caller` firs
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 
@@ -171,7 +170,7 @@ class ViperService:
         version, stored = await self._stored_images(caller, user_id, expected_version)
         merged: dict[str, RatedUpload | StoredImage] = {image.sha256: image for image in stored}
         for upload in uploads:
-            merged[hashlib.sha256(upload.data).hexdigest()] = upload  # dicts keep the first insertion's place
+            merged[upload.sha256] = upload  # dicts keep the first insertion's place
         if len(merged) > self._max_profile_images:
             raise TooManyProfileImages(
                 f"images: the profile would hold {len(merged)} images, at most {self._max_profile_images} "
@@ -243,6 +242,7 @@ class ViperService:
         decoded = iter(await asyncio.to_thread(self._engine.decode_stored, stored) if stored else ())
         pictures = [image.image if isinstance(image, RatedUpload) else next(decoded) for image in images]
         preferences = await self._engine.extract(pictures, [image.comment for image in images],
+                                                 image_sha256=[image.sha256 for image in images],
                                                  user=caller.scope(user_id))
         saved = await asyncio.to_thread(
             self._store.save_extraction, user_id, liked_features=preferences.liked,
@@ -324,8 +324,9 @@ class ViperService:
         return [result.score async for batch in batches for result in batch][0]
 
     async def score(self, caller: Caller, user_id: str, queries: Sequence[Image.Image],
-                    inline: InlineContext | None = None) -> Scoring:
-        """Scores the queries for the user's stored liked / disliked images, or for an inline context."""
+                    inline: InlineContext | None = None, *, query_sha256: Sequence[str] | None = None) -> Scoring:
+        """Scores the queries for the user's stored liked / disliked images, or for an inline context.
+        query_sha256: each query's bytes' sha256 (keys the models' cache of its image features)."""
         access.authorize(caller, access.SCORE, user_id)
         scope = caller.scope(user_id)
         if inline is not None:
@@ -335,7 +336,8 @@ class ViperService:
             profile, images = await asyncio.to_thread(self._store.get_with_images, user_id, tenant=caller.tenant)
             context = self._engine.stored_context(scope, profile.version, images)
         pairs = self._engine.context_pairs(context)  # ContextError before any model work
-        return Scoring(pairs_used=pairs, results=self._flatten(self._engine.score(context, queries, user=scope)))
+        batches = self._engine.score(context, queries, query_sha256=query_sha256, user=scope)
+        return Scoring(pairs_used=pairs, results=self._flatten(batches))
 
     @staticmethod
     async def _flatten(batches: AsyncIterator[list[ScoredQuery]]) -> AsyncIterator[ScoredQuery]:

@@ -82,6 +82,8 @@ class ServerConfig:
     metric_cache_bytes: int = 2 * 1024 * MiB
     metric_batch_size: int = 4
     metric_max_pairs: int = 8
+    # IDEFICS2's image features (vision encoder + connector) per image, adapter and dtype; 0 = not cached.
+    vision_cache_bytes: int = 1024 * MiB
     # The step schedulers (README "Scheduling"): requests of a kind running (and batched) at once per model,
     # who goes first, and how much of an extraction's prefill one step does.
     extract_batch: int = 8
@@ -193,6 +195,8 @@ _SERVE_FLAGS: dict[str, _Flag] = {
     "metric_cache_bytes": _Flag("VIPER_METRIC_CACHE_BYTES", int, "bytes of cached metric prefixes"),
     "metric_batch_size": _Flag("VIPER_METRIC_BATCH_SIZE", int, "queries scored per model call"),
     "metric_max_pairs": _Flag("VIPER_METRIC_MAX_PAIRS", int, "liked/disliked pairs in a metric context"),
+    "vision_cache_bytes": _Flag("VIPER_VISION_CACHE_BYTES", int,
+                                "bytes of cached image features (by image sha256, adapter, dtype); 0 = off"),
     "extract_batch": _Flag("VIPER_EXTRACT_BATCH", int, "extractions running at once, decoding in one forward pass"),
     "generate_batch": _Flag("VIPER_GENERATE_BATCH", int,
                             "generations running at once; images of one size and stage share each UNet call"),
@@ -308,7 +312,8 @@ def check_config(config: ServerConfig) -> None:
         choices = _SERVE_FLAGS[name].choices
         if getattr(config, name) not in choices:
             raise ValueError(f"{name} must be {' or '.join(choices)}, not {getattr(config, name)!r}")
-    for name in ("max_connection_idle", "max_connection_age", "max_connection_age_grace", "max_call_seconds"):
+    for name in ("max_connection_idle", "max_connection_age", "max_connection_age_grace", "max_call_seconds",
+                 "vision_cache_bytes"):
         if getattr(config, name) < 0:
             raise ValueError(f"{name} must not be negative, not {getattr(config, name)}")
     if (config.tls_cert is None) != (config.tls_key is None):

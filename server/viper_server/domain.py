@@ -7,6 +7,7 @@ once (rpc.validation), and nothing below copies or re-checks it.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -27,6 +28,12 @@ class RatedUpload:
     image: Image.Image = field(repr=False)  # decoded, RGB (transparency on white)
     comment: str
     rating: Rating
+    # sha256 of data: the image's name in the store and the key of what the models cache for it (computed once).
+    sha256: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.sha256:
+            object.__setattr__(self, "sha256", hashlib.sha256(self.data).hexdigest())
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,10 @@ class ScoringContext:
     # The profile version the images were read at: a prefix from a snapshot older than one the cache
     # has already been told about (PrefixCache.invalidate) is never stored.
     version: int = 0
+    # The sha256 of each liked and disliked image's bytes, in the same order (keys of the image features'
+    # cache); empty: not cached.
+    liked_sha256: Sequence[str] = ()
+    disliked_sha256: Sequence[str] = ()
 
 
 class ContextError(ValueError):

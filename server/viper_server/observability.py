@@ -107,6 +107,15 @@ def _engine_families(engine: ModelEngine) -> Families:
     yield CounterMetricFamily("viper_metric_cache_misses", "metric prefix-cache misses", value=stats.misses)
     yield GaugeMetricFamily("viper_metric_cache_bytes", "bytes held by the metric prefix cache", value=stats.bytes)
     yield GaugeMetricFamily("viper_metric_cache_entries", "contexts in the metric prefix cache", value=stats.entries)
+    vision = engine.vision_cache_stats
+    if vision is None:  # --vision-cache-bytes 0
+        return
+    yield CounterMetricFamily("viper_vision_cache_hits", "image features taken from the cache", value=vision.hits)
+    yield CounterMetricFamily("viper_vision_cache_misses", "image features computed (not cached)",
+                              value=vision.misses)
+    yield GaugeMetricFamily("viper_vision_cache_bytes", "bytes held by the image features' cache", value=vision.bytes)
+    yield GaugeMetricFamily("viper_vision_cache_entries", "image features in the cache (per image and adapter)",
+                            value=vision.entries)
 
 
 def _store_families(store: ProfileStore) -> Families:

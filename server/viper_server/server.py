@@ -190,6 +190,7 @@ def load_settings(config: ServerConfig) -> LoadSettings:
         metric_cache_bytes=config.metric_cache_bytes,
         metric_batch_size=config.metric_batch_size,
         metric_max_pairs=config.metric_max_pairs,
+        vision_cache_bytes=config.vision_cache_bytes,
         extract_batch=config.extract_batch,
         generate_batch=config.generate_batch,
         score_batch=config.score_batch,

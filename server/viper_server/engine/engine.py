@@ -145,15 +145,22 @@ class ModelEngine:
     def cache_stats(self) -> CacheStats | None:
         return self._models.scorer.cache_stats if self._models is not None else None
 
+    @property
+    def vision_cache_stats(self) -> CacheStats | None:
+        """The image features' cache; None before loading or when it is off."""
+        cache = self._models.vision_cache if self._models is not None else None
+        return cache.stats if cache is not None else None
+
     # -- model work -----------------------------------------------------------------------------------
 
     async def extract(self, images: Sequence[Image.Image], comments: Sequence[str], *,
-                      user: str | None = None) -> Preferences:
-        """Runs the VPE over the images and their comments. user: whose request it is (for fair turns)."""
+                      image_sha256: Sequence[str] | None = None, user: str | None = None) -> Preferences:
+        """Runs the VPE over the images and their comments. image_sha256: each image's bytes' sha256 (keys its
+        features in the vision cache; None: not cached). user: whose request it is (for fair turns)."""
         extractions, _, _ = self._loaded_work()
         self._check_room(self.idefics2_scheduler)
         with tracing.span("engine.prepare", images=len(images)):
-            extraction = await asyncio.to_thread(extractions.extractor.prepare, images, comments)
+            extraction = await asyncio.to_thread(extractions.extractor.prepare, images, comments, image_sha256)
         return await self.idefics2_scheduler.run(ExtractionTask(extractions, extraction, user))
 
     async def generate(self, params: GenerationParams, liked_features: Sequence[str],
@@ -236,6 +243,8 @@ class ModelEngine:
             disliked=_StoredImages(disliked, self._max_image_pixels),
             cache_key=(user_id, digest),
             version=version,
+            liked_sha256=[image.sha256 for image in liked],
+            disliked_sha256=[image.sha256 for image in disliked],
         )
 
     def decode_stored(self, images: Sequence[StoredImage]) -> list[Image.Image]:
@@ -247,14 +256,16 @@ class ModelEngine:
         return context_pairs(len(context.liked), len(context.disliked), self._settings.metric_max_pairs)
 
     async def score(self, context: ScoringContext, queries: Sequence[Image.Image], *,
-                    user: str | None = None, reserved: bool = False) -> AsyncIterator[list[ScoredQuery]]:
-        """Yields the queries' scores a batch at a time. user: whose request it is. reserved: the request
+                    query_sha256: Sequence[str] | None = None, user: str | None = None,
+                    reserved: bool = False) -> AsyncIterator[list[ScoredQuery]]:
+        """Yields the queries' scores a batch at a time. query_sha256: each query's bytes' sha256 (keys its
+        features in the vision cache; None: not cached). user: whose request it is. reserved: the request
         was admitted already (check_room), the scoring queues even when the queue is full."""
         _, scorings, _ = self._loaded_work()
         if not reserved:
             self._check_room(self.idefics2_scheduler)
         with tracing.span("engine.prepare", queries=len(queries)):
-            scoring = await asyncio.to_thread(scorings.scorer.prepare, context, queries)
+            scoring = await asyncio.to_thread(scorings.scorer.prepare, context, queries, query_sha256)
             tracing.annotate(prefix_cache=_prefix_cache_use(scoring))
         task = ScoringTask(scorings, scoring, user)
         async for batch in self.idefics2_scheduler.stream(task, reserved=reserved):

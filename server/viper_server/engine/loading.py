@@ -11,6 +11,7 @@ from ..models.generation import PersonalizedGenerator
 from ..models.idefics2 import load_idefics2
 from ..models.metric import MetricScorer
 from ..models.sdxl import load_sdxl
+from ..models.vision import VisionCache
 from ..models.vpe import PreferenceExtractor
 from .presets import ModelPreset
 
@@ -30,6 +31,7 @@ class LoadSettings:
     metric_cache_bytes: int = 2 << 30
     metric_batch_size: int = 4
     metric_max_pairs: int = 8
+    vision_cache_bytes: int = 1 << 30  # 0 = image features not cached
     # The step schedulers (engine.scheduler): how many requests of each kind run (and batch) at once,
     # who goes first (engine.policy), and how much of an extraction's prefill one step does.
     extract_batch: int = 8
@@ -49,6 +51,7 @@ class LoadedModels:
     generator: PersonalizedGenerator
     device: str
     idefics2_dtype: torch.dtype
+    vision_cache: VisionCache | None = None
 
 
 def resolve_device(device: str) -> str:
@@ -79,9 +82,12 @@ def load_models(preset: ModelPreset, settings: LoadSettings) -> LoadedModels:
             preset.sdxl_base, preset.sdxl_refiner, device=device,
             cpu_offload=settings.cpu_offload, vae_tiling=settings.vae_tiling,
         )
+    # One cache for both adapters (the key names the adapter): an image's features under each.
+    vision_cache = VisionCache(settings.vision_cache_bytes) if settings.vision_cache_bytes > 0 else None
+    chunks = dict(prefill_images=settings.prefill_images, prefill_tokens=settings.prefill_tokens,
+                  vision_cache=vision_cache)
     extractor = PreferenceExtractor(
-        idefics2, adapter="vpe", max_new_tokens=settings.vpe_max_new_tokens or preset.vpe_max_new_tokens,
-        prefill_images=settings.prefill_images, prefill_tokens=settings.prefill_tokens,
+        idefics2, adapter="vpe", max_new_tokens=settings.vpe_max_new_tokens or preset.vpe_max_new_tokens, **chunks,
     )
     scorer = MetricScorer(
         idefics2,
@@ -91,6 +97,8 @@ def load_models(preset: ModelPreset, settings: LoadSettings) -> LoadedModels:
         cache_bytes=settings.metric_cache_bytes,
         use_prefix_cache=settings.metric_cache,
         expected_token_ids=preset.metric_token_ids,
+        **chunks,
     )
     generator = PersonalizedGenerator(pipelines)
-    return LoadedModels(extractor=extractor, scorer=scorer, generator=generator, device=device, idefics2_dtype=dtype)
+    return LoadedModels(extractor=extractor, scorer=scorer, generator=generator, device=device, idefics2_dtype=dtype,
+                        vision_cache=vision_cache)

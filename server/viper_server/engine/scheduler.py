@@ -38,15 +38,20 @@ _PAUSED_POLL_SECONDS = 1.0
 
 class Step:
     """A request's next step. Steps with equal keys may run as one batch: `run(tasks)` runs the step for all
-    of them at once (one forward pass), at most `limit` tasks a batch. `label` names the step in metrics."""
+    of them at once (one forward pass), at most `limit` tasks a batch, and with a budget (> 0) only as many as
+    fit their costs in it (the lead always runs: a request's own step is the bound). `label` names the step in
+    metrics."""
 
-    __slots__ = ("key", "run", "limit", "label")
+    __slots__ = ("key", "run", "limit", "label", "cost", "budget")
 
-    def __init__(self, key: Hashable, run: Callable[[list[Task]], None], *, limit: int = 1, label: str = "step"):
+    def __init__(self, key: Hashable, run: Callable[[list[Task]], None], *, limit: int = 1, label: str = "step",
+                 cost: int = 0, budget: int = 0):
         self.key = key
         self.run = run
         self.limit = max(1, limit)
         self.label = label
+        self.cost = cost
+        self.budget = budget
 
 
 class Task:
@@ -405,7 +410,7 @@ class StepScheduler:
             return False
         ordered = self._policy.order(task for task in self._running if id(task) in steps)
         lead = steps[id(ordered[0])]
-        batch = [task for task in ordered if steps[id(task)].key == lead.key][: lead.limit]
+        batch = _batch(lead, [task for task in ordered if steps[id(task)].key == lead.key], steps)
         started = time.perf_counter()
         try:
             lead.run(batch)
@@ -435,3 +440,17 @@ class StepScheduler:
         if task.trace is not None:
             task.trace.ended()
         task._settle()
+
+
+def _batch(lead: Step, candidates: list[Task], steps: Mapping[int, Step]) -> list[Task]:
+    """The lead's task and, in order, the compatible others while the batch bound and the budget hold."""
+    batch, spent = candidates[:1], lead.cost
+    for task in candidates[1:]:
+        if len(batch) == lead.limit:
+            break
+        cost = steps[id(task)].cost
+        if lead.budget and spent + cost > lead.budget:
+            continue
+        batch.append(task)
+        spent += cost
+    return batch

@@ -1,15 +1,18 @@
 """The scheduler's tasks for ViPer's three kinds of model work, each a model run (models/) seen as steps.
 
-- extract (IDEFICS2 + VPE adapter): prefill steps (a few images through the vision encoder, then a chunk of
-  the prompt), alone; then a decode step per token, all running extractions in one forward pass.
-- score (IDEFICS2 + metric adapter): a prefix step (the context's key/value states, from the cache or
-  computed, contexts of equal length together), then a step per query batch, the batches of all running
-  scorings with equally long contexts in one forward pass.
+- extract (IDEFICS2 + VPE adapter): prefill steps (a few images through the vision encoder, those whose
+  features are cached free, then a chunk of the prompt), alone; then a decode step per token, all running
+  extractions in one forward pass.
+- score (IDEFICS2 + metric adapter): the context's key/value states from the cache (no step of their own), or
+  computed in prefill steps as an extraction's, alone; then a step per query batch, the batches of running
+  scorings with equally long contexts in one forward pass, as many as the prompt-token budget holds.
 - generate (SDXL): an encode step per image (text embeddings, noise; the texts of all images starting together
   through each text encoder at once), a step per denoising step (base, then
   refiner; images of one stage and size in one UNet call), then the VAE decode (images of one size together).
 
-Step keys say what may share a forward pass; the batch bounds are the kinds' slot counts.
+Step keys say what may share a forward pass; the batch bounds are the kinds' slot counts, and for query batches
+also the prefill token budget (--prefill-tokens): no step feeds more than about that many prompt tokens or
+encodes more than --prefill-images images.
 """
 
 from __future__ import annotations
@@ -78,7 +81,8 @@ class Scorings:
 
     def query(self, tasks: list[Task]) -> None:
         for task, batch in zip(tasks, self.scorer.query_step([task.scoring for task in tasks])):
-            task.emit([ScoredQuery(index, score) for index, score in batch])
+            if batch:  # none while its queries are still being encoded
+                task.emit([ScoredQuery(index, score) for index, score in batch])
             if task.scoring.phase == "done":
                 task.finish(task.scoring.scores)
                 task.scoring.release()
@@ -93,9 +97,11 @@ class ScoringTask(Task):
     def next_step(self) -> Step:
         if not self.scoring.use_prefix:  # the reference procedure: a whole prompt per query, alone
             return Step(("reference", self.seq), self.work.query, label="query")
-        if self.scoring.phase == "prefix":
-            return Step(("prefix", self.scoring.pairs), self.work.prefix, limit=self.work.batch, label="prefix")
-        return Step(("query", self.scoring.pairs), self.work.query, limit=self.work.batch, label="query")
+        scorer = self.work.scorer
+        if not scorer.take_cached_prefix(self.scoring):
+            return Step(("prefix", self.seq), self.work.prefix, label="prefix")
+        return Step(("query", self.scoring.pairs), self.work.query, limit=self.work.batch, label="query",
+                    cost=scorer.query_cost(self.scoring), budget=scorer.prefill_tokens)
 
     def abandon(self) -> None:
         self.scoring.release()

@@ -162,7 +162,8 @@ def build_idefics2(architecture: Architecture, device: str, dtype: torch.dtype) 
     with torch.device(device):
         model = Idefics2ForConditionalGeneration._from_config(config, dtype=dtype)
         peft_model = _with_random_adapters(model.eval())
-    return Idefics2Base(model=peft_model, processor=processor, device=torch.device(device), dtype=dtype)
+    return Idefics2Base(model=peft_model, processor=processor, device=torch.device(device), dtype=dtype,
+                        revision="full-random")
 
 
 def _with_random_adapters(model: Idefics2ForConditionalGeneration) -> PeftModel:

@@ -34,6 +34,8 @@ class Idefics2Base:
     processor: ProcessorMixin
     device: torch.device
     dtype: torch.dtype
+    # Names the weights (base and adapters, as loaded): part of the key of what is cached from them.
+    revision: str = "in-memory"
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     @property
@@ -108,7 +110,9 @@ def load_idefics2(
         ) from error
 
     model.eval()
-    return Idefics2Base(model=model, processor=processor, device=torch_device, dtype=dtype)
+    # A hub model resolves to its snapshot folder, whose name is the commit: the path names the revision.
+    revision = ";".join([base_source, *(f"{name}={source}" for name, source in adapter_sources.items())])
+    return Idefics2Base(model=model, processor=processor, device=torch_device, dtype=dtype, revision=revision)
 
 
 def _resolve(name_or_path: str) -> str:

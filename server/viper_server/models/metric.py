@@ -10,7 +10,6 @@ queries, so MetricScorer runs it once, keeps its key/value states, and feeds eac
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -23,6 +22,7 @@ from ..domain import ContextError, ScoringContext
 from .idefics2 import Idefics2Base
 from .prefix_cache import CacheStats, KVLayers, PrefixCache, kv_bytes
 from .prompt_ids import encode_as_trained, expand_image_tokens
+from .vision import VisionCache, VisionEncoder
 
 # One turn of the reference prompt; an example turn is followed by its answer and "<end_of_utterance>\n".
 QUERY_TURN = "User:<image>Score for this image?<end_of_utterance>\nAssistant: "
@@ -114,14 +114,21 @@ class MetricScorer:
         cache_bytes: int = 1 << 30,
         use_prefix_cache: bool = True,
         expected_token_ids: tuple[int, int] | None = None,
+        prefill_images: int = 4,
+        prefill_tokens: int = 512,
+        vision_cache: VisionCache | None = None,
     ):
-        if max_pairs < 1 or batch_size < 1:
-            raise ValueError(f"max_pairs and batch_size must be positive, got {max_pairs} and {batch_size}")
+        if min(max_pairs, batch_size, prefill_images, prefill_tokens) < 1:
+            raise ValueError(f"max_pairs, batch_size and the prefill chunks must be positive, got {max_pairs}, "
+                             f"{batch_size}, {prefill_images} and {prefill_tokens}")
         self.idefics2 = idefics2
         self.adapter = idefics2.require_adapter(adapter)
         self.max_pairs = max_pairs
         self.batch_size = batch_size
         self.use_prefix_cache = use_prefix_cache
+        self.prefill_images = prefill_images
+        self.prefill_tokens = prefill_tokens
+        self.vision = VisionEncoder(idefics2, vision_cache)
         self.plus_token_id, self.minus_token_id = resolve_score_token_ids(idefics2.processor.tokenizer)
         if expected_token_ids is not None and (self.plus_token_id, self.minus_token_id) != tuple(expected_token_ids):
             raise ValueError(
@@ -159,20 +166,22 @@ class MetricScorer:
         *,
         on_batch: Callable[[list[tuple[int, float]]], None] | None = None,
         should_stop: Callable[[], bool] = lambda: False,
+        query_keys: Sequence[str | None] | None = None,
     ) -> list[float]:
         """Scores in [0, 1] (higher = liked more), in query order, computed batch_size queries at a time.
 
         on_batch receives each batch's (query index, score) pairs as soon as it is done; should_stop is
         polled before every batch and raises ScoringCancelled when it returns True.
         """
-        scoring = self.prepare(context, queries)
+        scoring = self.prepare(context, queries, query_keys)
         while scoring.phase != "done":
             if should_stop():
                 raise ScoringCancelled()
             if scoring.phase == "prefix":
                 self.prefix_step([scoring])
+                continue
             batch = self.query_step([scoring])[0]
-            if on_batch is not None:
+            if on_batch is not None and batch:
                 on_batch(batch)
         return scoring.scores
 
@@ -188,11 +197,19 @@ class MetricScorer:
 
     # -- steps ----------------------------------------------------------------------------------------
 
-    def prepare(self, context: ScoringContext, queries: Sequence[PIL.Image.Image]) -> Scoring:
+    def prepare(self, context: ScoringContext, queries: Sequence[PIL.Image.Image],
+                query_keys: Sequence[str | None] | None = None) -> Scoring:
         """A scoring's pixels (CPU work, no model: any thread may run it). The context's images are decoded
-        and processed only when its prefix is not cached. Raises ContextError when there is no pair."""
+        and processed only when its prefix is not cached. query_keys: each query's sha256, keying its features
+        in the vision cache (None: not cached). Raises ContextError when there is no pair."""
         pairs = self.pairs_for(context)
-        scoring = Scoring(context=context, pairs=pairs, queries=list(queries), use_prefix=self.use_prefix_cache)
+        keys = tuple(query_keys) if query_keys is not None else (None,) * len(queries)
+        if len(keys) != len(queries):
+            raise ValueError(f"got {len(queries)} queries but {len(keys)} keys")
+        liked = list(context.liked_sha256[:pairs]) or [None] * pairs
+        disliked = list(context.disliked_sha256[:pairs]) or [None] * pairs
+        scoring = Scoring(context=context, pairs=pairs, queries=list(queries), use_prefix=self.use_prefix_cache,
+                          query_keys=keys, context_keys=tuple(key for pair in zip(disliked, liked) for key in pair))
         if not self.use_prefix_cache:
             return scoring
         processor = self.idefics2.processor.image_processor
@@ -201,80 +218,118 @@ class MetricScorer:
             scoring.context_pixels = self._context_pixels(scoring)
         return scoring
 
+    def take_cached_prefix(self, scoring: Scoring) -> bool:
+        """Gives a scoring that has not started its prefix the cached one (a hit; a miss is counted once);
+        True when it has its prefix. Cheap: the scheduler calls it before choosing the scoring's next step."""
+        if scoring.prefix is None and not scoring.looked_up:
+            scoring.looked_up = True
+            key = scoring.context.cache_key
+            scoring.prefix = self._cache.get(key) if key is not None else None
+            if scoring.prefix is not None:
+                scoring.context_pixels = None
+        return scoring.prefix is not None
+
+    def query_cost(self, scoring: Scoring) -> int:
+        """Prompt tokens its next query step feeds (rows x the query's tokens): what a step's budget counts."""
+        return len(scoring.next_chunk(self.batch_size)) * len(self._suffix_ids)
+
     @torch.inference_mode()
     def prefix_step(self, scorings: Sequence[Scoring]) -> None:
-        """Gives each scoring (all in phase prefix, with equal pair counts) its context's key/value states:
-        from the cache, or computed, all missing contexts in one forward pass (each context once)."""
-        missing: dict[object, list[Scoring]] = {}
+        """The next chunk of each scoring's context states (all in phase prefix): its cached prefix, or the next
+        prefill_images context images whose features are not cached, or the next prefill_tokens tokens of the
+        prefix. A chunk that finds every remaining image cached goes on to the first tokens."""
         for scoring in scorings:
-            key = scoring.context.cache_key
-            cached = self._cache.get(key) if key is not None else None
-            if cached is not None:
-                scoring.prefix = cached
-            else:
-                missing.setdefault(key if key is not None else id(scoring), []).append(scoring)
-        if not missing:
-            return
-        started = time.perf_counter()
-        firsts = [group[0] for group in missing.values()]
-        pairs = {scoring.pairs for scoring in firsts}
-        if len(pairs) != 1:
-            raise ValueError(f"one prefix step takes contexts of one length, not pair counts {sorted(pairs)}")
-        for scoring in firsts:
+            if self.take_cached_prefix(scoring):
+                continue
             if scoring.context_pixels is None:  # its cached prefix was evicted since prepare
                 scoring.context_pixels = self._context_pixels(scoring)
-        input_ids = torch.tensor([self._prefix_ids[pairs.pop()]] * len(firsts), device=self.idefics2.device)
-        output = _forward_embedded(self.idefics2, self.adapter, input_ids,
-                                   [_Pixels.stack([scoring.context_pixels]) for scoring in firsts])
-        layers = [(layer.keys, layer.values) for layer in output.cache.layers]
-        elapsed_ms = (time.perf_counter() - started) * 1e3
-        for row, group in enumerate(missing.values()):
-            # Each context owns its states (a slice of the batch would keep the whole batch alive in the cache).
-            prefix = tuple(
-                (keys[row : row + 1].clone(), values[row : row + 1].clone()) if len(firsts) > 1 else (keys, values)
-                for keys, values in layers
-            )
-            for scoring in group:
-                scoring.prefix = prefix
-                scoring.context_pixels = None
-            context = group[0].context
-            if context.cache_key is None:
-                log.info("metric inline context computed in %.0f ms", elapsed_ms)
-                continue
-            log.info(
-                "metric context computed for %s version %s in %.0f ms (%d tokens, %.1f MB, %d in the batch)",
-                context.cache_key[0], context.version, elapsed_ms, input_ids.shape[1], kv_bytes(prefix) / 1e6,
-                len(firsts),
-            )
-            self._cache.put(context.cache_key, prefix, version=context.version)
+            with self.idefics2.use_adapter(self.adapter) as model:
+                if len(scoring.context_features) < 2 * scoring.pairs:
+                    computed = self._encode_context(model, scoring)
+                    if computed or len(scoring.context_features) < 2 * scoring.pairs:
+                        continue
+                self._prefill_chunk(model, scoring)
+            if scoring.prefilled == len(self._prefix_ids[scoring.pairs]):
+                self._prefix_done(scoring)
 
     @torch.inference_mode()
     def query_step(self, scorings: Sequence[Scoring]) -> list[list[tuple[int, float]]]:
         """Scores the next batch_size queries of each scoring (all in phase query, with equal pair counts)
-        in one forward pass; returns each scoring's new (query index, score) pairs."""
+        in one forward pass; returns each scoring's new (query index, score) pairs. Their queries' features come
+        from the cache, or are computed, at most prefill_images in the step; a scoring whose queries are not all
+        encoded yet gets no score in this step (an empty list)."""
         if not self.use_prefix_cache:
             return [self._reference_batch(scoring) for scoring in scorings]
         chunks = [scoring.next_chunk(self.batch_size) for scoring in scorings]
-        rows = [len(chunk) for chunk in chunks]
-        if len(scorings) == 1:  # a view of the one prefix, expanded over the rows
-            prefix = [(keys.expand(rows[0], -1, -1, -1), values.expand(rows[0], -1, -1, -1))
-                      for keys, values in scorings[0].prefix]
-        else:
-            prefix = [
-                (torch.cat([s.prefix[n][0].expand(r, -1, -1, -1) for s, r in zip(scorings, rows)]),
-                 torch.cat([s.prefix[n][1].expand(r, -1, -1, -1) for s, r in zip(scorings, rows)]))
-                for n in range(len(scorings[0].prefix))
-            ]
-        # Each scoring's queries through the vision encoder on their own (as alone); the text of all rows at once.
-        images = [_Pixels.stack([scoring.query_pixels[index] for index in chunk])
-                  for scoring, chunk in zip(scorings, chunks)]
-        scores = self._score_after_prefix(prefix, images, sum(rows))
-        results = []
-        for scoring, chunk in zip(scorings, chunks):
+        with self.idefics2.use_adapter(self.adapter) as model:
+            budget = self.prefill_images
+            for scoring, chunk in zip(scorings, chunks):
+                budget -= self._encode_queries(model, scoring, chunk, budget)
+            ready = [row for row, (scoring, chunk) in enumerate(zip(scorings, chunks))
+                     if all(index in scoring.query_features for index in chunk)]
+            scores = self._score_after_prefix(model, [scorings[row] for row in ready], [chunks[row] for row in ready])
+        results: list[list[tuple[int, float]]] = [[] for _ in scorings]
+        for row in ready:
+            scoring, chunk = scorings[row], chunks[row]
             mine, scores = scores[: len(chunk)], scores[len(chunk) :]
             scoring.scores.extend(mine)
-            results.append(list(zip(chunk, mine)))
+            for index in chunk:
+                del scoring.query_features[index]
+            results[row] = list(zip(chunk, mine))
         return results
+
+    def _encode_context(self, model, scoring: Scoring) -> int:
+        """The next context images' features (cached ones, up to prefill_images computed); how many computed."""
+        start = len(scoring.context_features)
+        pixels = scoring.context_pixels
+        features, computed = self.vision.features(model, self.adapter, pixels.values[0, start:],
+                                                  pixels.mask[0, start:], scoring.context_keys[start:],
+                                                  self.prefill_images)
+        scoring.context_features.extend(features)
+        return computed
+
+    def _encode_queries(self, model, scoring: Scoring, chunk: range, budget: int) -> int:
+        """The chunk's query features not yet known: cached ones, up to `budget` computed; how many computed."""
+        computed = 0
+        for index in chunk:
+            if index in scoring.query_features:
+                continue
+            pixels = scoring.query_pixels[index]
+            features, count = self.vision.features(model, self.adapter, pixels.values[0], pixels.mask[0],
+                                                   scoring.query_keys[index : index + 1], budget - computed)
+            computed += count
+            if not features:
+                break
+            scoring.query_features[index] = features[0]
+        return computed
+
+    def _prefill_chunk(self, model, scoring: Scoring) -> None:
+        """Feeds the next prefill_tokens tokens of the context's prefix (the image features merged in first)."""
+        device = self.idefics2.device
+        if scoring.prefix_embeds is None:
+            input_ids = torch.tensor([self._prefix_ids[scoring.pairs]], device=device)
+            scoring.prefix_embeds = _merge_features(model, input_ids, scoring.context_features)
+            scoring.context_features, scoring.context_pixels = [], None
+            scoring.prefix_states = DynamicCache()
+        start = scoring.prefilled
+        end = min(start + self.prefill_tokens, scoring.prefix_embeds.shape[1])
+        model(inputs_embeds=scoring.prefix_embeds[:, start:end],
+              attention_mask=torch.ones(1, end, dtype=torch.long, device=device),
+              position_ids=torch.arange(start, end, device=device).unsqueeze(0),
+              cache=scoring.prefix_states, use_cache=True, logits_to_keep=1)
+        scoring.prefilled = end
+
+    def _prefix_done(self, scoring: Scoring) -> None:
+        """Keeps the computed prefix (and caches it under the context's key, unless inline)."""
+        prefix = tuple((layer.keys, layer.values) for layer in scoring.prefix_states.layers)
+        scoring.prefix, scoring.prefix_states, scoring.prefix_embeds = prefix, None, None
+        context = scoring.context
+        if context.cache_key is None:
+            log.info("metric inline context computed")
+            return
+        log.info("metric context computed for %s version %s (%d tokens, %.1f MB)", context.cache_key[0],
+                 context.version, scoring.prefilled, kv_bytes(prefix) / 1e6)
+        self._cache.put(context.cache_key, prefix, version=context.version)
 
     def _reference_batch(self, scoring: Scoring) -> list[tuple[int, float]]:
         chunk = scoring.next_chunk(self.batch_size)
@@ -291,19 +346,32 @@ class MetricScorer:
         images = interleave_pairs(scoring.context.liked[:pairs], scoring.context.disliked[:pairs])
         return _Pixels.of(self.idefics2.processor.image_processor, images)
 
-    def _score_after_prefix(self, prefix: list[tuple[torch.Tensor, torch.Tensor]],
-                            images: list[dict[str, torch.Tensor]], rows: int) -> list[float]:
+    def _score_after_prefix(self, model, scorings: Sequence[Scoring], chunks: Sequence[range]) -> list[float]:
+        """The scores of the chunks' queries, each after its scoring's prefix, all rows in one forward pass."""
+        rows = [len(chunk) for chunk in chunks]
+        if not rows:
+            return []
+        if len(scorings) == 1:  # a view of the one prefix, expanded over the rows
+            prefix = [(keys.expand(rows[0], -1, -1, -1), values.expand(rows[0], -1, -1, -1))
+                      for keys, values in scorings[0].prefix]
+        else:
+            prefix = [
+                (torch.cat([s.prefix[n][0].expand(r, -1, -1, -1) for s, r in zip(scorings, rows)]),
+                 torch.cat([s.prefix[n][1].expand(r, -1, -1, -1) for s, r in zip(scorings, rows)]))
+                for n in range(len(scorings[0].prefix))
+            ]
         # A fresh cache around the prefix tensors: the forward pass appends to the cache it gets
         # (by concatenation, so the stored tensors stay untouched).
         cache = DynamicCache(ddp_cache_data=prefix)
-        input_ids = torch.tensor([self._suffix_ids], device=self.idefics2.device).expand(rows, -1)
+        input_ids = torch.tensor([self._suffix_ids], device=self.idefics2.device).expand(sum(rows), -1)
+        features = [scoring.query_features[index] for scoring, chunk in zip(scorings, chunks) for index in chunk]
         # The mask must cover prefix + suffix: one over the suffix alone is accepted but scores drift.
         prefix_length = prefix[0][0].shape[-2]
         attention_mask = torch.ones(
-            rows, prefix_length + input_ids.shape[1], dtype=torch.long, device=self.idefics2.device
+            sum(rows), prefix_length + input_ids.shape[1], dtype=torch.long, device=self.idefics2.device
         )
-        output = _forward_embedded(self.idefics2, self.adapter, input_ids, images, cache=cache,
-                                   attention_mask=attention_mask)
+        output = model(inputs_embeds=_merge_features(model, input_ids, features), attention_mask=attention_mask,
+                       cache=cache, use_cache=True, logits_to_keep=1)
         return _plus_probability(output.logits[:, -1], self.plus_token_id, self.minus_token_id)
 
 
@@ -316,9 +384,19 @@ class Scoring:
     pairs: int
     queries: list[PIL.Image.Image] = field(repr=False)
     use_prefix: bool = True
+    # The sha256 of each query and of each context image used (prompt order): keys of their features' cache.
+    query_keys: tuple[str | None, ...] = ()
+    context_keys: tuple[str | None, ...] = ()
     query_pixels: list[_Pixels] = field(default_factory=list, repr=False)
     context_pixels: _Pixels | None = field(default=None, repr=False)
+    # The prefix being computed: the context images' features, then its embeddings and the states so far.
+    looked_up: bool = False  # whether the prefix cache was asked
+    context_features: list[torch.Tensor] = field(default_factory=list, repr=False)
+    prefix_embeds: torch.Tensor | None = field(default=None, repr=False)
+    prefix_states: DynamicCache | None = field(default=None, repr=False)
+    prefilled: int = 0
     prefix: KVLayers | None = field(default=None, repr=False)
+    query_features: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     scores: list[float] = field(default_factory=list)
 
     @property
@@ -334,6 +412,7 @@ class Scoring:
 
     def release(self) -> None:
         self.prefix, self.context_pixels, self.query_pixels = None, None, []
+        self.context_features, self.prefix_embeds, self.prefix_states, self.query_features = [], None, None, {}
 
 
 @dataclass(frozen=True)
@@ -387,36 +466,15 @@ def _forward(
         )
 
 
-def _forward_embedded(
-    idefics2: Idefics2Base,
-    adapter: str,
-    input_ids: torch.Tensor,
-    image_groups: Sequence[Mapping[str, torch.Tensor]],
-    *,
-    cache: DynamicCache | None = None,
-    attention_mask: torch.Tensor | None = None,
-) -> ModelOutput:
-    """_forward for rows whose images come in groups (one per request): each group through the vision encoder
-    on its own, as it would run alone, then the model on all rows at once with the image features in place of
-    the <image> tokens (what the model's own forward does with pixel values)."""
-    with idefics2.use_adapter(adapter) as model, torch.inference_mode():
-        inner = model.get_base_model()
-        features = [
-            feature
-            for images in image_groups
-            for feature in inner.model.get_image_features(
-                images["pixel_values"].to(device=idefics2.device, dtype=idefics2.dtype),
-                images["pixel_attention_mask"].to(device=idefics2.device),
-                return_dict=True,
-            ).pooler_output
-        ]
-        inputs_embeds = inner.model.inputs_merger(
-            input_ids=input_ids,
-            inputs_embeds=inner.get_input_embeddings()(input_ids),
-            image_hidden_states=torch.cat(features).to(dtype=inner.model.dtype),
-        )
-        return model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, use_cache=True,
-                     logits_to_keep=1)
+def _merge_features(model, input_ids: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The prompt's embeddings with the image features in place of the <image> tokens (what the model's own
+    forward does with pixel values)."""
+    inner = model.get_base_model()
+    return inner.model.inputs_merger(
+        input_ids=input_ids,
+        inputs_embeds=inner.get_input_embeddings()(input_ids),
+        image_hidden_states=torch.cat(list(features)).to(dtype=inner.model.dtype),
+    )
 
 
 def _plus_probability(logits: torch.Tensor, plus: int, minus: int) -> list[float]:

@@ -1,16 +1,21 @@
-"""A thread-safe LRU of prompt prefixes' key/value states, bounded by their size in bytes."""
+"""Thread-safe LRUs bounded by their size in bytes: ByteLRU, and PrefixCache for prompt prefixes' key/value
+states (per user, refusing entries older than the user's newest profile version)."""
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import torch
 
 # Per decoder layer: (keys, values), each [batch=1, kv_heads, prefix_len, head_dim].
 KVLayers = tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
 
 
 @dataclass(frozen=True)
@@ -25,7 +30,64 @@ def kv_bytes(layers: KVLayers) -> int:
     return sum(tensor.numel() * tensor.element_size() for layer in layers for tensor in layer)
 
 
-class PrefixCache:
+class ByteLRU(Generic[K, V]):
+    """Maps keys to immutable values (users build their own objects around them), evicting the least recently
+    used beyond capacity_bytes, each value weighing size_of(value) bytes."""
+
+    def __init__(self, capacity_bytes: int, size_of: Callable[[V], int]):
+        self.capacity_bytes = capacity_bytes
+        self._size_of = size_of
+        self._entries: OrderedDict[K, V] = OrderedDict()
+        self._bytes = 0
+        self._hits = 0
+        self._misses = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: K) -> V | None:
+        with self._lock:
+            value = self._entries.get(key)
+            if value is None:
+                self._misses += 1
+                return None
+            self._hits += 1
+            self._entries.move_to_end(key)
+            return value
+
+    def __contains__(self, key: K) -> bool:
+        """Whether key is cached, without counting a hit or a miss or refreshing its recency."""
+        with self._lock:
+            return key in self._entries
+
+    def put(self, key: K, value: V) -> bool:
+        """Stores value, evicting least recently used entries; False, storing nothing, when it alone is larger
+        than the capacity."""
+        with self._lock:
+            return self._put(key, value)
+
+    @property
+    def stats(self) -> CacheStats:
+        with self._lock:
+            return CacheStats(hits=self._hits, misses=self._misses, bytes=self._bytes, entries=len(self._entries))
+
+    def _put(self, key: K, value: V) -> bool:
+        """put, with the lock held."""
+        size = self._size_of(value)
+        self._discard(key)
+        if size > self.capacity_bytes:
+            return False
+        self._entries[key] = value
+        self._bytes += size
+        while self._bytes > self.capacity_bytes:
+            self._discard(next(iter(self._entries)))
+        return True
+
+    def _discard(self, key: K) -> None:
+        value = self._entries.pop(key, None)
+        if value is not None:
+            self._bytes -= self._size_of(value)
+
+
+class PrefixCache(ByteLRU[Sequence[Hashable], KVLayers]):
     """Maps a key whose first element is a user id, e.g. (user_id, context digest), to KV states.
 
     Entries are never mutated: users of an entry build their own cache object around its tensors.
@@ -34,46 +96,18 @@ class PrefixCache:
     """
 
     def __init__(self, capacity_bytes: int):
-        self.capacity_bytes = capacity_bytes
-        self._entries: OrderedDict[Sequence[Hashable], KVLayers] = OrderedDict()
-        self._bytes = 0
-        self._hits = 0
-        self._misses = 0
+        super().__init__(capacity_bytes, kv_bytes)
         self._newest_version: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def get(self, key: Sequence[Hashable]) -> KVLayers | None:
-        with self._lock:
-            layers = self._entries.get(key)
-            if layers is None:
-                self._misses += 1
-                return None
-            self._hits += 1
-            self._entries.move_to_end(key)
-            return layers
-
-    def __contains__(self, key: Sequence[Hashable]) -> bool:
-        """Whether key is cached, without counting a hit or a miss or refreshing its recency."""
-        with self._lock:
-            return key in self._entries
 
     def put(self, key: Sequence[Hashable], layers: KVLayers, *, version: int = 0) -> bool:
         """Stores `layers`, computed from profile `version`, evicting least recently used entries.
 
         Returns False, storing nothing, for an entry larger than the capacity or from a snapshot older than
         the newest version invalidate() was given for the user."""
-        size = kv_bytes(layers)
         with self._lock:
             if version < self._newest_version.get(key[0], 0):
                 return False
-            self._discard(key)
-            if size > self.capacity_bytes:
-                return False
-            self._entries[key] = layers
-            self._bytes += size
-            while self._bytes > self.capacity_bytes:
-                self._discard(next(iter(self._entries)))
-            return True
+            return self._put(key, layers)
 
     def invalidate(self, user_id: str, version: int = 0) -> int:
         """Drops every entry of `user_id`, whose profile is now at `version`; returns how many there were."""
@@ -83,13 +117,3 @@ class PrefixCache:
             for key in keys:
                 self._discard(key)
             return len(keys)
-
-    @property
-    def stats(self) -> CacheStats:
-        with self._lock:
-            return CacheStats(hits=self._hits, misses=self._misses, bytes=self._bytes, entries=len(self._entries))
-
-    def _discard(self, key: Sequence[Hashable]) -> None:
-        layers = self._entries.pop(key, None)
-        if layers is not None:
-            self._bytes -= kv_bytes(layers)

@@ -14,6 +14,7 @@ from ..domain import Preferences
 from .decoding import DecodeGroup, DecodingSequence, greedy_tokens
 from .idefics2 import Idefics2Base
 from .prompt_ids import encode_as_trained, expand_image_tokens
+from .vision import VisionCache, VisionEncoder
 
 # The prompt the VPE adapter was trained on; bytes must match the reference exactly.
 # Read as bytes: text mode could translate line endings.
@@ -109,6 +110,8 @@ class Extraction:
     input_ids: torch.Tensor = field(repr=False)  # [1, prompt length], on the CPU
     pixel_values: torch.Tensor = field(repr=False)  # [1, images, 3, H, W]
     pixel_attention_mask: torch.Tensor = field(repr=False)  # [1, images, H, W]
+    # Per image, the sha256 of the bytes it was decoded from (None: not cached): keys its features in the cache.
+    image_keys: tuple[str | None, ...] = ()
     image_features: list[torch.Tensor] = field(default_factory=list, repr=False)
     images_encoded: int = 0
     inputs_embeds: torch.Tensor | None = field(default=None, repr=False)
@@ -140,12 +143,13 @@ class PreferenceExtractor:
     """Runs the VPE adapter of a shared IDEFICS2 base with the reference's prompt and decoding.
 
     An extraction runs in steps (for the engine's scheduler): `prepare` (tokens and pixels, no model), then
-    `prefill_step` until its phase is decode (a few images through the vision encoder a step, then the prompt
-    `prefill_tokens` tokens a step), then `decode_step` a token a step, decoding any number of extractions
+    `prefill_step` until its phase is decode (a few images through the vision encoder a step, images whose
+    features are cached costing nothing, then the prompt `prefill_tokens` tokens a step), then `decode_step`
+    a token a step, decoding any number of extractions
     in one forward pass (a DecodeGroup), then `result`. `extract` runs all of it for one extraction."""
 
     def __init__(self, idefics2: Idefics2Base, *, adapter: str = "vpe", max_new_tokens: int = 2000,
-                 prefill_images: int = 4, prefill_tokens: int = 512):
+                 prefill_images: int = 4, prefill_tokens: int = 512, vision_cache: VisionCache | None = None):
         if prefill_images < 1 or prefill_tokens < 1:
             raise ValueError(f"prefill chunks must be positive, got {prefill_images} images, {prefill_tokens} tokens")
         self.idefics2 = idefics2
@@ -153,6 +157,7 @@ class PreferenceExtractor:
         self.max_new_tokens = max_new_tokens
         self.prefill_images = prefill_images
         self.prefill_tokens = prefill_tokens
+        self.vision = VisionEncoder(idefics2, vision_cache)
         eos = idefics2.model.get_base_model().generation_config.eos_token_id
         self.eos_token_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
 
@@ -169,6 +174,7 @@ class PreferenceExtractor:
         comments: Sequence[str],
         *,
         should_stop: Callable[[], bool] | None = None,
+        image_keys: Sequence[str | None] | None = None,
     ) -> Preferences:
         """Runs the VPE on decoded RGB images and their comments (one comment per image, same order).
 
@@ -177,7 +183,7 @@ class PreferenceExtractor:
         """
         cancellation = _Cancellation(should_stop or (lambda: False))
         cancellation.check()
-        extraction = self.prepare(images, comments)
+        extraction = self.prepare(images, comments, image_keys)
         cancellation.check()
         while extraction.phase in ("vision", "prefill"):
             self.prefill_step(extraction)
@@ -193,60 +199,35 @@ class PreferenceExtractor:
 
     # -- steps ----------------------------------------------------------------------------------------
 
-    def prepare(self, images: Sequence[PIL.Image.Image], comments: Sequence[str]) -> Extraction:
-        """The extraction's token ids and pixels (CPU work, no model: any thread may run it)."""
-        if len(images) != len(comments):
-            raise ValueError(f"got {len(images)} images but {len(comments)} comments")
+    def prepare(self, images: Sequence[PIL.Image.Image], comments: Sequence[str],
+                image_keys: Sequence[str | None] | None = None) -> Extraction:
+        """The extraction's token ids and pixels (CPU work, no model: any thread may run it). image_keys: each
+        image's sha256, keying its features in the vision cache (None: not cached)."""
+        keys = tuple(image_keys) if image_keys is not None else (None,) * len(images)
+        if len(images) != len(comments) or len(keys) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(comments)} comments and {len(keys)} keys")
         if not images:
             raise ValueError("at least one commented image is required")
         inputs = build_vpe_inputs(self.idefics2.processor, images, comments)
-        return Extraction(inputs["input_ids"], inputs["pixel_values"], inputs["pixel_attention_mask"])
+        return Extraction(inputs["input_ids"], inputs["pixel_values"], inputs["pixel_attention_mask"], keys)
 
     def new_group(self) -> DecodeGroup:
         return DecodeGroup(REPETITION_PENALTY)
 
     @torch.inference_mode()
     def prefill_step(self, extraction: Extraction) -> None:
-        """Encodes the next prefill_images images, or feeds the next prefill_tokens prompt tokens; the last
-        chunk picks the first new token."""
-        device, dtype = self.idefics2.device, self.idefics2.dtype
+        """Encodes the next prefill_images images whose features are not cached (taking the cached ones as they
+        come), or feeds the next prefill_tokens prompt tokens; the last chunk picks the first new token. A step
+        that finds every remaining image cached goes on to the first prompt chunk."""
         with self.idefics2.use_adapter(self.adapter) as model:
-            inner = model.get_base_model()
             if extraction.phase == "vision":
-                start = extraction.images_encoded
-                end = min(start + self.prefill_images, extraction.num_images)
-                features = inner.model.get_image_features(
-                    extraction.pixel_values[:, start:end].to(device=device, dtype=dtype),
-                    extraction.pixel_attention_mask[:, start:end].to(device=device),
-                    return_dict=True,
-                ).pooler_output
-                extraction.image_features.extend(features)  # per sample: [images x latents, hidden]
-                extraction.images_encoded = end
-                return
+                computed = self._encode_images(model, extraction)
+                if computed or extraction.phase == "vision":
+                    return
             if extraction.phase != "prefill":
                 raise ValueError(f"an extraction in phase {extraction.phase} has no prefill step")
-            input_ids = extraction.input_ids.to(device)
-            if extraction.inputs_embeds is None:
-                # What the model's own forward does with pixel values: image features in place of <image> tokens.
-                extraction.inputs_embeds = inner.model.inputs_merger(
-                    input_ids=input_ids,
-                    inputs_embeds=inner.get_input_embeddings()(input_ids),
-                    image_hidden_states=torch.cat(extraction.image_features).to(dtype=inner.model.dtype),
-                )
-                extraction.image_features = []
-                extraction.cache = DynamicCache()  # full layers: the mask, not the storage, applies any window
-            start = extraction.prefilled
-            end = min(start + self.prefill_tokens, input_ids.shape[1])
-            output = model(
-                inputs_embeds=extraction.inputs_embeds[:, start:end],
-                attention_mask=torch.ones(1, end, dtype=torch.long, device=device),
-                position_ids=torch.arange(start, end, device=device).unsqueeze(0),
-                cache=extraction.cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            extraction.prefilled = end
-        if end < input_ids.shape[1]:
+            output = self._prefill_chunk(model, extraction)
+        if extraction.prefilled < extraction.input_ids.shape[1]:
             return
         history = extraction.input_ids[0].tolist()
         sequence = DecodingSequence(history, len(history), self.max_new_tokens, self.eos_token_ids)
@@ -255,6 +236,43 @@ class PreferenceExtractor:
             sequence.pending_states = [(layer.keys, layer.values) for layer in extraction.cache.layers]
         extraction.sequence = sequence
         extraction.inputs_embeds, extraction.cache = None, None
+
+    def _encode_images(self, model, extraction: Extraction) -> int:
+        """The next images' features (the cached ones, and up to prefill_images computed); how many computed."""
+        start = extraction.images_encoded
+        features, computed = self.vision.features(
+            model, self.adapter, extraction.pixel_values[0, start:], extraction.pixel_attention_mask[0, start:],
+            extraction.image_keys[start:], self.prefill_images)
+        extraction.image_features.extend(features)
+        extraction.images_encoded += len(features)
+        return computed
+
+    def _prefill_chunk(self, model, extraction: Extraction):
+        """Feeds the next prefill_tokens prompt tokens (the image features merged in first); the model's output."""
+        device = self.idefics2.device
+        inner = model.get_base_model()
+        input_ids = extraction.input_ids.to(device)
+        if extraction.inputs_embeds is None:
+            # What the model's own forward does with pixel values: image features in place of <image> tokens.
+            extraction.inputs_embeds = inner.model.inputs_merger(
+                input_ids=input_ids,
+                inputs_embeds=inner.get_input_embeddings()(input_ids),
+                image_hidden_states=torch.cat(extraction.image_features).to(dtype=inner.model.dtype),
+            )
+            extraction.image_features = []
+            extraction.cache = DynamicCache()  # full layers: the mask, not the storage, applies any window
+        start = extraction.prefilled
+        end = min(start + self.prefill_tokens, input_ids.shape[1])
+        output = model(
+            inputs_embeds=extraction.inputs_embeds[:, start:end],
+            attention_mask=torch.ones(1, end, dtype=torch.long, device=device),
+            position_ids=torch.arange(start, end, device=device).unsqueeze(0),
+            cache=extraction.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        extraction.prefilled = end
+        return output
 
     @torch.inference_mode()
     def decode_step(self, group: DecodeGroup, extractions: Sequence[Extraction]) -> None:

@@ -164,7 +164,8 @@ class MetricServicer(metric_pb2_grpc.MetricServiceServicer):
             checked = await asyncio.to_thread(validation.decode_score, request, self._limits,
                                               self._service.metric_max_pairs)
         inline = InlineContext(checked.liked, checked.disliked) if checked.liked is not None else None
-        scoring = await self._service.score(current_caller(), checked.user_id, checked.queries, inline)
+        scoring = await self._service.score(current_caller(), checked.user_id, checked.queries, inline,
+                                            query_sha256=checked.query_sha256)
         async for result in scoring.results:
             count_items()
             yield score_to_proto(result, scoring.pairs_used)

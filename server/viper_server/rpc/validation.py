@@ -6,6 +6,8 @@ it to INVALID_ARGUMENT. Nothing is stored or sent to a model before validation h
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import re
 import secrets
 from collections.abc import Sequence
@@ -372,6 +374,8 @@ class ScoreCheck:
     # The inline context, when given instead of the stored profile.
     liked: list[Image.Image] | None
     disliked: list[Image.Image] | None
+    # The sha256 of each query's bytes: the key of its image features in the models' cache.
+    query_sha256: list[str] = dataclasses.field(default_factory=list)
 
 
 def check_score(request: metric_pb2.ScoreRequest, limits: Limits, max_context: int | None = None) -> ScoreCheck:
@@ -399,11 +403,13 @@ def decode_score(request: metric_pb2.ScoreRequest, limits: Limits, max_context: 
     """Every query decoded, one at a time, before any scoring starts; of an inline context only the first
     max_context liked and disliked images (what the metric uses: its max pairs; None = all)."""
     queries = _decode_images(request.queries, limits, "queries")
+    shas = [hashlib.sha256(data).hexdigest() for data in request.queries]
     if request.liked or request.disliked:
         return ScoreCheck(user_id=request.user_id, queries=queries,
                           liked=_decode_images(request.liked[:max_context], limits, "liked"),
-                          disliked=_decode_images(request.disliked[:max_context], limits, "disliked"))
-    return ScoreCheck(user_id=request.user_id, queries=queries, liked=None, disliked=None)
+                          disliked=_decode_images(request.disliked[:max_context], limits, "disliked"),
+                          query_sha256=shas)
+    return ScoreCheck(user_id=request.user_id, queries=queries, liked=None, disliked=None, query_sha256=shas)
 
 
 def _decode_images(images: Sequence[bytes], limits: Limits, field: str) -> list[Image.Image]:
