@@ -50,7 +50,10 @@ def png(image) -> bytes:
 @pytest.fixture(scope="module")
 def service(toy_models_dir, tmp_path_factory):
     steps = Steps()
-    engine = ModelEngine(model_preset("toy", toy_models_dir, toy_models_dir.parent), LoadSettings(generate_batch=4),
+    # Room for the five queries' images in one step (generated images are never cached, and each step encodes
+    # at most --prefill-images): what is tested here is how query steps batch, not that bound.
+    engine = ModelEngine(model_preset("toy", toy_models_dir, toy_models_dir.parent),
+                         LoadSettings(generate_batch=4, prefill_images=8),
                          max_queue=16, max_image_pixels=10**8, observer=steps)
     engine.load()
     store = open_store(tmp_path_factory.mktemp("db") / "profiles.db")
@@ -106,6 +109,14 @@ def test_the_candidates_scorings_share_query_steps_with_another_users_score(serv
         await hold
         return await generation, await other
 
+    async def warm():
+        # Both users' prefixes cached first: a cached prefix takes no step, so a scoring whose prefix is cached
+        # would not wait for another's being computed, and could not meet it in a query step.
+        for user in ("user-0", "user-1"):
+            scoring = await service.score(CALLER, user, liked[:1])
+            [result async for result in scoring.results]
+
+    asyncio.run(warm())
     steps.batches.clear()
     events, other = asyncio.run(together())
     assert other.index == 0 and [type(event) for event in events].count(FinishedImage) == 1

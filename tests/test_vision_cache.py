@@ -171,3 +171,24 @@ def test_a_cold_context_prefilled_in_chunks_scores_as_in_one(runtime):
     # What the chunks carry matters: another context scores these queries far apart.
     other = MetricScorer(runtime).score(ScoringContext(liked=disliked, disliked=liked), queries)
     assert max(abs(a - b) for a, b in zip(other, scores["whole"])) > 1e-2
+
+
+def test_scorings_of_one_context_compute_its_prefix_once(runtime):
+    def context() -> ScoringContext:
+        return ScoringContext(liked=[open_rgb("liked/0.png")], disliked=[open_rgb("disliked/0.png")],
+                              cache_key=("ann", "digest"))
+
+    scorer = MetricScorer(runtime, prefill_images=1, prefill_tokens=64)
+    alone = scorer.prepare(context(), [open_rgb("query1.png")])
+    steps_alone = 0
+    while alone.phase == "prefix":
+        scorer.prefix_step([alone])
+        steps_alone += 1
+    scorer = MetricScorer(runtime, prefill_images=1, prefill_tokens=64)
+    first, second = (scorer.prepare(context(), [open_rgb("query1.png")]) for _ in range(2))
+    steps = 0
+    while first.phase == "prefix" or second.phase == "prefix":
+        scorer.prefix_step([first, second])  # as the scheduler batches them: one step key per context
+        steps += 1
+    assert steps == steps_alone > 2 and first.prefix is second.prefix
+    assert (scorer.cache_stats.misses, scorer.cache_stats.entries) == (2, 1)

@@ -98,8 +98,10 @@ class ScoringTask(Task):
         if not self.scoring.use_prefix:  # the reference procedure: a whole prompt per query, alone
             return Step(("reference", self.seq), self.work.query, label="query")
         scorer = self.work.scorer
-        if not scorer.take_cached_prefix(self.scoring):
-            return Step(("prefix", self.seq), self.work.prefix, label="prefix")
+        if not scorer.take_cached_prefix(self.scoring):  # scorings of one context compute it together, once
+            key = self.scoring.context.cache_key
+            return Step(("prefix", key if key is not None else self.seq), self.work.prefix, limit=self.work.batch,
+                        label="prefix")
         return Step(("query", self.scoring.pairs), self.work.query, limit=self.work.batch, label="query",
                     cost=scorer.query_cost(self.scoring), budget=scorer.prefill_tokens)
 

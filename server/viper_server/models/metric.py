@@ -219,14 +219,16 @@ class MetricScorer:
         return scoring
 
     def take_cached_prefix(self, scoring: Scoring) -> bool:
-        """Gives a scoring that has not started its prefix the cached one (a hit; a miss is counted once);
-        True when it has its prefix. Cheap: the scheduler calls it before choosing the scoring's next step."""
-        if scoring.prefix is None and not scoring.looked_up:
-            scoring.looked_up = True
-            key = scoring.context.cache_key
-            scoring.prefix = self._cache.get(key) if key is not None else None
-            if scoring.prefix is not None:
-                scoring.context_pixels = None
+        """Gives a scoring that has not started computing its prefix the cached one, if there is one; True when
+        it has its prefix. Counts a miss once per scoring. Cheap: the scheduler calls it before choosing the
+        scoring's next step."""
+        key = scoring.context.cache_key
+        if scoring.prefix is None and not scoring.progress and key is not None:
+            if not scoring.looked_up or key in self._cache:
+                scoring.looked_up = True
+                scoring.prefix = self._cache.get(key)
+                if scoring.prefix is not None:
+                    scoring.context_pixels = None
         return scoring.prefix is not None
 
     def query_cost(self, scoring: Scoring) -> int:
@@ -235,12 +237,17 @@ class MetricScorer:
 
     @torch.inference_mode()
     def prefix_step(self, scorings: Sequence[Scoring]) -> None:
-        """The next chunk of each scoring's context states (all in phase prefix): its cached prefix, or the next
-        prefill_images context images whose features are not cached, or the next prefill_tokens tokens of the
-        prefix. A chunk that finds every remaining image cached goes on to the first tokens."""
+        """The next chunk of the context states of the scorings (all in phase prefix): the next prefill_images
+        context images whose features are not cached, or the next prefill_tokens tokens of the prefix; a chunk
+        that finds every remaining image cached goes on to the first tokens. Scorings of one cached context
+        compute it once: the furthest along computes, the others take its prefix when it is done."""
+        groups: dict[object, list[Scoring]] = {}
         for scoring in scorings:
-            if self.take_cached_prefix(scoring):
-                continue
+            if not self.take_cached_prefix(scoring):
+                key = scoring.context.cache_key
+                groups.setdefault(key if key is not None else id(scoring), []).append(scoring)
+        for group in groups.values():
+            scoring = max(group, key=lambda member: member.progress)
             if scoring.context_pixels is None:  # its cached prefix was evicted since prepare
                 scoring.context_pixels = self._context_pixels(scoring)
             with self.idefics2.use_adapter(self.adapter) as model:
@@ -251,6 +258,8 @@ class MetricScorer:
                 self._prefill_chunk(model, scoring)
             if scoring.prefilled == len(self._prefix_ids[scoring.pairs]):
                 self._prefix_done(scoring)
+                for member in group:
+                    member.prefix, member.context_pixels = scoring.prefix, None
 
     @torch.inference_mode()
     def query_step(self, scorings: Sequence[Scoring]) -> list[list[tuple[int, float]]]:
@@ -398,6 +407,11 @@ class Scoring:
     prefix: KVLayers | None = field(default=None, repr=False)
     query_features: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     scores: list[float] = field(default_factory=list)
+
+    @property
+    def progress(self) -> int:
+        """How far the computation of its prefix has gone (0: not started)."""
+        return len(self.context_features) + self.prefilled + (self.prefix_embeds is not None)
 
     @property
     def phase(self) -> str:
