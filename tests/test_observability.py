@@ -76,6 +76,10 @@ def test_generation_steps_and_metric_cache_are_counted(server):
     assert samples["viper_metric_cache_misses_total"] >= 1
     assert samples["viper_metric_cache_hits_total"] >= 1
     assert samples["viper_metric_cache_bytes"] > 0
+    # The queries' image features: computed for the first Score, taken from the cache for the second.
+    assert samples["viper_vision_cache_misses_total"] >= len(QUERIES)
+    assert samples["viper_vision_cache_hits_total"] >= len(QUERIES)
+    assert samples["viper_vision_cache_bytes"] > 0 and samples["viper_vision_cache_entries"] >= len(QUERIES)
 
 
 def test_scheduler_steps_batch_sizes_and_waits_are_exported(server):

@@ -308,6 +308,10 @@ def test_the_scheduler_settings_are_flags_checked_at_start_up():
     assert (settings.scheduling_policy, settings.extract_batch, settings.generate_batch, settings.score_batch) == (
         "kinds", 16, 2, 8)
     assert (settings.prefill_images, settings.prefill_tokens) == (config.prefill_images, config.prefill_tokens)
+    assert parse(["--vision-cache-bytes", "12345"]).vision_cache_bytes == 12345
+    assert load_settings(parse([], {"VIPER_VISION_CACHE_BYTES": "0"})).vision_cache_bytes == 0
+    with pytest.raises(ValueError, match="vision_cache_bytes"):
+        parse(["--vision-cache-bytes", "-1"])
     with pytest.raises(ValueError, match="score_batch must be at least 1"):
         parse(["--score-batch", "0"])
     with pytest.raises(SystemExit):  # argparse refuses a policy it does not know
