@@ -248,10 +248,10 @@ class MetricScorer:
                 groups.setdefault(key if key is not None else id(scoring), []).append(scoring)
         for group in groups.values():
             scoring = max(group, key=lambda member: member.progress)
-            if scoring.context_pixels is None:  # its cached prefix was evicted since prepare
-                scoring.context_pixels = self._context_pixels(scoring)
             with self.idefics2.use_adapter(self.adapter) as model:
                 if len(scoring.context_features) < 2 * scoring.pairs:
+                    if scoring.context_pixels is None:  # its cached prefix was evicted since prepare
+                        scoring.context_pixels = self._context_pixels(scoring)
                     computed = self._encode_context(model, scoring)
                     if computed or len(scoring.context_features) < 2 * scoring.pairs:
                         continue

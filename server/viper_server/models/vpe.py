@@ -145,8 +145,8 @@ class PreferenceExtractor:
     An extraction runs in steps (for the engine's scheduler): `prepare` (tokens and pixels, no model), then
     `prefill_step` until its phase is decode (a few images through the vision encoder a step, images whose
     features are cached costing nothing, then the prompt `prefill_tokens` tokens a step), then `decode_step`
-    a token a step, decoding any number of extractions
-    in one forward pass (a DecodeGroup), then `result`. `extract` runs all of it for one extraction."""
+    a token a step, decoding any number of extractions in one forward pass (a DecodeGroup), then `result`.
+    `extract` runs all of it for one extraction."""
 
     def __init__(self, idefics2: Idefics2Base, *, adapter: str = "vpe", max_new_tokens: int = 2000,
                  prefill_images: int = 4, prefill_tokens: int = 512, vision_cache: VisionCache | None = None):
