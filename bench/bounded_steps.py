@@ -140,12 +140,15 @@ def main() -> None:
                 for bound, server in servers.items():
                     alone[bound] += score_latency(server.target, query, args.scores)
                     loaded[bound] += under_load(server.target, query, args.scores, tags)
+                    print(f"# {bound}: p95 alone {percentile(alone[bound], 0.95) * 1e3:.0f} ms, loaded "
+                          f"{percentile(loaded[bound], 0.95) * 1e3:.0f} ms so far", flush=True)
             first = servers[bounds[0]]
             ratios = []
             same = True
             for _ in range(args.rounds):
                 cold, warm, equal = warm_vs_cold(first.target, next(tags))
                 ratios.append(cold / warm)
+                print(f"# cold {cold:.2f} s, warm {warm:.2f} s, same text: {equal}", flush=True)
                 same = same and equal
         finally:
             for server in servers.values():
