@@ -8,16 +8,18 @@ a byte budget: the same image uploaded again, a stored image read again, is not 
 
 The workers are plain subprocesses (`python -m viper_server.engine.preprocessing`), not multiprocessing ones:
 a spawned multiprocessing child would import the server's main module (and torch) first. They import PIL,
-numpy and pixels.py only, talk over two pipes (pickled requests; replies are numpy arrays, pickled as raw
-buffers), ignore SIGINT and exit when their request pipe closes: when the server closes them, and when it
-dies, even of SIGKILL. A worker that dies is replaced; the job it held fails with PreprocessWorkerLost
-(UNAVAILABLE), the others go on.
+numpy and pixels.py only, talk over two pipes (pickled requests; a reply is a small pickled header, then the
+array's raw bytes, read straight into the array that keeps them: one copy in this process), ignore SIGINT
+and exit when their request pipe closes: when the server closes them, and when it dies, even of SIGKILL.
+A worker that dies is replaced; the job it held fails with PreprocessWorkerLost (UNAVAILABLE), the others
+go on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import logging
 import os
 import queue
@@ -237,6 +239,7 @@ class _Worker:
         self._process: subprocess.Popen | None = None
         self._requests: Connection | None = None
         self._replies: Connection | None = None
+        self._raw_replies: io.FileIO | None = None
         self._thread = threading.Thread(target=self._serve, name=f"preprocess-{index}", daemon=True)
 
     @property
@@ -278,6 +281,7 @@ class _Worker:
             os.close(reply_write)
         self._requests = Connection(request_write, readable=False)
         self._replies = Connection(reply_read, writable=False)
+        self._raw_replies = io.FileIO(reply_read, "rb", closefd=False)
 
     def _serve(self) -> None:
         pool = self._pool
@@ -293,7 +297,7 @@ class _Worker:
             pool._counted(+1)
             try:
                 self._requests.send(job)
-                reply = self._replies.recv()
+                reply = self._receive()
             except (EOFError, OSError) as exc:
                 pool._counted(-1)
                 if pool._closed:
@@ -309,6 +313,20 @@ class _Worker:
                 future.set_exception(RuntimeError(f"image preprocessing failed in a worker: {reply[1]}"))
             else:
                 future.set_result(reply)
+
+    def _receive(self) -> tuple[str, object]:
+        """A worker's reply; an array's bytes read into the array itself (the GIL released while reading)."""
+        reply = self._replies.recv()
+        if reply[0] != "ok":
+            return reply
+        values = np.empty(reply[1], dtype=np.float32)
+        view, position = memoryview(values).cast("B"), 0
+        while position < len(view):
+            read = self._raw_replies.readinto(view[position:])
+            if not read:
+                raise EOFError("the worker's reply ended early")
+            position += read
+        return "ok", values
 
     def _replace(self, when: str) -> None:
         old = self._process
@@ -335,14 +353,20 @@ def _worker_main(request_fd: int, reply_fd: int, max_pixels: int) -> None:
             job = requests.recv()
         except EOFError:
             return
+        values = None
         try:
-            reply = ("ok", run_job(job, max_pixels))
+            values = np.ascontiguousarray(run_job(job, max_pixels), dtype=np.float32)
+            reply = ("ok", values.shape)
         except ImageDecodeError as exc:
             reply = ("error", str(exc))
         except Exception as exc:  # noqa: BLE001 - reported to the server, which fails the request
             reply = ("crash", type(exc).__name__)
         try:
             replies.send(reply)
+            if values is not None:  # then the pixels, unpickled: the server reads them into their array
+                view = memoryview(values).cast("B")
+                while view:
+                    view = view[os.write(reply_fd, view):]
         except OSError:  # the server is gone
             return
 
