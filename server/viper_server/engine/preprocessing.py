@@ -240,6 +240,8 @@ class _Worker:
         self._requests: Connection | None = None
         self._replies: Connection | None = None
         self._raw_replies: io.FileIO | None = None
+        self._spawning = threading.Lock()  # a replacement is never started once stop has begun
+        self._stopped = False
         self._thread = threading.Thread(target=self._serve, name=f"preprocess-{index}", daemon=True)
 
     @property
@@ -256,7 +258,9 @@ class _Worker:
 
     def stop(self) -> None:
         """Closes the request pipe (the worker exits on its own), then waits; kills it if it does not."""
-        process, requests = self._process, self._requests
+        with self._spawning:
+            self._stopped = True
+            process, requests = self._process, self._requests
         if requests is not None:
             requests.close()
         if process is not None:
@@ -284,35 +288,43 @@ class _Worker:
         self._raw_replies = io.FileIO(reply_read, "rb", closefd=False)
 
     def _serve(self) -> None:
-        pool = self._pool
-        while (item := pool._jobs.get()) is not None:
+        while (item := self._pool._jobs.get()) is not None:
             job, future = item
             if not future.set_running_or_notify_cancel():
                 continue
+            try:
+                self._run(job, future)
+            except Exception as exc:  # e.g. no replacement could be started: the job fails, the thread goes on
+                log.exception("image preprocessing worker %d failed", self._index)
+                if not future.done():
+                    future.set_exception(exc)
+
+    def _run(self, job: Job, future: Future) -> None:
+        pool = self._pool
+        if pool._closed:
+            future.set_exception(WorkerClosed("the server is shutting down"))
+            return
+        if not self.alive:  # died while idle: replaced before it is handed the job
+            self._replace("while idle")
+        pool._counted(+1)
+        try:
+            self._requests.send(job)
+            reply = self._receive()
+        except (EOFError, OSError) as exc:
             if pool._closed:
                 future.set_exception(WorkerClosed("the server is shutting down"))
-                continue
-            if not self.alive:  # died while idle: replaced before it is handed the job
-                self._replace("while idle")
-            pool._counted(+1)
-            try:
-                self._requests.send(job)
-                reply = self._receive()
-            except (EOFError, OSError) as exc:
-                pool._counted(-1)
-                if pool._closed:
-                    future.set_exception(WorkerClosed("the server is shutting down"))
-                    continue
-                future.set_exception(PreprocessWorkerLost(
-                    "an image preprocessing worker stopped while processing this request's images; it has been "
-                    "replaced: retry"))
-                self._replace(f"during a job ({type(exc).__name__})")
-                continue
+                return
+            future.set_exception(PreprocessWorkerLost(
+                "an image preprocessing worker stopped while processing this request's images; it has been "
+                "replaced: retry"))
+            self._replace(f"during a job ({type(exc).__name__})")
+            return
+        finally:
             pool._counted(-1)
-            if reply[0] == "crash":
-                future.set_exception(RuntimeError(f"image preprocessing failed in a worker: {reply[1]}"))
-            else:
-                future.set_result(reply)
+        if reply[0] == "crash":
+            future.set_exception(RuntimeError(f"image preprocessing failed in a worker: {reply[1]}"))
+        else:
+            future.set_result(reply)
 
     def _receive(self) -> tuple[str, object]:
         """A worker's reply; an array's bytes read into the array itself (the GIL released while reading)."""
@@ -333,9 +345,12 @@ class _Worker:
         code = old.wait() if old is not None else None
         log.warning("image preprocessing worker %d (pid %s) exited %s with code %s; starting another",
                     self._index, old.pid if old is not None else None, when, code)
-        self._requests.close()
-        self._replies.close()
-        self._spawn()
+        with self._spawning:
+            if self._stopped:
+                return
+            self._requests.close()
+            self._replies.close()
+            self._spawn()
         self._pool._counted(0, restarted=True)
 
 
