@@ -178,3 +178,25 @@ def wait_until(condition, timeout: float = WAIT) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("the condition did not hold in time")
         time.sleep(0.01)
+
+
+# -- the flags -----------------------------------------------------------------------------------------------
+
+
+def serve_config(*argv: str, environ: dict[str, str] | None = None):
+    import argparse
+
+    from viper_server.config import add_serve_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    return config_from_args(parser.parse_args(list(argv)), environ or {})
+
+
+def test_the_workers_and_the_cache_budget_are_flags_and_env_vars():
+    assert serve_config().preprocess_workers is None  # the server picks default_workers()
+    config = serve_config("--preprocess-workers", "0", environ={"VIPER_PROCESSED_CACHE_BYTES": "1048576"})
+    assert (config.preprocess_workers, config.processed_cache_bytes) == (0, 1 << 20)
+    for flag in ("--preprocess-workers", "--processed-cache-bytes"):
+        with pytest.raises(ValueError, match="must not be negative"):
+            serve_config(flag, "-1")
