@@ -4,7 +4,11 @@ without the cache, and with it warm), measured side by side in one run, in this 
 
 - wall time and this process's CPU time per extraction's images (the workers' CPU is theirs, not ours);
 - what it costs a stand-in for the scheduler thread (steps of pure-Python work, GIL-bound like the step
-  loop's Python) while --clients threads do extraction input work in a loop: that thread's p50 / p95 step time.
+  loop's Python) while --clients threads do extraction input work in a loop: that thread's p50 / p95 step time;
+- with --models-dir (tiny models): two real servers, `--preprocess-workers 0` and the default, each serving
+  --clients clients extracting the 16 images in a loop (no processed cache: every call's images decoded); the
+  server process's CPU seconds (its workers' not counted) and its busiest thread's (the IDEFICS2 scheduler's)
+  per extraction.
 
 The last line: `preprocessing: wall N.NNx, server cpu N.NNx, warm N.NNx, scheduler p95 N.NNx` (in-thread /
 workers: above 1 means the workers are faster or cheaper for the server; the scheduler figure compares its p95
@@ -17,16 +21,20 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 from transformers import Idefics2ImageProcessorPil
 
+from viper_client import RatedImage, ViperClient
 from viper_server.engine.preprocessing import Preprocessor, default_workers
 from viper_server.imaging import decode_image, strip_metadata
 from viper_server.models.idefics2 import VIPER_PROCESSOR_SETTINGS
+from viper_server.testing import ServerProcess
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "viper_examples"
 MAX_PIXELS = 36_000_000
@@ -89,6 +97,35 @@ def scheduler_steps(work: Callable[[list[bytes]], object] | None, images: list[b
     return steps, time.perf_counter() - began
 
 
+def server_cpu(models_dir: Path, workers: str, clients: int, rounds: int) -> tuple[float, float, float]:
+    """Per extraction: wall seconds, the server process's CPU seconds, its busiest thread's CPU seconds."""
+    rated = [RatedImage(path.read_bytes(), f"comment {index}", rating="liked" if index % 2 == 0 else "disliked")
+             for index, path in enumerate(sorted(EXAMPLES.glob("*/*.png")))]
+    with tempfile.TemporaryDirectory() as tmp, ServerProcess(Path(tmp) / "profiles.db", models_dir,
+                                                             "--preprocess-workers", workers,
+                                                             "--processed-cache-bytes", "0") as server:
+        process = psutil.Process(server.pid)
+
+        def client(index: int) -> None:
+            with ViperClient(server.target) as viper:
+                for round_ in range(rounds):
+                    viper.extract_profile(f"user-{index}-{round_}", rated)
+
+        client(-1)  # warm-up: first calls, first model runs
+        threads_before = {thread.id: thread.user_time + thread.system_time for thread in process.threads()}
+        cpu_before, began = sum(process.cpu_times()[:2]), time.perf_counter()
+        threads = [threading.Thread(target=client, args=(index,)) for index in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        wall, cpu = time.perf_counter() - began, sum(process.cpu_times()[:2]) - cpu_before
+        busiest = max(thread.user_time + thread.system_time - threads_before.get(thread.id, 0.0)
+                      for thread in process.threads())
+    extractions = clients * rounds
+    return wall / extractions, cpu / extractions, busiest / extractions
+
+
 def p95(values: list[float]) -> float:
     return statistics.quantiles(values, n=20)[-1]
 
@@ -99,6 +136,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3, help="extractions' input work per client")
+    parser.add_argument("--models-dir", type=Path, help="tiny models: also measure two real servers")
     args = parser.parse_args()
 
     images = uploads()
@@ -129,6 +167,14 @@ def main() -> None:
     finally:
         cold.close()
         warm.close()
+    if args.models_dir is not None:
+        print(f"\nreal servers (tiny models), {args.clients} clients extracting the 16 images {args.rounds} times each;"
+              " per extraction")
+        print(f"{'':32} {'wall ms':>8} {'server cpu ms':>14} {'busiest thread ms':>18}")
+        for name, workers in (("--preprocess-workers 0", "0"), (f"--preprocess-workers {args.workers}",
+                                                                str(args.workers))):
+            wall, cpu, busiest = server_cpu(args.models_dir, workers, args.clients, args.rounds)
+            print(f"{name:32} {wall * 1e3:8.1f} {cpu * 1e3:14.1f} {busiest * 1e3:18.1f}")
     (wall_before, cpu_before), (wall_cold, cpu_cold), (wall_warm, _) = rows.values()
     print(f"preprocessing: wall {wall_before / wall_cold:.2f}x, server cpu {cpu_before / cpu_cold:.2f}x, "
           f"warm {wall_before / wall_warm:.2f}x, scheduler p95 {p95(loaded_before[0]) / p95(loaded_workers[0]):.2f}x")
