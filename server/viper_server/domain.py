@@ -14,17 +14,19 @@ from PIL import Image
 
 from viper_profiles import Rating
 
+from .pixels import ProcessedImage
+
 # The share of the denoising steps the SDXL base runs before the refiner takes over (the reference's 0.8).
 HIGH_NOISE_FRAC = 0.8
 
 
 @dataclass(frozen=True)
 class RatedUpload:
-    """An uploaded image with the user's comment and rating: validated, decoded for the models."""
+    """An uploaded image with the user's comment and rating: validated, processed for the models."""
 
     # As uploaded less its metadata (imaging.strip_metadata; the same pixel data): stored byte for byte.
     data: bytes = field(repr=False)
-    image: Image.Image = field(repr=False)  # decoded, RGB (transparency on white)
+    image: ProcessedImage = field(repr=False)  # decoded and processed for the models (pixels.py)
     comment: str
     rating: Rating
 
@@ -101,8 +103,8 @@ GenerationEvent = Progress | Preview | FinishedImage
 class ScoringContext:
     """A user's liked and disliked images; the first min(liked, disliked, max_pairs) pairs are used."""
 
-    liked: Sequence[Image.Image]
-    disliked: Sequence[Image.Image]
+    liked: Sequence[Image.Image | ProcessedImage]
+    disliked: Sequence[Image.Image | ProcessedImage]
     # Keys the cached prefix: (user_id, a digest naming exactly the images used, in order); None = not cached.
     cache_key: tuple[str, str] | None = None
     # The profile version the images were read at: a prefix from a snapshot older than one the cache

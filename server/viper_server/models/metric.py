@@ -20,6 +20,7 @@ from transformers import DynamicCache, PreTrainedTokenizerBase, ProcessorMixin
 from transformers.modeling_outputs import ModelOutput
 
 from ..domain import ContextError, ScoringContext
+from ..pixels import ProcessedImage, pixel_batch, processed
 from .idefics2 import Idefics2Base
 from .prefix_cache import CacheStats, KVLayers, PrefixCache, kv_bytes
 from .prompt_ids import encode_as_trained, expand_image_tokens
@@ -95,7 +96,12 @@ def reference_scores(
     context = interleave_pairs(liked, disliked)
     scores = []
     for query in queries:
-        images = processor.image_processor(images=[[*context, query]], return_tensors="pt")
+        prompt_images = [*context, query]
+        if any(isinstance(image, ProcessedImage) for image in prompt_images):  # processed by the engine already
+            pixels = _Pixels.of(prompt_images)
+            images = {"pixel_values": pixels.values, "pixel_attention_mask": pixels.mask}
+        else:  # the transformers processor itself: the reference stays independent of pixels.py
+            images = processor.image_processor(images=[prompt_images], return_tensors="pt")
         output = _forward(idefics2, adapter, input_ids, images, use_cache=False)
         scores.extend(_plus_probability(output.logits[:, -1], plus, minus))
     return scores
@@ -186,18 +192,21 @@ class MetricScorer:
     def cache_stats(self) -> CacheStats:
         return self._cache.stats
 
+    def prefix_cached(self, context: ScoringContext) -> bool:
+        """Whether the context's prefix is cached now (its images then need no processing)."""
+        return self.use_prefix_cache and context.cache_key is not None and context.cache_key in self._cache
+
     # -- steps ----------------------------------------------------------------------------------------
 
-    def prepare(self, context: ScoringContext, queries: Sequence[PIL.Image.Image]) -> Scoring:
+    def prepare(self, context: ScoringContext, queries: Sequence[PIL.Image.Image | ProcessedImage]) -> Scoring:
         """A scoring's pixels (CPU work, no model: any thread may run it). The context's images are decoded
         and processed only when its prefix is not cached. Raises ContextError when there is no pair."""
         pairs = self.pairs_for(context)
         scoring = Scoring(context=context, pairs=pairs, queries=list(queries), use_prefix=self.use_prefix_cache)
         if not self.use_prefix_cache:
             return scoring
-        processor = self.idefics2.processor.image_processor
-        scoring.query_pixels = [_Pixels.of(processor, [query]) for query in queries]
-        if context.cache_key is None or context.cache_key not in self._cache:
+        scoring.query_pixels = [_Pixels.of([query]) for query in queries]
+        if not self.prefix_cached(context):
             scoring.context_pixels = self._context_pixels(scoring)
         return scoring
 
@@ -289,7 +298,7 @@ class MetricScorer:
     def _context_pixels(self, scoring: Scoring) -> _Pixels:
         pairs = scoring.pairs
         images = interleave_pairs(scoring.context.liked[:pairs], scoring.context.disliked[:pairs])
-        return _Pixels.of(self.idefics2.processor.image_processor, images)
+        return _Pixels.of(images)
 
     def _score_after_prefix(self, prefix: list[tuple[torch.Tensor, torch.Tensor]],
                             images: list[dict[str, torch.Tensor]], rows: int) -> list[float]:
@@ -314,7 +323,7 @@ class Scoring:
 
     context: ScoringContext
     pairs: int
-    queries: list[PIL.Image.Image] = field(repr=False)
+    queries: list[PIL.Image.Image | ProcessedImage] = field(repr=False)
     use_prefix: bool = True
     query_pixels: list[_Pixels] = field(default_factory=list, repr=False)
     context_pixels: _Pixels | None = field(default=None, repr=False)
@@ -344,9 +353,10 @@ class _Pixels:
     mask: torch.Tensor
 
     @classmethod
-    def of(cls, image_processor, images: Sequence[PIL.Image.Image]) -> _Pixels:
-        processed = image_processor(images=[list(images)], return_tensors="pt")
-        return cls(processed["pixel_values"], processed["pixel_attention_mask"])
+    def of(cls, images: Sequence[PIL.Image.Image | ProcessedImage]) -> _Pixels:
+        """Decoded images processed here (pixels.py), or processed ones (engine.preprocessing) as they are."""
+        values, mask = pixel_batch([processed(image) for image in images])
+        return cls(torch.from_numpy(values), torch.from_numpy(mask))
 
     @staticmethod
     def stack(prompts: Sequence[_Pixels]) -> dict[str, torch.Tensor]:

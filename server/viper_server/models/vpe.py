@@ -11,6 +11,7 @@ import torch
 from transformers import BatchFeature, DynamicCache, ProcessorMixin
 
 from ..domain import Preferences
+from ..pixels import ProcessedImage, pixel_batch, processed
 from .decoding import DecodeGroup, DecodingSequence, greedy_tokens
 from .idefics2 import Idefics2Base
 from .prompt_ids import encode_as_trained, expand_image_tokens
@@ -43,18 +44,20 @@ def build_vpe_messages(comments: Sequence[str]) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
-def build_vpe_inputs(processor: ProcessorMixin, images: Sequence[PIL.Image.Image],
+def build_vpe_inputs(processor: ProcessorMixin, images: Sequence[PIL.Image.Image | ProcessedImage],
                      comments: Sequence[str]) -> BatchFeature:
     """Model inputs for one extraction, with the token ids the VPE adapter was trained on.
 
     The chat template renders the reference's text; its ids come from prompt_ids.encode_as_trained,
-    not the transformers 5 processor, which drops a word marker before the final "\nAssistant:".
+    not the transformers 5 processor, which drops a word marker before the final "\nAssistant:". Images are
+    processed by pixels.py (the processor's arithmetic without torch), unless they come processed already.
     """
     prompt = processor.apply_chat_template(build_vpe_messages(comments), add_generation_prompt=True)
     input_ids = torch.tensor([encode_as_trained(processor.tokenizer, expand_image_tokens(prompt, processor),
                                                 add_bos=True)])
-    pixels = processor.image_processor(images=[list(images)], return_tensors="pt")
-    return BatchFeature({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **pixels})
+    values, mask = pixel_batch([processed(image) for image in images])
+    return BatchFeature({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                         "pixel_values": torch.from_numpy(values), "pixel_attention_mask": torch.from_numpy(mask)})
 
 
 def parse_preferences(decoded: str) -> Preferences:
@@ -193,8 +196,9 @@ class PreferenceExtractor:
 
     # -- steps ----------------------------------------------------------------------------------------
 
-    def prepare(self, images: Sequence[PIL.Image.Image], comments: Sequence[str]) -> Extraction:
-        """The extraction's token ids and pixels (CPU work, no model: any thread may run it)."""
+    def prepare(self, images: Sequence[PIL.Image.Image | ProcessedImage], comments: Sequence[str]) -> Extraction:
+        """The extraction's token ids and pixels (CPU work, no model: any thread may run it). Images decoded
+        (processed here) or processed already (engine.preprocessing)."""
         if len(images) != len(comments):
             raise ValueError(f"got {len(images)} images but {len(comments)} comments")
         if not images:
