@@ -345,7 +345,7 @@ def score_under_load(target: str, kinds: dict[str, list[bytes]], scores: int,
             for _ in range(scores):
                 for kind, query_bytes in kinds.items():
                     started = time.perf_counter()
-                    result = client.score("scorer", query_bytes)
+                    result = client.score(USERS[0], query_bytes)
                     getattr(times[kind], phase).append(time.perf_counter() - started)
                     expected = first.setdefault(kind, result)
                     worst_difference = max([worst_difference, *(abs(a - b) for a, b in zip(result, expected))])
@@ -444,20 +444,22 @@ def describe_memory(name: str, figures: dict[str, float]) -> str:
             f"together); the whole tree, sampled every 0.5 s: {figures['sampled_total_peak_mib']:.0f} MiB")
 
 
-def setup_users(target: str) -> list[bytes]:
-    """Profiles for the users of (a)-(d), extracted at once; their Score prefixes cached. Returns the 4 queries."""
-    query_bytes = queries()
-    users = ["scorer", *(f"gen-{n}" for n in range(4)), *(f"score-{n}" for n in range(8))]
+USERS = [f"user-{n}" for n in range(8)]  # (a) scores for the first, (b) generates for the first 4, (d) scores for all
 
-    def extract(number: int, user: str) -> Callable[[], object]:
+
+def setup_users(target: str) -> list[bytes]:
+    """The users' profiles, extracted at once; their Score prefixes cached. Returns the 4 queries."""
+    query_bytes = queries()
+
+    def extract(number: int) -> Callable[[], object]:
         def call() -> object:
             with ViperClient(target, long_timeout=3600) as client:
-                return client.extract_profile(user, rated_images(number % 8))
+                return client.extract_profile(USERS[number], rated_images(number))
         return call
 
-    together([extract(number, user) for number, user in enumerate(users)])
+    together([extract(number) for number in range(len(USERS))])
     with ViperClient(target, long_timeout=3600) as client:
-        for user in ["scorer", *(f"score-{n}" for n in range(8))]:
+        for user in USERS:
             client.score(user, query_bytes)  # the prefixes are cached from here on
     return query_bytes
 
@@ -468,7 +470,7 @@ def throughputs(args: argparse.Namespace, target: str, query_bytes: list[bytes])
         def call() -> list[bytes]:
             with ViperClient(target, long_timeout=600) as own:
                 return [event.png for event in own.generate(
-                    f"gen-{number}", "a castle by the sea", width=args.size, height=args.size,
+                    USERS[number], "a castle by the sea", width=args.size, height=args.size,
                     steps=args.steps, seed=100 + number) if isinstance(event, GeneratedImage)]
         return call
 
@@ -481,7 +483,7 @@ def throughputs(args: argparse.Namespace, target: str, query_bytes: list[bytes])
     def score(number: int) -> Callable[[], list[float]]:
         def call() -> list[float]:
             with ViperClient(target) as own:
-                return own.score(f"score-{number}", query_bytes)
+                return own.score(USERS[number], query_bytes)
         return call
 
     return [
@@ -519,36 +521,59 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+class Clock:
+    """Seconds each part of the bench took (for sizing its settings, on a GPU host say)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, part: str) -> None:
+        now = time.perf_counter()
+        self.seconds[part] = self.seconds.get(part, 0.0) + now - self._last
+        self._last = now
+
+
 def main() -> None:
     args = parse_args()
     figures: dict[str, object] = {"settings": {key: str(value) for key, value in vars(args).items()}}
+    clock = Clock()
     with tempfile.TemporaryDirectory() as tmp:
         models_dir = ensure_tiny_models(args.models_dir or Path(tmp) / "models") if args.models == "tiny" else Path(tmp)
         print(f"{args.models} models, one server process on its defaults (torch threads: "
               f"{args.threads or 'the server default'}; flags: {' '.join(args.server_arg) or 'none'}"
               f"{'; device ' + args.device if args.device else ''}), {args.repeats} repeats, {args.new_tokens} new "
-              f"tokens per extraction, {os.cpu_count()} cores")
+              f"tokens per extraction, {os.cpu_count()} cores", flush=True)
         server = BenchServer.start(args, models_dir, Path(tmp) / "profiles.db", args.new_tokens)
+        clock.lap("server start")
+        same_server = args.warm_new_tokens == args.new_tokens
         try:
             query_bytes = setup_users(server.process.target)
+            clock.lap("profiles")
             table, figures["score_under_load"] = score_under_load(
                 server.process.target, {"1 query": query_bytes[:1], "4 queries": query_bytes}, args.scores,
                 args.repeats)
+            clock.lap("(a)")
             print("\n(a) Score latency\n\n" + table, flush=True)
             rows = throughputs(args, server.process.target, query_bytes)
-            same_server = args.warm_new_tokens == args.new_tokens
+            clock.lap("(b)-(d)")
             if same_server:
                 warm_table, figures["warm_extraction"] = warm_extraction(server.process.target, args.repeats,
                                                                          server.metrics_url)
+                clock.lap("(e)")
         finally:
             figures["memory"] = {"main": server.stop()}
         if not same_server:  # (e) on a server of its own, with its own token budget
+            clock.lap("server stop")
             warm_server = BenchServer.start(args, models_dir, Path(tmp) / "warm.db", args.warm_new_tokens)
+            clock.lap("server start")
             try:
                 warm_table, figures["warm_extraction"] = warm_extraction(warm_server.process.target, args.repeats,
                                                                          warm_server.metrics_url)
+                clock.lap("(e)")
             finally:
                 figures["memory"]["warm"] = warm_server.stop()
+    figures["seconds"] = clock.seconds
     report(args, rows, warm_table, figures)
 
 
@@ -561,6 +586,7 @@ def report(args: argparse.Namespace, rows: list[Throughput], warm_table: str, fi
     print(f"\n(e) Warm extraction ({tokens} new tokens, nothing else running)\n\n{warm_table}\n")
     for name, memory in figures["memory"].items():
         print(describe_memory({"main": "server of (a)-(d)", "warm": "server of (e)"}[name], memory))
+    print("seconds per part: " + ", ".join(f"{part} {seconds:.0f}" for part, seconds in figures["seconds"].items()))
     generate_x, extract_x, score_x = (row.speedup for row in rows)
     under_load = figures["score_under_load"]["1 query"]["p95_ratio"]
     warm_x = figures["warm_extraction"]["speedup"]
