@@ -298,7 +298,7 @@ def _max_pixel_difference(png: bytes, other_png: bytes) -> int:
     return int(np.abs(pixels - other).max())
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=64, help="image width and height (the tiny default)")
     parser.add_argument("--steps", type=int, default=40)
@@ -315,7 +315,11 @@ def main() -> None:
     parser.add_argument("--models-dir", type=Path,
                         help="tiny models already built there, or built there once "
                              "(default: built in a temp folder, removed after)")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     # Figures only: no progress bars or load-time notices from the libraries.
