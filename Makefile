@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install serve test test-quick test-soak lint protos bench web
+.PHONY: install serve test test-quick test-soak lint protos bench bench-gpu web
 
 install: $(INSTALLED)
 
@@ -50,6 +50,12 @@ bench: install
 	$(BIN)/python bench/concurrency.py
 	$(BIN)/python bench/tracing.py
 	$(BIN)/python bench/auth.py
+
+# The generation, metric and concurrency benches at real size (--models full-random --device cuda), within 8
+# minutes on one 80+ GB GPU: var/bench/gpu.md (the tables) and var/bench/gpu.json (the figures). Exits 2 without
+# CUDA.
+bench-gpu: install
+	$(BIN)/python bench/gpu.py --out var/bench
 
 # The web page in one command: `viper serve` on its defaults (127.0.0.1:50051, the toy models) and the gateway
 # in front of it at http://127.0.0.1:8080. The server trusts the local development identity provider

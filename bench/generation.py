@@ -14,6 +14,12 @@ is at least as close to the liked colour (the share of its coloured pixels neare
 candidate, and the mean metric score of the pick against a random candidate.
 
     .venv/bin/python bench/generation.py [--size 64] [--steps 40] [--images 2] [--repeats 5]
+
+At real scale on a GPU host (`make bench-gpu` runs it so, through bench/gpu.py): SDXL base + refiner at full size
+with random weights (`--models full-random`, models.full_random), in process and in the server; best of N, a
+figure of the toy models, is left out then.
+
+    python bench/generation.py --models full-random --device cuda --size 1024 --steps 20 --images 1 --repeats 2
 """
 
 from __future__ import annotations
@@ -38,8 +44,9 @@ from PIL import Image
 from viper_client import RatedImage, ViperClient
 from viper_client.types import GeneratedImage
 from viper_server.domain import FinishedImage, GenerationParams
+from viper_server.models.full_random import FULL, build_sdxl
 from viper_server.models.generation import PersonalizedGenerator
-from viper_server.models.sdxl import load_sdxl
+from viper_server.models.sdxl import SdxlPipelines, load_sdxl
 from viper_server.models.tiny import ensure_tiny_models
 from viper_server.testing import ServerProcess
 from viper_server.testing.reference_guidance import reference_generate
@@ -76,9 +83,18 @@ class ModelFigures:
         )
 
 
-def bench_model(models_dir: Path, params: GenerationParams, repeats: int) -> ModelFigures:
-    pipelines = load_sdxl(str(models_dir / "sdxl-base"), str(models_dir / "sdxl-refiner"))
-    pipelines.refiner.set_progress_bar_config(disable=True)
+def make_sdxl(models: str, models_dir: Path, device: str) -> SdxlPipelines:
+    """The in-process pipelines: the tiny checkpoints, or the full-size architectures with random weights."""
+    if models == "full-random":
+        pipelines = build_sdxl(FULL, device, torch.float16 if device.startswith("cuda") else torch.float32)
+    else:
+        pipelines = load_sdxl(str(models_dir / "sdxl-base"), str(models_dir / "sdxl-refiner"), device=device)
+    for pipeline in (pipelines.base, pipelines.refiner):
+        pipeline.set_progress_bar_config(disable=True)
+    return pipelines
+
+
+def bench_model(pipelines: SdxlPipelines, params: GenerationParams, repeats: int) -> ModelFigures:
     generator = PersonalizedGenerator(pipelines)
 
     def production() -> list[bytes]:
@@ -116,11 +132,11 @@ class GrpcFigures:
         )
 
 
-def bench_grpc(models_dir: Path, db: Path, params: GenerationParams, repeats: int, threads: int) -> GrpcFigures:
+def bench_grpc(pipelines: SdxlPipelines, server: ServerProcess, params: GenerationParams,
+               repeats: int) -> GrpcFigures:
     """The same request in process and through the server; the profile's features guide both."""
-    generator = PersonalizedGenerator(load_sdxl(str(models_dir / "sdxl-base"), str(models_dir / "sdxl-refiner")))
-    server = ServerProcess(db, models_dir, env={"OMP_NUM_THREADS": str(threads)})
-    with server, ViperClient(server.target) as client:
+    generator = PersonalizedGenerator(pipelines)
+    with server.start(timeout=1800), ViperClient(server.target, long_timeout=3600) as client:
         profile = client.extract_profile("bench", [
             RatedImage(_png(color), comment=comment, rating=rating)
             for color, comment, rating in (((250, 200, 220), "soft pastel pink, lovely", "liked"),
@@ -189,7 +205,7 @@ def bench_best_of_n(models_dir: Path, params: GenerationParams, repeats: int, th
     """Best of 4 against generating 4, timed interleaved; then the picks on the held-out users, `repeats` seeds
     each, at the default preference strength and at 0 (where the ranking alone personalizes)."""
     server = ServerProcess(models_dir / "best-of.db", models_dir, "--generate-batch", "4", models="toy",
-                           env={"OMP_NUM_THREADS": str(threads)})
+                           env=threads_env(threads))
     with server, ViperClient(server.target) as client:
         users = evaluate.held_out_users()
         for index, user in enumerate(users):
@@ -250,6 +266,11 @@ def _picks(client: ViperClient, users: list, strength: float, seeds: int, steps:
     )
 
 
+def threads_env(threads: int) -> dict[str, str]:
+    """The server's torch threads: threads, or its own default for 0."""
+    return {"OMP_NUM_THREADS": str(threads)} if threads else {}
+
+
 def _images(events) -> list[GeneratedImage]:
     return [event for event in events if isinstance(event, GeneratedImage)]
 
@@ -277,18 +298,30 @@ def _max_pixel_difference(png: bytes, other_png: bytes) -> int:
     return int(np.abs(pixels - other).max())
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=64, help="image width and height (the tiny default)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--images", type=int, default=2, help="images per request")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (the cores are shared)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads, here and in the servers (the cores are shared); 0 = torch's default")
+    parser.add_argument("--models", choices=("tiny", "full-random"), default="tiny",
+                        help="tiny (built here) or full-random (the real architectures, random weights: for a GPU)")
+    parser.add_argument("--device", default="cpu", help="where the models run, here and in the servers")
+    parser.add_argument("--server-tokens", type=int, default=None,
+                        help="the gRPC section's server --vpe-max-new-tokens, for the profile it extracts first "
+                             "(default: the preset's)")
     parser.add_argument("--models-dir", type=Path,
                         help="tiny models already built there, or built there once "
                              "(default: built in a temp folder, removed after)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     # Figures only: no progress bars or load-time notices from the libraries.
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
@@ -303,17 +336,27 @@ def main() -> None:
         seed=1234,
     )
     with tempfile.TemporaryDirectory() as tmp:
-        models_dir = ensure_tiny_models(args.models_dir or Path(tmp) / "tiny-models")
+        tiny = args.models == "tiny"
+        models_dir = ensure_tiny_models(args.models_dir or Path(tmp) / "tiny-models") if tiny else Path(tmp)
         print(
-            f"tiny SDXL, {args.size}x{args.size}, {args.steps} steps (base to {params.high_noise_frac:.0%}, "
-            f"then refiner), {args.images} images x {args.repeats} repeats, {args.threads} torch thread(s)"
+            f"{args.models} SDXL on {args.device}, {args.size}x{args.size}, {args.steps} steps (base to "
+            f"{params.high_noise_frac:.0%}, then refiner), {args.images} images x {args.repeats} repeats, "
+            f"{args.threads or 'default'} torch thread(s)", flush=True
         )
-        model = bench_model(models_dir, params, args.repeats)
-        print(model.report())
-        print(bench_grpc(models_dir, Path(tmp) / "profiles.db", params, args.repeats, args.threads).report())
-        print(f"best of N: toy models, {args.size}x{args.size}, {args.steps} steps, generate batch 4")
-        toy_dir = ensure_toy_models(Path(tmp) / "toy-models")
-        print(bench_best_of_n(toy_dir, params, args.repeats, args.threads).report())
+        pipelines = make_sdxl(args.models, models_dir, args.device)
+        model = bench_model(pipelines, params, args.repeats)
+        print(model.report(), flush=True)
+        tokens = ["--vpe-max-new-tokens", str(args.server_tokens)] if args.server_tokens else []
+        server = ServerProcess(Path(tmp) / "profiles.db", models_dir, "--device", args.device, *tokens,
+                               models=args.models, env=threads_env(args.threads))
+        print(bench_grpc(pipelines, server, params, args.repeats).report(), flush=True)
+        del pipelines
+        if tiny:
+            print(f"best of N: toy models, {args.size}x{args.size}, {args.steps} steps, generate batch 4")
+            toy_dir = ensure_toy_models(Path(tmp) / "toy-models")
+            print(bench_best_of_n(toy_dir, params, args.repeats, args.threads).report())
+        else:
+            print("best of N: left out with --models full-random (a figure of the toy models)")
     print(f"speedup: {model.speedup:.2f}x")
 
 
