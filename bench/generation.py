@@ -8,12 +8,12 @@ production path in process, interleaved. The last line is `speedup: N.NNx` (refe
 production time per image, in process).
 Best-of-N section (issue 21), on the toy models through a server (--generate-batch 4): the time of
 num_images=1 with 4 candidates against num_images=4 without ranking (and against 4 one-image requests at once,
-which batch as the candidates do), interleaved; then, on the 20 held-out toy users, `--repeats` seeds each (10
-steps), at the default preference strength and at 0 (where the ranking alone personalizes): how often the pick
-is at least as close to the liked colour (the share of its coloured pixels nearest that colour) as the median
-candidate, and the mean metric score of the pick against a random candidate.
+which batch as the candidates do), interleaved; then, on the 20 held-out toy users (`--users`: fewer), `--repeats`
+seeds each (10 steps), at the default preference strength and at 0 (where the ranking alone personalizes): how
+often the pick is at least as close to the liked colour (the share of its coloured pixels nearest that colour) as
+the median candidate, and the mean metric score of the pick against a random candidate.
 
-    .venv/bin/python bench/generation.py [--size 64] [--steps 40] [--images 2] [--repeats 5]
+    .venv/bin/python bench/generation.py [--size 64] [--steps 40] [--images 2] [--repeats 5] [--users 20]
 """
 
 from __future__ import annotations
@@ -185,13 +185,14 @@ class BestOfFigures:
         )
 
 
-def bench_best_of_n(models_dir: Path, params: GenerationParams, repeats: int, threads: int) -> BestOfFigures:
+def bench_best_of_n(models_dir: Path, params: GenerationParams, repeats: int, threads: int,
+                    user_count: int = evaluate.HELD_OUT_USER_COUNT) -> BestOfFigures:
     """Best of 4 against generating 4, timed interleaved; then the picks on the held-out users, `repeats` seeds
     each, at the default preference strength and at 0 (where the ranking alone personalizes)."""
     server = ServerProcess(models_dir / "best-of.db", models_dir, "--generate-batch", "4", models="toy",
                            env={"OMP_NUM_THREADS": str(threads)})
     with server, ViperClient(server.target) as client:
-        users = evaluate.held_out_users()
+        users = evaluate.held_out_users(user_count)
         for index, user in enumerate(users):
             rated = evaluate.rated_in_mixed_order(user, seed=index)
             client.extract_profile(f"user-{index}", [
@@ -284,6 +285,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2, help="images per request")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the cores are shared)")
+    parser.add_argument("--users", type=int, default=evaluate.HELD_OUT_USER_COUNT,
+                        help="held-out toy users whose picks best of N scores (default: all of them)")
     parser.add_argument("--models-dir", type=Path,
                         help="tiny models already built there, or built there once "
                              "(default: built in a temp folder, removed after)")
@@ -313,7 +316,7 @@ def main() -> None:
         print(bench_grpc(models_dir, Path(tmp) / "profiles.db", params, args.repeats, args.threads).report())
         print(f"best of N: toy models, {args.size}x{args.size}, {args.steps} steps, generate batch 4")
         toy_dir = ensure_toy_models(Path(tmp) / "toy-models")
-        print(bench_best_of_n(toy_dir, params, args.repeats, args.threads).report())
+        print(bench_best_of_n(toy_dir, params, args.repeats, args.threads, args.users).report())
     print(f"speedup: {model.speedup:.2f}x")
 
 
