@@ -21,9 +21,11 @@ serve: install
 	$(BIN)/viper-server serve
 
 # Worker processes for pytest-xdist: many tests wait on servers and subprocesses, so even 2 cores keep 3 busy.
-# Each test module runs whole on one worker (--dist loadfile), so a module's shared server starts once.
+# Each test module runs whole on one worker (--dist loadfile), so a module's shared server starts once; modules
+# are handed out in the order tests/conftest.py gives (the slowest first), which xdist would otherwise replace
+# by the number of tests in each (--no-loadscope-reorder).
 TEST_WORKERS ?= 3
-PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: install lint
 	$(BIN)/python -m pytest $(PYTEST_PARALLEL) --durations=15

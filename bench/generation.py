@@ -8,12 +8,12 @@ production path in process, interleaved. The last line is `speedup: N.NNx` (refe
 production time per image, in process).
 Best-of-N section (issue 21), on the toy models through a server (--generate-batch 4): the time of
 num_images=1 with 4 candidates against num_images=4 without ranking (and against 4 one-image requests at once,
-which batch as the candidates do), interleaved; then, on the 20 held-out toy users, `--repeats` seeds each (10
-steps), at the default preference strength and at 0 (where the ranking alone personalizes): how often the pick
-is at least as close to the liked colour (the share of its coloured pixels nearest that colour) as the median
-candidate, and the mean metric score of the pick against a random candidate.
+which batch as the candidates do), interleaved; then, on the 20 held-out toy users (`--users`: fewer), `--repeats`
+seeds each (10 steps), at the default preference strength and at 0 (where the ranking alone personalizes): how
+often the pick is at least as close to the liked colour (the share of its coloured pixels nearest that colour) as
+the median candidate, and the mean metric score of the pick against a random candidate.
 
-    .venv/bin/python bench/generation.py [--size 64] [--steps 40] [--images 2] [--repeats 5]
+    .venv/bin/python bench/generation.py [--size 64] [--steps 40] [--images 2] [--repeats 5] [--users 20]
 
 At real scale on a GPU host (`make bench-gpu` runs it so, through bench/gpu.py): SDXL base + refiner at full size
 with random weights (`--models full-random`, models.full_random), in process and in the server; best of N, a
@@ -201,13 +201,14 @@ class BestOfFigures:
         )
 
 
-def bench_best_of_n(models_dir: Path, params: GenerationParams, repeats: int, threads: int) -> BestOfFigures:
+def bench_best_of_n(models_dir: Path, params: GenerationParams, repeats: int, threads: int,
+                    user_count: int = evaluate.HELD_OUT_USER_COUNT) -> BestOfFigures:
     """Best of 4 against generating 4, timed interleaved; then the picks on the held-out users, `repeats` seeds
     each, at the default preference strength and at 0 (where the ranking alone personalizes)."""
     server = ServerProcess(models_dir / "best-of.db", models_dir, "--generate-batch", "4", models="toy",
                            env=threads_env(threads))
     with server, ViperClient(server.target) as client:
-        users = evaluate.held_out_users()
+        users = evaluate.held_out_users(user_count)
         for index, user in enumerate(users):
             rated = evaluate.rated_in_mixed_order(user, seed=index)
             client.extract_profile(f"user-{index}", [
@@ -312,6 +313,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--server-tokens", type=int, default=None,
                         help="the gRPC section's server --vpe-max-new-tokens, for the profile it extracts first "
                              "(default: the preset's)")
+    parser.add_argument("--users", type=int, default=evaluate.HELD_OUT_USER_COUNT,
+                        help="held-out toy users whose picks best of N scores (default: all of them)")
     parser.add_argument("--models-dir", type=Path,
                         help="tiny models already built there, or built there once "
                              "(default: built in a temp folder, removed after)")
@@ -354,7 +357,7 @@ def main() -> None:
         if tiny:
             print(f"best of N: toy models, {args.size}x{args.size}, {args.steps} steps, generate batch 4")
             toy_dir = ensure_toy_models(Path(tmp) / "toy-models")
-            print(bench_best_of_n(toy_dir, params, args.repeats, args.threads).report())
+            print(bench_best_of_n(toy_dir, params, args.repeats, args.threads, args.users).report())
         else:
             print("best of N: left out with --models full-random (a figure of the toy models)")
     print(f"speedup: {model.speedup:.2f}x")

@@ -1,10 +1,16 @@
 import contextlib
 import fcntl
 import hashlib
+import os
 from importlib import metadata
 from pathlib import Path
 
 import pytest
+
+# One torch (OpenMP) thread in this process and in every process a test starts (servers, CLIs, benches), set
+# before anything imports torch: the suite runs several workers on few cores, where each extra OpenMP thread
+# only spins waiting for a core (a tiny-model extraction took 9x the CPU seconds with torch's default threads).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 # Built and installed models, kept across sessions under var/ (git-ignored), each in a folder named by a hash
