@@ -28,7 +28,6 @@ from viper_profiles import Rating, StoredImage
 from .. import tracing
 from ..domain import GenerationEvent, GenerationParams, Preferences, ScoredQuery, ScoringContext
 from ..imaging import ImageDecodeError
-from ..models.generation import image_seed
 from ..models.metric import context_pairs
 from ..models.prefix_cache import CacheStats
 from ..pixels import ProcessedImage, check_processor
@@ -177,49 +176,16 @@ class ModelEngine:
     async def generate_candidates(self, params: GenerationParams, liked_features: Sequence[str],
                                   disliked_features: Sequence[str], *,
                                   user: str | None = None) -> AsyncIterator[GenerationEvent]:
-        """Best of N's images: params.candidates generations of one image each, candidate i with the seed image i
-        of a Generate of that many images has (so it is that image), and its events carry i as image_index.
-        As requests of their own they share each UNet call, up to --generate-batch of them at once (one
-        more starts as one ends). The caller has checked the queue's room (check_room): they queue even if
-        it has filled since, so an admitted request is never refused half done."""
+        """Best of N's images: exactly those of a plain Generate of params.candidates images (seeds seed, seed+1,
+        ...), since they are made as one: one task, its images one after the other. Not as one-image requests
+        batched together: a UNet or VAE call's floats depend on how many images share it (pixels then move by
+        1/255), and a plain Generate makes each image in calls of its own, so that its seed alone makes it
+        again. The caller has checked the queue's room (check_room): it queues even if it has filled since."""
         _, _, generations = self._loaded_work()
-        events: asyncio.Queue = asyncio.Queue()
-        indices = iter(range(params.candidates))
-        relays: list[asyncio.Task] = []
-
-        def start_next() -> None:
-            if (index := next(indices, None)) is not None:
-                one = replace(params, num_images=1, candidates=1, seed=image_seed(params, index))
-                task = GenerationTask(generations, one, liked_features, disliked_features, user,
-                                      on_denoising_step=self._observer.generation_step)
-                relays.append(asyncio.create_task(self._relay(index, task, events)))
-
-        try:
-            for _ in range(min(self._settings.generate_batch, params.candidates)):
-                start_next()
-            ended = 0
-            while ended < params.candidates:
-                index, event = await events.get()
-                if isinstance(event, BaseException):
-                    raise event
-                if event is None:  # that candidate's generation has ended
-                    ended += 1
-                    start_next()
-                else:
-                    yield replace(event, image_index=index)
-        finally:
-            for relay in relays:
-                relay.cancel()
-
-    async def _relay(self, index: int, task: GenerationTask, events: asyncio.Queue) -> None:
-        """Hands one candidate's events, then None (or what it failed with), to generate_candidates."""
-        try:
-            async for event in self.sdxl_scheduler.stream(task, reserved=True):
-                events.put_nowait((index, event))
-        except Exception as exc:
-            events.put_nowait((index, exc))
-        else:
-            events.put_nowait((index, None))
+        task = GenerationTask(generations, replace(params, num_images=params.candidates), liked_features,
+                              disliked_features, user, on_denoising_step=self._observer.generation_step)
+        async for event in self.sdxl_scheduler.stream(task, reserved=True):
+            yield event
 
     def check_room(self, *, generate: bool = False, score: bool = False) -> None:
         """QueueFull unless the named models' queues have room: a request that needs both (best of N) is
