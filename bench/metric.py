@@ -1,12 +1,12 @@
 """Proxy-metric benchmark on the tiny IDEFICS2: the reference procedure vs the prefix-cached, batched path.
 
-One user (the 8 + 8 fixture images as context), 16 queries. In process: the reference procedure, the
-cached path with the prefix computed in the call (cold) and already cached (warm). End to end: the same
-Score request through the client SDK to two real server processes, one with `--metric-cache off` (the
+One user (the 8 + 8 fixture images as context), 16 queries (`--queries`: fewer). In process: the reference
+procedure, the cached path with the prefix computed in the call (cold) and already cached (warm). End to end: the
+same Score request through the client SDK to two real server processes, one with `--metric-cache off` (the
 reference procedure) and one with the cache on, interleaved. The last line printed is `speedup: N.NNx`:
 reference / cached time per query end to end, in the steady state (the user's prefix cached).
 
-    .venv/bin/python bench/metric.py [--batch-size 4] [--threads 1] [--repeats 3]
+    .venv/bin/python bench/metric.py [--batch-size 4] [--threads 1] [--repeats 3] [--queries 16]
 
 At real scale on a GPU host (`make bench-gpu` runs it so, through bench/gpu.py): IDEFICS2-8b with random weights
 and adapters (`--models full-random`, models.full_random), in process and in the servers (one at a time).
@@ -53,7 +53,7 @@ def timed(name: str, queries: Sequence[Image.Image], score: Callable[[], list[fl
     return Measurement(name, (time.perf_counter() - start) / len(queries), scores)
 
 
-def load_examples() -> tuple[ScoringContext, list[Image.Image]]:
+def load_examples(query_count: int = QUERY_COUNT) -> tuple[ScoringContext, list[Image.Image]]:
     def open_rgb(name: str) -> Image.Image:
         return Image.open(EXAMPLES / name).convert("RGB")
 
@@ -62,7 +62,7 @@ def load_examples() -> tuple[ScoringContext, list[Image.Image]]:
     query1, query2 = open_rgb("query1.png"), open_rgb("query2.png")
     # Fixture queries, their crops at other aspect ratios and the context images themselves.
     queries = [query1, query2, query1.crop((0, 0, 448, 224)), query2.crop((0, 0, 224, 448)), *liked[:6], *disliked[:6]]
-    return ScoringContext(liked=liked, disliked=disliked, cache_key=("bench-user", 1)), queries[:QUERY_COUNT]
+    return ScoringContext(liked=liked, disliked=disliked, cache_key=("bench-user", 1)), queries[:query_count]
 
 
 def load_runtime(models: str, models_dir: Path, device: str) -> Idefics2Base:
@@ -118,6 +118,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads, here and in the servers; 0 = torch's default")
     parser.add_argument("--repeats", type=int, default=3, help="end-to-end calls timed per server")
+    parser.add_argument("--queries", type=int, default=QUERY_COUNT, choices=range(1, QUERY_COUNT + 1),
+                        metavar=f"1..{QUERY_COUNT}", help=f"images scored per call (default {QUERY_COUNT})")
     parser.add_argument("--models-dir", type=Path,
                         help="tiny models already built there, or built there once "
                              "(default: built in a temp folder, removed after)")
@@ -137,7 +139,7 @@ def main() -> None:
 
 def run(args: argparse.Namespace, tmp: Path) -> None:
     """The bench, with every file in tmp; the servers it starts are stopped before it returns."""
-    context, queries = load_examples()
+    context, queries = load_examples(args.queries)
     models_dir = ensure_tiny_models(args.models_dir or tmp / "tiny-models") if args.models == "tiny" else tmp
     runtime = load_runtime(args.models, models_dir, args.device)
     scorer = MetricScorer(runtime, batch_size=args.batch_size)

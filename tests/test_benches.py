@@ -29,7 +29,8 @@ def processes_marked(marker: str) -> list[int]:
 
 
 @pytest.mark.parametrize("bench, args, last", [
-    ("metric.py", ["--repeats", "1"], "speedup: "),
+    # One batch of queries: the fixture queries and their crops at other aspect ratios.
+    ("metric.py", ["--repeats", "1", "--queries", "4"], "speedup: "),
     # Best of N's picks on 2 of the 20 held-out toy users: the section runs whole, its figures are the bench's.
     ("generation.py", ["--repeats", "1", "--steps", "4", "--images", "1", "--users", "2"], "speedup: "),
     ("concurrency.py", ["--repeats", "1", "--scores", "2", "--steps", "2", "--new-tokens", "4",
