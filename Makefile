@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install serve test test-quick test-soak lint protos bench web
+.PHONY: install serve test test-quick test-soak lint protos bench bench-gpu web
 
 install: $(INSTALLED)
 
@@ -21,9 +21,11 @@ serve: install
 	$(BIN)/viper-server serve
 
 # Worker processes for pytest-xdist: many tests wait on servers and subprocesses, so even 2 cores keep 3 busy.
-# Each test module runs whole on one worker (--dist loadfile), so a module's shared server starts once.
+# Each test module runs whole on one worker (--dist loadfile), so a module's shared server starts once; modules
+# are handed out in the order tests/conftest.py gives (the slowest first), which xdist would otherwise replace
+# by the number of tests in each (--no-loadscope-reorder).
 TEST_WORKERS ?= 3
-PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: install lint
 	$(BIN)/python -m pytest $(PYTEST_PARALLEL) --durations=15
@@ -50,6 +52,12 @@ bench: install
 	$(BIN)/python bench/concurrency.py
 	$(BIN)/python bench/tracing.py
 	$(BIN)/python bench/auth.py
+
+# The generation, metric and concurrency benches at real size (--models full-random --device cuda), within 8
+# minutes on one 80+ GB GPU: var/bench/gpu.md (the tables) and var/bench/gpu.json (the figures). Exits 2 without
+# CUDA.
+bench-gpu: install
+	$(BIN)/python bench/gpu.py --out var/bench
 
 # The web page in one command: `viper serve` on its defaults (127.0.0.1:50051, the toy models) and the gateway
 # in front of it at http://127.0.0.1:8080. The server trusts the local development identity provider

@@ -5,15 +5,26 @@ per base step) against the production path (models.generation: the stock pipelin
 steps, both evaluations as one batch-4 UNet call), same params and seeds, runs interleaved.
 gRPC section: the same request through a real server process and the client SDK against the
 production path in process, interleaved. The last line is `speedup: N.NNx` (reference time per image /
-production time per image, in process).
+production time per image, in process; not printed with `--only best-of`).
 Best-of-N section (issue 21), on the toy models through a server (--generate-batch 4): the time of
-num_images=1 with 4 candidates against num_images=4 without ranking (and against 4 one-image requests at once,
-which batch as the candidates do), interleaved; then, on the 20 held-out toy users, `--repeats` seeds each (10
-steps), at the default preference strength and at 0 (where the ranking alone personalizes): how often the pick
-is at least as close to the liked colour (the share of its coloured pixels nearest that colour) as the median
-candidate, and the mean metric score of the pick against a random candidate.
+num_images=1 with 4 candidates against num_images=4 without ranking (the candidates are made as those 4 are),
+and against 4 one-image requests at once (batched: what the candidates would take as requests of their own,
+which would make them other images than a Generate's), interleaved; then, on the 20 held-out toy users,
+`--repeats` cases each (10 steps), at the default preference strength and at 0 (where the ranking alone
+personalizes): the cases' seeds are 1, 5, 9, ... so that no two cases share a candidate; how often the pick is
+at least as close to the liked colour (the share of its coloured pixels nearest that colour) as the median
+candidate, overall and by how far apart the metric scores the candidates (below 1e-4, the tolerance Score's
+equality is promised within, it cannot tell them apart), whether the pick is Score's argmax over a plain
+Generate of the 4, and the mean metric score of the pick against a random candidate.
 
-    .venv/bin/python bench/generation.py [--size 64] [--steps 40] [--images 2] [--repeats 5]
+    .venv/bin/python bench/generation.py [--size 64] [--steps 40] [--images 2] [--repeats 5] [--users 20]
+                                         [--only best-of]
+
+At real scale on a GPU host (`make bench-gpu` runs it so, through bench/gpu.py): SDXL base + refiner at full size
+with random weights (`--models full-random`, models.full_random), in process and in the server; best of N, a
+figure of the toy models, is left out then.
+
+    python bench/generation.py --models full-random --device cuda --size 1024 --steps 20 --images 1 --repeats 2
 """
 
 from __future__ import annotations
@@ -38,8 +49,9 @@ from PIL import Image
 from viper_client import RatedImage, ViperClient
 from viper_client.types import GeneratedImage
 from viper_server.domain import FinishedImage, GenerationParams
+from viper_server.models.full_random import FULL, build_sdxl
 from viper_server.models.generation import PersonalizedGenerator
-from viper_server.models.sdxl import load_sdxl
+from viper_server.models.sdxl import SdxlPipelines, load_sdxl
 from viper_server.models.tiny import ensure_tiny_models
 from viper_server.testing import ServerProcess
 from viper_server.testing.reference_guidance import reference_generate
@@ -76,9 +88,18 @@ class ModelFigures:
         )
 
 
-def bench_model(models_dir: Path, params: GenerationParams, repeats: int) -> ModelFigures:
-    pipelines = load_sdxl(str(models_dir / "sdxl-base"), str(models_dir / "sdxl-refiner"))
-    pipelines.refiner.set_progress_bar_config(disable=True)
+def make_sdxl(models: str, models_dir: Path, device: str) -> SdxlPipelines:
+    """The in-process pipelines: the tiny checkpoints, or the full-size architectures with random weights."""
+    if models == "full-random":
+        pipelines = build_sdxl(FULL, device, torch.float16 if device.startswith("cuda") else torch.float32)
+    else:
+        pipelines = load_sdxl(str(models_dir / "sdxl-base"), str(models_dir / "sdxl-refiner"), device=device)
+    for pipeline in (pipelines.base, pipelines.refiner):
+        pipeline.set_progress_bar_config(disable=True)
+    return pipelines
+
+
+def bench_model(pipelines: SdxlPipelines, params: GenerationParams, repeats: int) -> ModelFigures:
     generator = PersonalizedGenerator(pipelines)
 
     def production() -> list[bytes]:
@@ -116,11 +137,11 @@ class GrpcFigures:
         )
 
 
-def bench_grpc(models_dir: Path, db: Path, params: GenerationParams, repeats: int, threads: int) -> GrpcFigures:
+def bench_grpc(pipelines: SdxlPipelines, server: ServerProcess, params: GenerationParams,
+               repeats: int) -> GrpcFigures:
     """The same request in process and through the server; the profile's features guide both."""
-    generator = PersonalizedGenerator(load_sdxl(str(models_dir / "sdxl-base"), str(models_dir / "sdxl-refiner")))
-    server = ServerProcess(db, models_dir, env={"OMP_NUM_THREADS": str(threads)})
-    with server, ViperClient(server.target) as client:
+    generator = PersonalizedGenerator(pipelines)
+    with server.start(timeout=1800), ViperClient(server.target, long_timeout=3600) as client:
         profile = client.extract_profile("bench", [
             RatedImage(_png(color), comment=comment, rating=rating)
             for color, comment, rating in (((250, 200, 220), "soft pastel pink, lovely", "liked"),
@@ -144,29 +165,60 @@ def bench_grpc(models_dir: Path, db: Path, params: GenerationParams, repeats: in
     )
 
 
+SCORE_TOLERANCE = 1e-4  # a ranked image's score equals Score's within it (README "Best of N")
+
+
+@dataclass(frozen=True)
+class PickCase:
+    """One best of 4: the pick, and the 4 candidates as a plain Generate of 4 with score_images makes them."""
+
+    pick: int  # the candidate the ranked request streamed (its seed - the case's seed)
+    pick_is_argmax: bool  # its PNG is that candidate's and its score Score's best, within SCORE_TOLERANCE
+    scores: tuple[float, ...]
+    shares: tuple[float, ...]  # of the candidates' coloured pixels, nearest the liked colour
+
+    @property
+    def at_least_median(self) -> bool:
+        return self.shares[self.pick] >= np.median(self.shares)
+
+    @property
+    def spread(self) -> float:
+        """How far apart the metric scores the candidates: below SCORE_TOLERANCE, it cannot tell them apart."""
+        return max(self.scores) - min(self.scores)
+
+
 @dataclass(frozen=True)
 class PickFigures:
     """The picks of best of 4 on held-out toy users at one preference strength."""
 
     strength: float
-    cases: int
-    at_least_median: int  # cases whose pick is at least as close to the liked colour as the median candidate
-    pick_score: float  # mean metric score of the pick
-    random_score: float  # mean metric score of a random candidate (the candidates' mean)
-    pick_share: float  # mean share of the pick's coloured pixels nearest the liked colour
-    random_share: float
+    cases: list[PickCase]
 
     def report(self) -> str:
+        cases = self.cases
+        pick_score, pick_share = (float(np.mean([getattr(case, name)[case.pick] for case in cases]))
+                                  for name in ("scores", "shares"))
+        # A random candidate's mean: the mean over all candidates.
+        random_score, random_share = (float(np.mean([getattr(case, name) for case in cases]))
+                                      for name in ("scores", "shares"))
+        at_least = sum(case.at_least_median for case in cases)
+        by_spread = []  # by how far apart the metric scores the 4 candidates
+        for label, low, high in (("< 1e-4", 0, SCORE_TOLERANCE), ("1e-4 to 1e-3", SCORE_TOLERANCE, 1e-3),
+                                 ("> 1e-3", 1e-3, float("inf"))):
+            some = [case.at_least_median for case in cases if low <= case.spread < high]
+            by_spread.append(f"{sum(some)}/{len(some)} with scores spread {label}")
         return (f"strength {self.strength:.2f}: pick at least as close to the liked colour as the median candidate "
-                f"in {self.at_least_median}/{self.cases} ({self.at_least_median / self.cases:.0%}); "
-                f"mean score pick {self.pick_score:.4f} vs random candidate {self.random_score:.4f}; "
-                f"liked-colour share pick {self.pick_share:.3f} vs random candidate {self.random_share:.3f}")
+                f"in {at_least}/{len(cases)} ({at_least / len(cases):.0%}): {', '.join(by_spread)}; "
+                f"pick = Score's argmax over a plain Generate of the 4 in "
+                f"{sum(case.pick_is_argmax for case in cases)}/{len(cases)}; "
+                f"mean score pick {pick_score:.4f} vs random candidate {random_score:.4f}; "
+                f"liked-colour share pick {pick_share:.3f} vs random candidate {random_share:.3f}")
 
 
 @dataclass(frozen=True)
 class BestOfFigures:
     plain_seconds: float  # num_images=4, no ranking
-    together_seconds: float  # 4 requests of num_images=1 at once: the candidates' batching, no ranking
+    together_seconds: float  # 4 requests of num_images=1 at once: batched, no ranking
     ranked_seconds: float  # num_images=1, candidates=4
     paired_ratios: tuple[float, float]  # median per round of ranked / plain and ranked / together
     picks: list[PickFigures]
@@ -185,13 +237,14 @@ class BestOfFigures:
         )
 
 
-def bench_best_of_n(models_dir: Path, params: GenerationParams, repeats: int, threads: int) -> BestOfFigures:
+def bench_best_of_n(models_dir: Path, params: GenerationParams, repeats: int, threads: int,
+                    user_count: int = evaluate.HELD_OUT_USER_COUNT) -> BestOfFigures:
     """Best of 4 against generating 4, timed interleaved; then the picks on the held-out users, `repeats` seeds
     each, at the default preference strength and at 0 (where the ranking alone personalizes)."""
     server = ServerProcess(models_dir / "best-of.db", models_dir, "--generate-batch", "4", models="toy",
-                           env={"OMP_NUM_THREADS": str(threads)})
+                           env=threads_env(threads))
     with server, ViperClient(server.target) as client:
-        users = evaluate.held_out_users()
+        users = evaluate.held_out_users(user_count)
         for index, user in enumerate(users):
             rated = evaluate.rated_in_mixed_order(user, seed=index)
             client.extract_profile(f"user-{index}", [
@@ -227,27 +280,32 @@ def _time_best_of(client: ViperClient, params: GenerationParams, repeats: int) -
     return times
 
 
-def _picks(client: ViperClient, users: list, strength: float, seeds: int, steps: int) -> PickFigures:
-    """Per user and seed: the pick of best of 4, and the 4 candidates (the same seeds, scored without ranking)."""
-    picks, candidates = [], []
+def _picks(client: ViperClient, users: list, strength: float, cases: int, steps: int) -> PickFigures:
+    """Per user, `cases` best of 4 with seeds 1, 5, 9, ... (no two share a candidate): the pick, and the 4
+    candidates as a plain Generate of 4 with score_images makes them (the same images)."""
+    picks = []
     for index, user in enumerate(users):
-        for seed in range(1, seeds + 1):
+        for seed in range(1, 4 * cases, 4):
             request = dict(prompt=evaluate.GENERATION_PROMPT, width=64, height=64, steps=steps, seed=seed,
                            preference_strength=strength)
             [pick] = _images(client.generate(f"user-{index}", **request, num_images=1, candidates=4))
             scored = _images(client.generate(f"user-{index}", **request, num_images=4, score_images=True))
-            picks.append((pick.score, evaluate.colour_share(pick.image(), user.liked_colour)))
-            candidates.append([(image.score, evaluate.colour_share(image.image(), user.liked_colour))
-                               for image in scored])
-    return PickFigures(
-        strength=strength,
-        cases=len(picks),
-        at_least_median=sum(share >= np.median([c[1] for c in cands]) for (_, share), cands in zip(picks, candidates)),
-        pick_score=float(np.mean([score for score, _ in picks])),
-        random_score=float(np.mean([c[0] for cands in candidates for c in cands])),
-        pick_share=float(np.mean([share for _, share in picks])),
-        random_share=float(np.mean([c[1] for cands in candidates for c in cands])),
-    )
+            scores = [image.score for image in scored]
+            best = min(range(len(scores)), key=lambda i: (-scores[i], i))
+            chosen = pick.seed - seed
+            picks.append(PickCase(
+                pick=chosen,
+                pick_is_argmax=(chosen == best and pick.png == scored[best].png
+                                and abs(pick.score - scores[best]) <= SCORE_TOLERANCE),
+                scores=tuple(scores),
+                shares=tuple(evaluate.colour_share(image.image(), user.liked_colour) for image in scored),
+            ))
+    return PickFigures(strength=strength, cases=picks)
+
+
+def threads_env(threads: int) -> dict[str, str]:
+    """The server's torch threads: threads, or its own default for 0."""
+    return {"OMP_NUM_THREADS": str(threads)} if threads else {}
 
 
 def _images(events) -> list[GeneratedImage]:
@@ -277,18 +335,33 @@ def _max_pixel_difference(png: bytes, other_png: bytes) -> int:
     return int(np.abs(pixels - other).max())
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=64, help="image width and height (the tiny default)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--images", type=int, default=2, help="images per request")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (the cores are shared)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads, here and in the servers (the cores are shared); 0 = torch's default")
+    parser.add_argument("--models", choices=("tiny", "full-random"), default="tiny",
+                        help="tiny (built here) or full-random (the real architectures, random weights: for a GPU)")
+    parser.add_argument("--device", default="cpu", help="where the models run, here and in the servers")
+    parser.add_argument("--server-tokens", type=int, default=None,
+                        help="the gRPC section's server --vpe-max-new-tokens, for the profile it extracts first "
+                             "(default: the preset's)")
+    parser.add_argument("--users", type=int, default=evaluate.HELD_OUT_USER_COUNT,
+                        help="held-out toy users whose picks best of N scores (default: all of them)")
+    parser.add_argument("--only", choices=["best-of"], help="run that section alone")
     parser.add_argument("--models-dir", type=Path,
                         help="tiny models already built there, or built there once "
                              "(default: built in a temp folder, removed after)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     # Figures only: no progress bars or load-time notices from the libraries.
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
@@ -303,18 +376,30 @@ def main() -> None:
         seed=1234,
     )
     with tempfile.TemporaryDirectory() as tmp:
-        models_dir = ensure_tiny_models(args.models_dir or Path(tmp) / "tiny-models")
-        print(
-            f"tiny SDXL, {args.size}x{args.size}, {args.steps} steps (base to {params.high_noise_frac:.0%}, "
-            f"then refiner), {args.images} images x {args.repeats} repeats, {args.threads} torch thread(s)"
-        )
-        model = bench_model(models_dir, params, args.repeats)
-        print(model.report())
-        print(bench_grpc(models_dir, Path(tmp) / "profiles.db", params, args.repeats, args.threads).report())
-        print(f"best of N: toy models, {args.size}x{args.size}, {args.steps} steps, generate batch 4")
-        toy_dir = ensure_toy_models(Path(tmp) / "toy-models")
-        print(bench_best_of_n(toy_dir, params, args.repeats, args.threads).report())
-    print(f"speedup: {model.speedup:.2f}x")
+        tiny = args.models == "tiny"
+        if args.only is None:
+            models_dir = ensure_tiny_models(args.models_dir or Path(tmp) / "tiny-models") if tiny else Path(tmp)
+            print(
+                f"{args.models} SDXL on {args.device}, {args.size}x{args.size}, {args.steps} steps (base to "
+                f"{params.high_noise_frac:.0%}, then refiner), {args.images} images x {args.repeats} repeats, "
+                f"{args.threads or 'default'} torch thread(s)", flush=True
+            )
+            pipelines = make_sdxl(args.models, models_dir, args.device)
+            model = bench_model(pipelines, params, args.repeats)
+            print(model.report(), flush=True)
+            tokens = ["--vpe-max-new-tokens", str(args.server_tokens)] if args.server_tokens else []
+            server = ServerProcess(Path(tmp) / "profiles.db", models_dir, "--device", args.device, *tokens,
+                                   models=args.models, env=threads_env(args.threads))
+            print(bench_grpc(pipelines, server, params, args.repeats).report(), flush=True)
+            del pipelines
+        if tiny:
+            print(f"best of N: toy models, {args.size}x{args.size}, {args.steps} steps, generate batch 4")
+            toy_dir = ensure_toy_models(Path(tmp) / "toy-models")
+            print(bench_best_of_n(toy_dir, params, args.repeats, args.threads, args.users).report())
+        else:
+            print("best of N: left out with --models full-random (a figure of the toy models)")
+    if args.only is None:
+        print(f"speedup: {model.speedup:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,17 @@
 """Proxy-metric benchmark on the tiny IDEFICS2: the reference procedure vs the prefix-cached, batched path.
 
-One user (the 8 + 8 fixture images as context), 16 queries. In process: the reference procedure, the
-cached path with the prefix computed in the call (cold) and already cached (warm). End to end: the same
-Score request through the client SDK to two real server processes, one with `--metric-cache off` (the
+One user (the 8 + 8 fixture images as context), 16 queries (`--queries`: fewer). In process: the reference
+procedure, the cached path with the prefix computed in the call (cold) and already cached (warm). End to end: the
+same Score request through the client SDK to two real server processes, one with `--metric-cache off` (the
 reference procedure) and one with the cache on, interleaved. The last line printed is `speedup: N.NNx`:
 reference / cached time per query end to end, in the steady state (the user's prefix cached).
 
-    .venv/bin/python bench/metric.py [--batch-size 4] [--threads 1] [--repeats 3]
+    .venv/bin/python bench/metric.py [--batch-size 4] [--threads 1] [--repeats 3] [--queries 16]
+
+At real scale on a GPU host (`make bench-gpu` runs it so, through bench/gpu.py): IDEFICS2-8b with random weights
+and adapters (`--models full-random`, models.full_random), in process and in the servers (one at a time).
+
+    python bench/metric.py --models full-random --device cuda --threads 0 --repeats 2
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from PIL import Image
 
 from viper_client import RatedImage, ViperClient
 from viper_client.images import encode_image
+from viper_server.models.full_random import FULL, build_idefics2
 from viper_server.models.idefics2 import Idefics2Base, load_idefics2
 from viper_server.models.metric import MetricScorer, ScoringContext, reference_scores
 from viper_server.models.tiny import ensure_tiny_models
@@ -47,7 +53,7 @@ def timed(name: str, queries: Sequence[Image.Image], score: Callable[[], list[fl
     return Measurement(name, (time.perf_counter() - start) / len(queries), scores)
 
 
-def load_examples() -> tuple[ScoringContext, list[Image.Image]]:
+def load_examples(query_count: int = QUERY_COUNT) -> tuple[ScoringContext, list[Image.Image]]:
     def open_rgb(name: str) -> Image.Image:
         return Image.open(EXAMPLES / name).convert("RGB")
 
@@ -56,12 +62,15 @@ def load_examples() -> tuple[ScoringContext, list[Image.Image]]:
     query1, query2 = open_rgb("query1.png"), open_rgb("query2.png")
     # Fixture queries, their crops at other aspect ratios and the context images themselves.
     queries = [query1, query2, query1.crop((0, 0, 448, 224)), query2.crop((0, 0, 224, 448)), *liked[:6], *disliked[:6]]
-    return ScoringContext(liked=liked, disliked=disliked, cache_key=("bench-user", 1)), queries[:QUERY_COUNT]
+    return ScoringContext(liked=liked, disliked=disliked, cache_key=("bench-user", 1)), queries[:query_count]
 
 
-def load_tiny_runtime(models_dir: Path) -> Idefics2Base:
+def load_runtime(models: str, models_dir: Path, device: str) -> Idefics2Base:
+    """The tiny checkpoints, or IDEFICS2-8b's architecture with random weights (bfloat16 on CUDA, as the server)."""
+    if models == "full-random":
+        return build_idefics2(FULL, device, torch.bfloat16 if device.startswith("cuda") else torch.float32)
     adapters = {"vpe": str(models_dir / "vpe-lora"), "metric": str(models_dir / "metric-lora")}
-    return load_idefics2(str(models_dir / "idefics2"), adapters)
+    return load_idefics2(str(models_dir / "idefics2"), adapters, device=device)
 
 
 def measure_reference(runtime: Idefics2Base, context: ScoringContext, queries: list[Image.Image]) -> Measurement:
@@ -90,13 +99,15 @@ def measure_grpc(name: str, target: str, queries: list[bytes], repeats: int) -> 
     return Measurement(name, statistics.median(times) / len(queries), scores)
 
 
-def start_server(models_dir: Path, db_path: Path, threads: int, *args: str) -> ServerProcess:
+def start_server(args: argparse.Namespace, models_dir: Path, db_path: Path, *flags: str) -> ServerProcess:
     """A started server process with the bench user's profile extracted from the fixture images."""
-    server = ServerProcess(db_path, models_dir, *args, env={"OMP_NUM_THREADS": str(threads)}).start()
+    env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
+    server = ServerProcess(db_path, models_dir, "--device", args.device, *flags, models=args.models, env=env)
+    server.start(timeout=1800)
     comments = json.loads((EXAMPLES / "comments.json").read_text())
     images = [RatedImage(EXAMPLES / key, comment=comment, rating=key.split("/")[0])
               for key, comment in comments.items() if "/" in key]
-    with ViperClient(server.target) as client:
+    with ViperClient(server.target, long_timeout=3600) as client:
         client.extract_profile("bench-user", images)
     return server
 
@@ -104,13 +115,23 @@ def start_server(models_dir: Path, db_path: Path, threads: int, *args: str) -> S
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads, here and in the servers")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads, here and in the servers; 0 = torch's default")
     parser.add_argument("--repeats", type=int, default=3, help="end-to-end calls timed per server")
+    parser.add_argument("--queries", type=int, default=QUERY_COUNT, choices=range(1, QUERY_COUNT + 1),
+                        metavar=f"1..{QUERY_COUNT}", help=f"images scored per call (default {QUERY_COUNT})")
     parser.add_argument("--models-dir", type=Path,
                         help="tiny models already built there, or built there once "
                              "(default: built in a temp folder, removed after)")
+    parser.add_argument("--models", choices=("tiny", "full-random"), default="tiny",
+                        help="tiny (built here) or full-random (the real architectures, random weights: for a GPU)")
+    parser.add_argument("--device", default="cpu", help="where the models run, here and in the servers")
+    parser.add_argument("--server-tokens", type=int, default=None,
+                        help="the servers' --vpe-max-new-tokens for the bench user's extraction (default: the "
+                             "preset's)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         run(args, Path(tmp))
@@ -118,15 +139,16 @@ def main() -> None:
 
 def run(args: argparse.Namespace, tmp: Path) -> None:
     """The bench, with every file in tmp; the servers it starts are stopped before it returns."""
-    context, queries = load_examples()
-    models_dir = ensure_tiny_models(args.models_dir or tmp / "tiny-models")
-    runtime = load_tiny_runtime(models_dir)
+    context, queries = load_examples(args.queries)
+    models_dir = ensure_tiny_models(args.models_dir or tmp / "tiny-models") if args.models == "tiny" else tmp
+    runtime = load_runtime(args.models, models_dir, args.device)
     scorer = MetricScorer(runtime, batch_size=args.batch_size)
     reference = measure_reference(runtime, context, queries)
     cold = measure_cached(scorer, context, queries)
     warm = measure_cached(scorer, context, queries)
 
-    print(f"{len(queries)} queries, one user with {len(context.liked)} liked + {len(context.disliked)} disliked images")
+    print(f"{args.models} IDEFICS2 on {args.device}: {len(queries)} queries, one user with {len(context.liked)} liked "
+          f"+ {len(context.disliked)} disliked images")
     for measurement in (reference, cold, warm):
         print(f"{measurement.name}: {measurement.seconds_per_query * 1e3:.1f} ms/query")
     for measurement in (cold, warm):
@@ -135,13 +157,16 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     print(f"in process: cold-cache speedup {reference.seconds_per_query / cold.seconds_per_query:.2f}x, "
           f"warm {reference.seconds_per_query / warm.seconds_per_query:.2f}x")
 
+    del runtime, scorer  # the servers hold their own copies (one at a time: on a GPU, memory is what limits)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     query_bytes = [encode_image(query) for query in queries]
-    batch = ("--metric-batch-size", str(args.batch_size))
-    reference_args = ("--metric-cache", "off", *batch)
-    with start_server(models_dir, tmp / "reference.db", args.threads, *reference_args) as reference_server, \
-            start_server(models_dir, tmp / "cached.db", args.threads, *batch) as cached_server:
+    flags = ("--metric-batch-size", str(args.batch_size),
+             *(("--vpe-max-new-tokens", str(args.server_tokens)) if args.server_tokens else ()))
+    with start_server(args, models_dir, tmp / "reference.db", "--metric-cache", "off", *flags) as reference_server:
         grpc_reference = measure_grpc("gRPC, server with --metric-cache off", reference_server.target, query_bytes,
                                       args.repeats)
+    with start_server(args, models_dir, tmp / "cached.db", *flags) as cached_server:
         grpc_cached = measure_grpc("gRPC, server with the prefix cache", cached_server.target, query_bytes,
                                    args.repeats)
     for measurement in (grpc_reference, grpc_cached):

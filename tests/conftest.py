@@ -1,10 +1,16 @@
 import contextlib
 import fcntl
 import hashlib
+import os
 from importlib import metadata
 from pathlib import Path
 
 import pytest
+
+# One torch (OpenMP) thread in this process and in every process a test starts (servers, CLIs, benches), set
+# before anything imports torch: the suite runs several workers on few cores, where each extra OpenMP thread
+# only spins waiting for a core (a tiny-model extraction took 9x the CPU seconds with torch's default threads).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 # Built and installed models, kept across sessions under var/ (git-ignored), each in a folder named by a hash
@@ -127,21 +133,30 @@ def nginx_bin():
         pytest.skip(str(missing))
 
 
-# The slowest modules first (those starting several servers, nginx, a browser or a virtualenv; `make test`
-# prints the slowest tests): under `make test`'s --dist loadfile each module is one
-# unit of work, handed out in collection order, and a slow module started last keeps one worker busy after the
-# others have finished. Any module not named keeps its place after these.
+# The slowest modules first, by the CPU seconds and waits of each run alone (the suite is CPU-bound on 2 cores):
+# under `make test`'s --dist loadfile each module is one unit of work, handed out in collection order
+# (--no-loadscope-reorder: xdist would order them by their number of tests), and a slow module started last keeps
+# one worker busy after the others have finished. Any module not named keeps its place after these.
 SLOW_MODULES_FIRST = (
     "test_benches.py",
-    "test_replicas.py",
-    "test_profile_life.py",
     "test_toy_service.py",
-    "test_web_gateway.py",
-    "test_identity_gateway.py",
+    "test_replicas.py",
+    "test_lifecycle.py",
+    "test_metric_model.py",
     "test_web_browser.py",
+    "test_client_install.py",
+    "test_crash_recovery.py",
+    "test_load.py",
+    "test_profile_life.py",
+    "test_toy_models.py",
+    "test_identity_gateway.py",
+    "test_web_gateway.py",
+    "test_web_best_of_n.py",
     "test_best_of_n.py",
     "test_gateway_safety.py",
-    "test_client_install.py",
+    "test_generation_service.py",
+    "test_tracing_processes.py",
+    "test_identity.py",
     "test_profiles_install.py",
 )
 

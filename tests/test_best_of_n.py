@@ -1,9 +1,11 @@
 """Best of N through gRPC: a real `viper-server serve --models toy` on loopback, driven through the SDK.
 
-The server runs with --generate-batch 1, so that each candidate is made exactly as a Generate of that many
-images makes it (same computation, byte for byte): the pick can then be checked against Score's argmax
-among the images of a plain Generate with the same seed. tests/test_best_of_n_engine.py checks, in process,
-that the candidates share UNet calls and their scorings share the metric's steps with other users'.
+The server runs with its default settings (--generate-batch 4: continuous batching on). A ranked generation
+makes its candidates exactly as a plain Generate of that many images makes its images, byte for byte, so the
+pick is checked against Score's argmax among the images of a plain Generate with the same seed; the
+candidates differ from each other by far more than a pixel step, so a pick of the wrong one, or candidates
+made otherwise (batched together, they move by 1/255), fail. tests/test_best_of_n_engine.py checks, in
+process, how the candidates and their scorings share the models' steps with other requests.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def rated_uploads(rated) -> list[RatedImage]:
 
 @pytest.fixture(scope="module")
 def server(toy_models_dir, tmp_path_factory):
-    with ServerProcess(tmp_path_factory.mktemp("db") / "profiles.db", toy_models_dir, "--generate-batch", "1",
+    with ServerProcess(tmp_path_factory.mktemp("db") / "profiles.db", toy_models_dir,
                        "--max-candidates", str(MAX_CANDIDATES), models="toy") as process:
         with ViperClient(process.target) as client:
             user = evaluate.held_out_users(2)[1]
@@ -71,6 +73,9 @@ def plain(server):
     ranked = sorted(scores, reverse=True)
     # The ranking is decided by far more than the tolerance: a wrong pick cannot pass as a rounding error.
     assert min(a - b for a, b in zip(ranked, ranked[1:4])) > 100 * TOLERANCE, scores
+    # And the images differ by far more than a pixel step: an equal PNG is that image, not a near one.
+    pixels = [np.asarray(image.image(), dtype=np.int16) for image in images]
+    assert min(np.abs(a - b).max() for i, a in enumerate(pixels) for b in pixels[i + 1 :]) > 50
     return images, scores
 
 
@@ -199,7 +204,7 @@ def test_cancelling_mid_candidates_stops_them_and_frees_the_worker(server, clien
     assert time.monotonic() - started < 10, "the next request starts at once: no candidate is left queued"
     assert images_of(next_events)
     cancelled = [entry for entry in server.logs[logs:] if "generation cancelled" in entry]
-    assert len(cancelled) == 1, "one candidate was running (--generate-batch 1); the others never started"
+    assert len(cancelled) == 1, "the candidates are one request (made one after the other): it was cancelled"
 
 
 def connect_json_stream(base: str, path: str, request: dict) -> tuple[list[dict], dict]:

@@ -1,6 +1,8 @@
 """Best of N's scheduling, in process (ViperService over a ModelEngine with the toy models and a SQLite store):
-the candidates of one request share each UNet call, up to --generate-batch, and their scorings share the
-metric's query steps with another user's Score. tests/test_best_of_n.py covers the feature through gRPC."""
+the candidates of one request are one generation of that many images (one after the other, each byte for byte
+the image of a plain Generate), which shares UNet calls with other users' generations as any Generate does,
+and their scorings share the metric's query steps with another user's Score. tests/test_best_of_n.py covers
+the feature through gRPC."""
 
 from __future__ import annotations
 
@@ -73,22 +75,42 @@ async def ranked(service: ViperService, user_id: str, params: GenerationParams) 
     return [event async for event in generation.events]
 
 
-def test_the_candidates_share_each_unet_call(service):
-    service, _, steps = service
-    steps.batches.clear()
-    events = asyncio.run(ranked(service, "user-0", replace(PARAMS, num_images=1, candidates=4)))
-    assert [type(event) for event in events].count(FinishedImage) == 1
-    base = [size for model, step, size in steps.batches if (model, step) == ("sdxl", "base")]
-    assert max(base) == 4 and sum(base) == 4 * len(base), f"base steps' batch sizes: {base}"
+def pngs(events) -> list[bytes]:
+    return [event.png for event in events if isinstance(event, FinishedImage)]
 
 
-def test_more_candidates_than_the_batch_take_turns_in_it(service):
-    service, _, steps = service
+async def candidates(engine: ModelEngine, params: GenerationParams) -> list:
+    return [event async for event in engine.generate_candidates(params, ["red"], ["blue"], user="user-0")]
+
+
+async def plain(engine: ModelEngine, params: GenerationParams, user: str = "user-0") -> list:
+    return [event async for event in engine.generate(params, ["red"], ["blue"], user=user)]
+
+
+def test_the_candidates_are_the_images_of_a_plain_generate_made_one_after_the_other(service):
+    _, engine, steps = service
+    params = replace(PARAMS, num_images=1, candidates=4)
     steps.batches.clear()
-    events = asyncio.run(ranked(service, "user-0", replace(PARAMS, num_images=2, candidates=6)))
-    assert {event.image_index for event in events if isinstance(event, Progress)} == set(range(6))
+    made = asyncio.run(candidates(engine, params))
     base = [size for model, step, size in steps.batches if (model, step) == ("sdxl", "base")]
-    assert max(base) == 4 and min(base) < 4, f"at most --generate-batch candidates a UNet call: {base}"
+    assert base and base == [1] * len(base), f"base steps' batch sizes: {base}"
+    expected = pngs(asyncio.run(plain(engine, replace(params, num_images=4, candidates=4))))
+    assert pngs(made) == expected and len(set(expected)) == 4
+    assert [event.seed for event in made if isinstance(event, FinishedImage)] == [3, 4, 5, 6]
+
+
+def test_the_candidates_share_unet_calls_with_another_users_generation(service):
+    _, engine, steps = service
+
+    async def together():
+        return await asyncio.gather(candidates(engine, replace(PARAMS, num_images=1, candidates=3)),
+                                    plain(engine, replace(PARAMS, steps=30, seed=11), "user-1"))
+
+    steps.batches.clear()
+    made, other = asyncio.run(together())
+    assert len(pngs(made)) == 3 and len(pngs(other)) == 1
+    base = [size for model, step, size in steps.batches if (model, step) == ("sdxl", "base")]
+    assert max(base) == 2, f"base steps' batch sizes: {base}"
 
 
 def test_the_candidates_scorings_share_query_steps_with_another_users_score(service):
@@ -133,8 +155,6 @@ def test_cancelling_stops_the_running_candidates_within_a_step_and_starts_no_oth
             if isinstance(event, Progress) and event.step >= 3:
                 break
         await generation.events.aclose()  # what the servicer's cancellation does to the stream
-        for _ in range(3):  # the candidates' relays, cancelled, flag their tasks on the next turns of the loop
-            await asyncio.sleep(0)
         return len(steps.batches)
 
     steps.batches.clear()
@@ -146,4 +166,4 @@ def test_cancelling_stops_the_running_candidates_within_a_step_and_starts_no_oth
     after = [step for model, step, _ in steps.batches[at_cancel:] if model == "sdxl"]
     assert len(after) <= 1, f"steps run after the cancel: {after}"
     encoded = sum(size for model, step, size in steps.batches if (model, step) == ("sdxl", "encode"))
-    assert encoded == 4, "the candidates beyond the first --generate-batch never started"
+    assert encoded == 1, "the candidates after the running one never started"

@@ -35,6 +35,13 @@ def test_tls_insecure_or_no_token_are_allowed(target, kwargs):
     asyncio.run(_async_client(target, **token, **kwargs))
 
 
+@pytest.mark.parametrize("target", REMOTE[:2])
+def test_a_token_callable_to_another_host_needs_tls_even_with_insecure(target):
+    with pytest.raises(CleartextTokenError, match="callable.*even with insecure=True"):
+        ViperClient(target, token=lambda: "secret", insecure=True)
+    ViperClient(target, token=lambda: "secret", tls=Tls()).close()
+
+
 @pytest.mark.parametrize("target", LOCAL)
 def test_loopback_targets_take_a_token_in_plaintext(target):
     ViperClient(target, token="secret").close()

@@ -26,6 +26,7 @@ from viper_web.testing import GatewayProcess
 from certs import CertificateAuthority
 
 EXTRACT = "/viper.v1.ProfileService/ExtractProfile"
+LIST_PROFILES = "/viper.v1.ProfileService/ListProfiles"
 MiB = 1024 * 1024
 # The issue's bomb: 2 million empty objects, 5.7 MiB, sent without a token.
 BOMB = b'{"userId":"mallory","images":[' + b"{}," * (2_000_000 - 1) + b"{}]}"
@@ -145,6 +146,19 @@ def test_ambiguous_json_is_invalid_argument(gateway, body):
     reply = post(gateway.url, EXTRACT, body, "application/json", AUTH)
     assert reply.status == 400 and reply.json()["code"] == "invalid_argument", reply.body
     assert "twice" in reply.json()["message"]
+
+
+@pytest.mark.parametrize("path, request_json, field", [
+    (GET_PROFILE, {"userId": "alice", "version": "my secret words"}, "version"),
+    (LIST_PROFILES, {"pageSize": "my secret words"}, "pageSize"),
+    (EXTRACT, {"userId": "alice", "images": [{"comment": {"my secret words": 1}}]}, "images.comment"),
+])
+def test_a_value_of_the_wrong_type_is_named_by_its_field_never_quoted(gateway, path, request_json, field):
+    """json_format's own messages quote the value they could not parse, and it may be a comment or a prompt."""
+    reply = post(gateway.url, path, json.dumps(request_json).encode(), "application/json", AUTH)
+    assert reply.status == 400 and reply.json()["code"] == "invalid_argument", reply.body
+    assert f"field {field}: wrong type or value" in reply.json()["message"]
+    assert b"secret" not in reply.body
 
 
 def test_unambiguous_json_in_either_spelling_still_works(gateway):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import threading
 
 import pytest
@@ -16,6 +17,7 @@ from viper_server.engine.engine import ModelEngine
 from viper_server.engine.loading import LoadSettings
 from viper_server.engine.presets import model_preset
 from viper_server.models.metric import reference_scores
+from viper_server.pixels import ProcessedImage, processed
 
 from fixture_data import FIXTURES, QUERIES
 
@@ -34,8 +36,9 @@ class NoTelemetry:
 def uploads(liked: list[int], disliked: list[int]) -> list[RatedUpload]:
     def upload(rating: Rating, index: int) -> RatedUpload:
         path = FIXTURES / rating.value / f"{index}.png"
-        return RatedUpload(data=path.read_bytes(), image=Image.open(path).convert("RGB"), comment="noted",
-                           rating=rating)
+        data = path.read_bytes()
+        image = ProcessedImage(processed(Image.open(path)).values, sha256=hashlib.sha256(data).hexdigest())
+        return RatedUpload(data=data, image=image, comment="noted", rating=rating)
 
     return [upload(Rating.LIKED, i) for i in liked] + [upload(Rating.DISLIKED, i) for i in disliked]
 

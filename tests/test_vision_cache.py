@@ -19,6 +19,7 @@ from viper_server.models.metric import MetricScorer
 from viper_server.models.prefix_cache import ByteLRU
 from viper_server.models.vision import VisionCache, VisionEncoder, tensor_bytes
 from viper_server.models.vpe import PreferenceExtractor
+from viper_server.pixels import ProcessedImage, processed
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -35,6 +36,16 @@ def open_rgb(name: str) -> Image.Image:
     return Image.open(FIXTURES / name).convert("RGB")
 
 
+def load(name: str) -> ProcessedImage:
+    """The image as the server has it: processed, carrying its bytes' sha256 (the vision cache's key)."""
+    return ProcessedImage(processed(open_rgb(name)).values, sha256=sha(name))
+
+
+def unkeyed(images: list[ProcessedImage]) -> list[ProcessedImage]:
+    """The same pixels without a sha256: never cached."""
+    return [ProcessedImage(image.values) for image in images]
+
+
 @pytest.fixture(scope="module")
 def runtime(tiny_models_dir):
     adapters = {"vpe": str(tiny_models_dir / "vpe-lora"), "metric": str(tiny_models_dir / "metric-lora")}
@@ -42,11 +53,11 @@ def runtime(tiny_models_dir):
 
 
 @pytest.fixture(scope="module")
-def examples() -> tuple[list[str], list[Image.Image], list[str]]:
+def examples() -> tuple[list[str], list[ProcessedImage], list[str]]:
     comments = json.loads((FIXTURES / "comments.json").read_text())
     del comments["about"]
     names = list(comments)[:4]
-    return names, [open_rgb(name) for name in names], [comments[name] for name in names]
+    return names, [load(name) for name in names], [comments[name] for name in names]
 
 
 def poison(cache: VisionCache, victim: tuple, donor: tuple) -> None:
@@ -60,45 +71,47 @@ def test_a_hit_extracts_the_same_text_and_the_cached_features_are_the_ones_used(
     cache = VisionCache(1 << 30)
     extractor = PreferenceExtractor(runtime, max_new_tokens=NEW_TOKENS, prefill_images=2, vision_cache=cache)
     uncached = PreferenceExtractor(runtime, max_new_tokens=NEW_TOKENS, prefill_images=2)
-    miss = extractor.extract(images, comments, image_keys=keys)
+    miss = extractor.extract(images, comments)
     assert (cache.stats.misses, cache.stats.hits, cache.stats.entries) == (4, 0, 4)
     assert miss == uncached.extract(images, comments)  # computed image by image: as without the cache
     # Another user, the same images under other comments, in another order: every image a hit.
     other = [f"{comment} (seen again)" for comment in comments[::-1]]
-    assert extractor.extract(images[::-1], other, image_keys=keys[::-1]) == uncached.extract(images[::-1], other)
-    assert extractor.extract(images, comments, image_keys=keys) == miss
+    assert extractor.extract(images[::-1], other) == uncached.extract(images[::-1], other)
+    assert extractor.extract(images, comments) == miss
     assert (cache.stats.misses, cache.stats.hits) == (4, 8)
+    # Pixels without a sha256 are computed, never cached (nor looked up).
+    assert extractor.extract(unkeyed(images), comments) == miss
+    assert (cache.stats.misses, cache.stats.hits, cache.stats.entries) == (4, 8, 4)
     # The cached features are what the model sees: the second image's under the first's key change the text.
     encoder = VisionEncoder(runtime, cache)
     poison(cache, encoder.key("vpe", keys[0]), encoder.key("vpe", keys[1]))
-    assert extractor.extract(images, comments, image_keys=keys).raw_text != miss.raw_text
+    assert extractor.extract(images, comments).raw_text != miss.raw_text
 
 
 def test_a_hit_scores_the_same_and_the_cached_features_are_the_ones_used(runtime):
     liked, disliked = ["liked/0.png", "liked/1.png"], ["disliked/0.png", "disliked/1.png"]
     query_names = ["query1.png", "query2.png"]
-    queries, query_keys = [open_rgb(name) for name in query_names], [sha(name) for name in query_names]
+    queries, query_keys = [load(name) for name in query_names], [sha(name) for name in query_names]
 
     def context(user: str) -> ScoringContext:
-        return ScoringContext(liked=[open_rgb(name) for name in liked], disliked=[open_rgb(name) for name in disliked],
-                              cache_key=(user, "digest"), liked_sha256=[sha(name) for name in liked],
-                              disliked_sha256=[sha(name) for name in disliked])
+        return ScoringContext(liked=[load(name) for name in liked], disliked=[load(name) for name in disliked],
+                              cache_key=(user, "digest"))
 
     cache = VisionCache(1 << 30)
     scorer = MetricScorer(runtime, vision_cache=cache)
     expected = MetricScorer(runtime).score(context("ann"), queries)
-    assert scorer.score(context("ann"), queries, query_keys=query_keys) == pytest.approx(expected, abs=SCORE_TOLERANCE)
+    assert scorer.score(context("ann"), queries) == pytest.approx(expected, abs=SCORE_TOLERANCE)
     assert cache.stats.misses == 6  # four context images, two queries
     # Another user with the same images (a metric cache miss): the context's images and the queries all hits.
-    hits = scorer.score(context("ben"), queries, query_keys=query_keys)
+    hits = scorer.score(context("ben"), queries)
     assert hits == pytest.approx(expected, abs=SCORE_TOLERANCE)
     assert (cache.stats.misses, cache.stats.hits) == (6, 6)
 
     encoder = VisionEncoder(runtime, cache)
     poison(cache, encoder.key("metric", query_keys[0]), encoder.key("metric", query_keys[1]))
-    moved = abs(scorer.score(context("ann"), queries, query_keys=query_keys)[0] - expected[0])
+    moved = abs(scorer.score(context("ann"), queries)[0] - expected[0])
     poison(cache, encoder.key("metric", sha(liked[0])), encoder.key("metric", sha(disliked[0])))
-    poisoned = scorer.score(context("cid"), queries[1:], query_keys=query_keys[1:])
+    poisoned = scorer.score(context("cid"), queries[1:])
     assert moved > 1e-2 and abs(poisoned[0] - expected[1]) > 1e-2
 
 
@@ -123,12 +136,11 @@ def test_the_cache_keeps_within_its_byte_budget_evicting_the_least_recently_used
     names, images, comments = examples
     keys = [sha(name) for name in names]
     probe = VisionCache(1 << 30)
-    PreferenceExtractor(runtime, max_new_tokens=2, vision_cache=probe).extract(images[:1], comments[:1],
-                                                                                image_keys=keys[:1])
+    PreferenceExtractor(runtime, max_new_tokens=2, vision_cache=probe).extract(images[:1], comments[:1])
     entry = probe.stats.bytes
     cache = VisionCache(2 * entry + entry // 2)  # room for two images' features
     extractor = PreferenceExtractor(runtime, max_new_tokens=2, prefill_images=1, vision_cache=cache)
-    extraction = extractor.prepare(images, comments, keys)
+    extraction = extractor.prepare(images, comments)
     while extraction.phase == "vision":
         extractor.prefill_step(extraction)
         assert cache.stats.bytes <= cache.capacity_bytes

@@ -87,14 +87,19 @@ def test_full_queue_is_refused_at_once_with_its_depth(worker):
 
 
 def test_a_job_cancelled_while_queued_never_runs(worker):
-    release = threading.Event()
+    started, release = threading.Event(), threading.Event()
     ran = []
 
+    def block(job) -> bool:
+        started.set()
+        return release.wait(60)
+
     async def main():
-        blocker = asyncio.ensure_future(worker.run(lambda job: release.wait(5)))
-        await asyncio.sleep(0.05)
+        blocker = asyncio.ensure_future(worker.run(block))
+        assert await asyncio.to_thread(started.wait, 60)  # running: the next job queues behind it
         queued = asyncio.ensure_future(worker.run(lambda job: ran.append(1)))
-        await asyncio.sleep(0.01)
+        while worker.scheduler.depth == 0 and not queued.done():  # submitted (a turn of the loop, no pause)
+            await asyncio.sleep(0)
         queued.cancel()
         with pytest.raises(asyncio.CancelledError):
             await queued
@@ -108,26 +113,31 @@ def test_a_job_cancelled_while_queued_never_runs(worker):
 
 def test_a_running_job_sees_should_stop_after_cancel(worker):
     steps_after_cancel = []
-    cancelled = threading.Event()
+    started, cancelled, stopped = threading.Event(), threading.Event(), threading.Event()
 
     def long_job(job):
-        for step in range(500):
+        for step in range(6000):  # a minute of 10 ms steps: far longer than any wait below
             if job.should_stop():
+                stopped.set()
                 return step
             if cancelled.is_set():
                 steps_after_cancel.append(step)
+            started.set()
             threading.Event().wait(0.01)
         return -1
 
     async def main():
         task = asyncio.ensure_future(worker.run(long_job))
-        await asyncio.sleep(0.1)
+        assert await asyncio.to_thread(started.wait, 60)
         task.cancel()
-        cancelled.set()
         with pytest.raises(asyncio.CancelledError):
             await task
-        # The worker is free again right away.
-        return await asyncio.wait_for(worker.run(lambda job: "next"), timeout=2)
+        # The caller has seen the cancellation, so the job's flag is set: it stops at its next check, with at
+        # most the step it was in finished after this point.
+        cancelled.set()
+        assert await asyncio.to_thread(stopped.wait, 60)
+        # The worker is free again: the next job runs.
+        return await asyncio.wait_for(worker.run(lambda job: "next"), timeout=60)
 
     assert run(main()) == "next"
     assert len(steps_after_cancel) <= 1

@@ -192,8 +192,9 @@ def _with_call_credentials(targets: list[str], tls: Tls | None,
     if tls is not None:
         return grpc.composite_channel_credentials(tls.credentials(), call_credentials)
     if not all(is_loopback(target) for target in targets):
-        raise ValueError("a token callable is sent over TLS, or in plaintext to a loopback address only: "
-                         "pass tls=Tls(...), or a fixed token")
+        # gRPC itself sends call credentials only over TLS or to a local peer: insecure=True cannot lift that.
+        raise CleartextTokenError("a token callable goes over TLS, or in plaintext to a loopback address only, even "
+                                  "with insecure=True: pass tls=Tls(...), or a fixed token")
     return grpc.composite_channel_credentials(grpc.local_channel_credentials(), call_credentials)
 
 

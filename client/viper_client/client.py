@@ -43,7 +43,7 @@ class ViperClient:
     Each method's timeout= overrides the default for that call; None means no deadline.
     `token` is sent as `authorization: Bearer <token>` with every call: a service token or an end user's JWT,
     fixed, or a callable returning a fresh one, asked before every call (gRPC call credentials: over TLS,
-    or plaintext to a loopback address only); `tls` (a Tls) makes the
+    or plaintext to a loopback address only, even with `insecure=True`); `tls` (a Tls) makes the
     channel TLS, verifying the server and, with a client certificate, authenticating the client.
     A token goes in plaintext only to a loopback target: elsewhere, without `tls`, the client refuses to be
     made (CleartextTokenError, a ValueError) unless `insecure=True`.

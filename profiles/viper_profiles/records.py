@@ -111,12 +111,18 @@ class SchemaStatus:
     def current(self) -> bool:
         return self.applied == self.known
 
-    def problem(self) -> str | None:
+    def refusal(self) -> str | None:
+        """Why this code must not open (or migrate) the database: a newer schema, or other migrations."""
         if self.version > self.latest:
             return (f"schema version {self.version} is newer than this code's ({self.latest}): "
                     "upgrade viper-serve-profiles")
         if self.applied != self.known[: self.version]:
             return f"the database's migrations {list(self.applied)} are not this code's {list(self.known)}"
+        return None
+
+    def problem(self) -> str | None:
+        if refusal := self.refusal():
+            return refusal
         if self.pending:
             return (f"schema version {self.version} of {self.latest}: {len(self.pending)} migration(s) pending "
                     f"({', '.join(self.pending)}); run `viper-profiles migrate`")

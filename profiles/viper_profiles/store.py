@@ -166,9 +166,9 @@ class ProfileStore:
             # Claimed first: it locks the user even when no row exists yet, so the check below sees every
             # write of this user committed before (raising rolls the claim back).
             version = tx.claim_version(user_id)
-            if expected_version is not None and (current := tx.find_version(user_id) or 0) != expected_version:
-                raise VersionConflict(user_id, expected=expected_version, actual=current)
             previous = tx.find_profile(user_id)
+            if expected_version is not None and (current := previous.version if previous else 0) != expected_version:
+                raise VersionConflict(user_id, expected=expected_version, actual=current)
             tx.put_profile(
                 user_id,
                 liked_features=liked,

@@ -13,8 +13,6 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 
-from PIL import Image
-
 from viper_profiles import (
     Change,
     ProfileNotFound,
@@ -31,6 +29,8 @@ from . import access
 from .access import Caller
 from .domain import FinishedImage, GenerationEvent, GenerationParams, RatedUpload, ScoredQuery, ScoringContext
 from .engine.engine import ModelEngine
+from .imaging import ImageDecodeError
+from .pixels import ProcessedImage
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,8 @@ class Scoring:
 class InlineContext:
     """Liked and disliked images given with a Score request instead of a stored profile."""
 
-    liked: Sequence[Image.Image]
-    disliked: Sequence[Image.Image]
+    liked: Sequence[ProcessedImage]
+    disliked: Sequence[ProcessedImage]
 
 
 class TooManyProfileImages(ValueError):
@@ -101,6 +101,11 @@ class ViperService:
     def metric_max_pairs(self) -> int:
         """The liked / disliked pairs a score uses at most: inline context images beyond them are not decoded."""
         return self._engine.metric_max_pairs
+
+    def process_uploads(self, uploads: Sequence[bytes]) -> list[ProcessedImage | ImageDecodeError]:
+        """Uploaded images decoded and processed for the models, off this process (blocking: validation calls it
+        from a handler's thread); each a ProcessedImage or why its bytes are no acceptable image."""
+        return self._engine.process_uploads(uploads)
 
     def check_room(self, kind: str) -> None:
         """QueueFull at once when work of this kind ("extract", "score", "generate") could not queue: checked
@@ -235,14 +240,13 @@ class ViperService:
 
     async def _extract_and_save(self, caller: Caller, user_id: str, images: Sequence[RatedUpload | StoredImage],
                                 change: Change, version: int | None) -> StoredProfile:
-        """Extracts over the images in order (uploads decoded already, stored ones decoded here) and stores the
+        """Extracts over the images in order (uploads processed already, stored ones processed here) and stores the
         result, if the profile is still at `version` (ABORTED otherwise: another write came first, while the
         model ran; None: whatever it is, as ExtractProfile replaces it)."""
         stored = [image for image in images if isinstance(image, StoredImage)]
-        decoded = iter(await asyncio.to_thread(self._engine.decode_stored, stored) if stored else ())
-        pictures = [image.image if isinstance(image, RatedUpload) else next(decoded) for image in images]
+        processed = iter(await self._engine.process_stored(stored) if stored else ())
+        pictures = [image.image if isinstance(image, RatedUpload) else next(processed) for image in images]
         preferences = await self._engine.extract(pictures, [image.comment for image in images],
-                                                 image_sha256=[image.sha256 for image in images],
                                                  user=caller.scope(user_id))
         saved = await asyncio.to_thread(
             self._store.save_extraction, user_id, liked_features=preferences.liked,
@@ -323,10 +327,9 @@ class ViperService:
         batches = self._engine.score(context, [image.picture], user=user_id, reserved=True)
         return [result.score async for batch in batches for result in batch][0]
 
-    async def score(self, caller: Caller, user_id: str, queries: Sequence[Image.Image],
-                    inline: InlineContext | None = None, *, query_sha256: Sequence[str] | None = None) -> Scoring:
-        """Scores the queries for the user's stored liked / disliked images, or for an inline context.
-        query_sha256: each query's bytes' sha256 (keys the models' cache of its image features)."""
+    async def score(self, caller: Caller, user_id: str, queries: Sequence[ProcessedImage],
+                    inline: InlineContext | None = None) -> Scoring:
+        """Scores the queries for the user's stored liked / disliked images, or for an inline context."""
         access.authorize(caller, access.SCORE, user_id)
         scope = caller.scope(user_id)
         if inline is not None:
@@ -336,8 +339,7 @@ class ViperService:
             profile, images = await asyncio.to_thread(self._store.get_with_images, user_id, tenant=caller.tenant)
             context = self._engine.stored_context(scope, profile.version, images)
         pairs = self._engine.context_pairs(context)  # ContextError before any model work
-        batches = self._engine.score(context, queries, query_sha256=query_sha256, user=scope)
-        return Scoring(pairs_used=pairs, results=self._flatten(batches))
+        return Scoring(pairs_used=pairs, results=self._flatten(self._engine.score(context, queries, user=scope)))
 
     @staticmethod
     async def _flatten(batches: AsyncIterator[list[ScoredQuery]]) -> AsyncIterator[ScoredQuery]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from viper_client.telemetry import TEXT_FORMAT, configure_log_format
 
-from .config import add_serve_arguments, config_from_args
+from .config import ServerConfig, add_serve_arguments, config_from_args
 
 # The libraries whose chatter (fallback notices, deprecations, loading progress bars) is for debugging.
 _NOISY_LIBRARIES = ("transformers", "diffusers", "huggingface_hub", "accelerate", "peft", "torch")
@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         config = config_from_args(args)
-    except ValueError as exc:  # one line saying why, exit status 2 (as argparse's own errors)
+        check_auth_config(config)
+    except (ValueError, OSError) as exc:  # one line saying why, exit status 2 (as argparse's own errors)
         print(f"viper-server: error: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, config.log_format)
@@ -73,6 +74,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"viper-server: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def check_auth_config(config: ServerConfig) -> None:
+    """Reads --auth-config before torch is imported, so that a bad one is refused in a moment, not after seconds of
+    imports (the server reads it again as it starts)."""
+    if config.auth_config is not None:
+        from .rpc.auth_config import load_auth_config
+
+        load_auth_config(config.auth_config)
 
 
 def configure_logging(level: str, log_format: str = "text") -> None:

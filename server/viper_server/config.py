@@ -70,6 +70,11 @@ class ServerConfig:
     max_queue: int = 16
     # Images this process decodes at once (each is shrunk to the models' size as it is decoded).
     max_concurrent_decodes: int = 2
+    # Processes that decode and process images (engine.preprocessing); 0 = in the server's own threads;
+    # unset = half the cores, at most 8.
+    preprocess_workers: int | None = None
+    # Bytes of processed images kept, by content (the image's sha256 and the processor's settings); 0 = none.
+    processed_cache_bytes: int = 256 * MiB
     # Tokens the VPE may generate; unset = the preset's (2000 for viper, 64 for tiny).
     vpe_max_new_tokens: int | None = None
     # Seconds in-flight calls get to finish after SIGTERM.
@@ -185,7 +190,14 @@ _SERVE_FLAGS: dict[str, _Flag] = {
     "max_connection_age_grace": _Flag("VIPER_MAX_CONNECTION_AGE_GRACE", float,
                                       "seconds an aged connection's calls get to finish"),
     "max_queue": _Flag("VIPER_MAX_QUEUE", int, "model jobs that may wait per model"),
-    "max_concurrent_decodes": _Flag("VIPER_MAX_CONCURRENT_DECODES", int, "images decoded at once in this process"),
+    "max_concurrent_decodes": _Flag("VIPER_MAX_CONCURRENT_DECODES", int,
+                                    "images decoded at once in the server's process (--preprocess-workers 0)"),
+    "preprocess_workers": _Flag("VIPER_PREPROCESS_WORKERS", int,
+                                "processes decoding and processing images for the models; 0 = in the server's "
+                                "own threads", shown_default="half the cores, at most 8"),
+    "processed_cache_bytes": _Flag("VIPER_PROCESSED_CACHE_BYTES", int,
+                                   "bytes of processed images kept by content (sha256 and processor settings); "
+                                   "0 = none"),
     "vpe_max_new_tokens": _Flag("VIPER_VPE_MAX_NEW_TOKENS", int, "tokens the preference extractor may generate",
                                 shown_default="2000 for viper, 64 for tiny, 32 for toy"),
     "grace_period": _Flag("VIPER_GRACE_PERIOD", float, "seconds to finish in-flight calls on SIGTERM"),
@@ -320,6 +332,9 @@ def check_config(config: ServerConfig) -> None:
         raise ValueError("--tls-cert and --tls-key go together")
     if config.tls_client_ca is not None and config.tls_cert is None:
         raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+    for name in ("preprocess_workers", "processed_cache_bytes"):
+        if (getattr(config, name) or 0) < 0:
+            raise ValueError(f"{name} must not be negative, not {getattr(config, name)}")
     if config.keep_versions is not None and config.keep_versions < 1:
         raise ValueError(f"keep_versions must be at least 1, not {config.keep_versions}")
     unauthenticated = config.auth_tokens is None and config.auth_config is None

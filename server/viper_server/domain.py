@@ -7,7 +7,6 @@ once (rpc.validation), and nothing below copies or re-checks it.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -15,25 +14,31 @@ from PIL import Image
 
 from viper_profiles import Rating
 
+from .pixels import ProcessedImage
+
 # The share of the denoising steps the SDXL base runs before the refiner takes over (the reference's 0.8).
 HIGH_NOISE_FRAC = 0.8
 
 
 @dataclass(frozen=True)
 class RatedUpload:
-    """An uploaded image with the user's comment and rating: validated, decoded for the models."""
+    """An uploaded image with the user's comment and rating: validated, processed for the models."""
 
     # As uploaded less its metadata (imaging.strip_metadata; the same pixel data): stored byte for byte.
     data: bytes = field(repr=False)
-    image: Image.Image = field(repr=False)  # decoded, RGB (transparency on white)
+    image: ProcessedImage = field(repr=False)  # decoded and processed for the models (pixels.py)
     comment: str
     rating: Rating
-    # sha256 of data: the image's name in the store and the key of what the models cache for it (computed once).
-    sha256: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
-        if not self.sha256:
-            object.__setattr__(self, "sha256", hashlib.sha256(self.data).hexdigest())
+        if self.image.sha256 is None:
+            raise ValueError("an upload's processed image carries the sha256 of its data")
+
+    @property
+    def sha256(self) -> str:
+        """sha256 of data, hashed once where it was processed: the image's name in the store and the key of
+        what the caches keep for it (processed inputs, image features)."""
+        return self.image.sha256
 
 
 @dataclass(frozen=True)
@@ -108,17 +113,13 @@ GenerationEvent = Progress | Preview | FinishedImage
 class ScoringContext:
     """A user's liked and disliked images; the first min(liked, disliked, max_pairs) pairs are used."""
 
-    liked: Sequence[Image.Image]
-    disliked: Sequence[Image.Image]
+    liked: Sequence[Image.Image | ProcessedImage]
+    disliked: Sequence[Image.Image | ProcessedImage]
     # Keys the cached prefix: (user_id, a digest naming exactly the images used, in order); None = not cached.
     cache_key: tuple[str, str] | None = None
     # The profile version the images were read at: a prefix from a snapshot older than one the cache
     # has already been told about (PrefixCache.invalidate) is never stored.
     version: int = 0
-    # The sha256 of each liked and disliked image's bytes, in the same order (keys of the image features'
-    # cache); empty: not cached.
-    liked_sha256: Sequence[str] = ()
-    disliked_sha256: Sequence[str] = ()
 
 
 class ContextError(ValueError):

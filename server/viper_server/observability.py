@@ -100,6 +100,7 @@ def _engine_families(engine: ModelEngine) -> Families:
     for (model, kind), count in engine.running.items():
         running.add_metric([model, kind], count)
     yield running
+    yield from _preprocessing_families(engine)
     stats = engine.cache_stats
     if stats is None:  # models not loaded yet
         return
@@ -116,6 +117,23 @@ def _engine_families(engine: ModelEngine) -> Families:
     yield GaugeMetricFamily("viper_vision_cache_bytes", "bytes held by the image features' cache", value=vision.bytes)
     yield GaugeMetricFamily("viper_vision_cache_entries", "image features in the cache (per image and adapter)",
                             value=vision.entries)
+
+
+def _preprocessing_families(engine: ModelEngine) -> Families:
+    """The preprocessing workers (engine.preprocessing) and the processed-input cache."""
+    pool, cache = engine.preprocessor.pool_stats, engine.preprocessor.cache.stats
+    yield GaugeMetricFamily("viper_preprocess_workers", "image preprocessing worker processes running",
+                            value=pool.workers)
+    yield GaugeMetricFamily("viper_preprocess_in_flight", "images a preprocessing worker is processing now",
+                            value=pool.in_flight)
+    yield CounterMetricFamily("viper_preprocess_worker_restarts", "preprocessing workers replaced after they died",
+                              value=pool.restarts)
+    yield CounterMetricFamily("viper_processed_cache_hits", "processed-image cache hits", value=cache.hits)
+    yield CounterMetricFamily("viper_processed_cache_misses", "processed-image cache misses", value=cache.misses)
+    yield GaugeMetricFamily("viper_processed_cache_bytes", "bytes held by the processed-image cache",
+                            value=cache.bytes)
+    yield GaugeMetricFamily("viper_processed_cache_entries", "images in the processed-image cache",
+                            value=cache.entries)
 
 
 def _store_families(store: ProfileStore) -> Families:

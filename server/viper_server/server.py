@@ -35,6 +35,7 @@ from .audit import JsonLinesAudit
 from .config import BUILT_MODELS_ROOT, ServerConfig
 from .engine.engine import ModelEngine
 from .engine.loading import LoadSettings
+from .engine.preprocessing import Preprocessor, default_workers
 from .engine.presets import model_preset
 from .imaging import limit_concurrent_decodes
 from .observability import Telemetry
@@ -65,12 +66,15 @@ class ViperServer:
         check_secret_files(config)
         limit_concurrent_decodes(config.max_concurrent_decodes)
         self.store = open_store(config.db, keep_versions=config.keep_versions)
+        workers = default_workers() if config.preprocess_workers is None else config.preprocess_workers
         self.engine = ModelEngine(
             model_preset(config.models, config.models_dir, BUILT_MODELS_ROOT),
             load_settings(config),
             max_queue=config.max_queue,
             max_image_pixels=config.limits.max_image_pixels,
             observer=self.telemetry,
+            preprocessor=Preprocessor(workers, max_pixels=config.limits.max_image_pixels,
+                                      cache_bytes=config.processed_cache_bytes),
         )
         self.telemetry.watch(self.engine, self.store)
         # Traced: the store's reads and writes become spans (only while tracing is on).

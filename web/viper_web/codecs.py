@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -34,6 +35,16 @@ class ProtoCodec:
         return data  # the back end's bytes as they came: nothing it sent is lost, even fields we do not know
 
 
+_FAILED_FIELD = re.compile(r"Failed to parse (\w+) field")
+
+
+def _failed_field(exc: Exception) -> str:
+    """Which field could not be mapped, never its value: json_format quotes values it cannot parse ("Couldn't
+    parse integer: ..."), and a value may be a comment or a prompt."""
+    path = ".".join(_FAILED_FIELD.findall(str(exc)))
+    return f"field {path}: wrong type or value" if path else "a value of the wrong type"
+
+
 class JsonCodec:
     name = "json"
 
@@ -57,7 +68,7 @@ class JsonCodec:
             # Unknown fields are skipped, as the Connect implementations do, so older gateways accept newer apps.
             json_format.ParseDict(document, message, ignore_unknown_fields=True)
         except Exception as exc:  # as json_format.Parse: any failure to map the document is a ParseError
-            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"{invalid} ({type(exc).__name__}: {exc})") from None
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"{invalid} ({_failed_field(exc)})") from None
         return message
 
     def encode(self, data: bytes, cls: type[Message]) -> bytes:

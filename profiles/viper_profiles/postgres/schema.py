@@ -170,14 +170,9 @@ def migrate(conn: psycopg.Connection, migrations: Sequence[Migration] = MIGRATIO
             """
         )
         applied = [name for (name,) in conn.execute("SELECT name FROM schema_migrations ORDER BY version")]
-        known = [migration_name(migration) for migration in migrations]
-        if len(applied) > len(known):
-            raise StoreError(
-                f"database schema version {len(applied)} is newer than this code knows ({len(known)}); "
-                "refusing to open it"
-            )
-        if applied != known[: len(applied)]:
-            raise StoreError(f"the database's migrations {applied} are not this code's {known[: len(applied)]}")
+        known = tuple(migration_name(migration) for migration in migrations)
+        if refusal := SchemaStatus(applied=tuple(applied), known=known).refusal():
+            raise StoreError(refusal)
         done = []
         for version, migration in enumerate(migrations[len(applied) :], start=len(applied) + 1):
             migration(conn)

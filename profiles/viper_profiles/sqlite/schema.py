@@ -171,12 +171,10 @@ def migrate(db: Database, migrations: Sequence[Migration] = MIGRATIONS) -> list[
     Returns the migrations it applied (none if the database was current).
     """
     with transaction(db, write=True):
-        version = schema_version(db)
-        if version > len(migrations):
-            raise StoreError(
-                f"database schema version {version} is newer than this code knows "
-                f"({len(migrations)}); refusing to open it"
-            )
+        status = schema_status(db, migrations)
+        if refusal := status.refusal():
+            raise StoreError(refusal)
+        version = status.version
         if version == len(migrations):
             return []
         for migration in migrations[version:]:

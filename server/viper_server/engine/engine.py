@@ -3,9 +3,10 @@
 It loads the preset (off the event loop), gates every call on readiness, and runs the model work on two
 step schedulers (engine.scheduler): one for the IDEFICS2 base with its two adapters (extractions and scores),
 one for SDXL (generations), so generation never blocks extraction or scoring, and on each model requests
-take turns a step at a time and compatible steps share one forward pass (engine.tasks). Inputs are
-tokenized and images processed off the event loop before a request queues; stored images are decoded only
-when the metric needs them (not while the user's prefix is cached).
+take turns a step at a time and compatible steps share one forward pass (engine.tasks). Images are decoded
+and processed by the Preprocessor (engine.preprocessing: worker processes and a content-keyed cache), prompts
+tokenized off the event loop, before a request queues; stored images are processed only when the metric needs
+them (not while the user's prefix is cached).
 """
 
 from __future__ import annotations
@@ -19,18 +20,20 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from typing import Protocol
 
+import numpy as np
 from PIL import Image
 
 from viper_profiles import Rating, StoredImage
 
 from .. import tracing
 from ..domain import GenerationEvent, GenerationParams, Preferences, ScoredQuery, ScoringContext
-from ..imaging import ImageDecodeError, decode_image
-from ..models.generation import image_seed
+from ..imaging import ImageDecodeError
 from ..models.metric import context_pairs
 from ..models.prefix_cache import CacheStats
+from ..pixels import ProcessedImage, check_processor
 from .errors import ModelsNotReady, QueueFull, StoredImageUnreadable
 from .loading import LoadedModels, LoadSettings, load_models
+from .preprocessing import Preprocessor
 from .presets import ModelPreset
 from .scheduler import StepScheduler
 from .tasks import Extractions, ExtractionTask, Generations, GenerationTask, Scorings, ScoringTask
@@ -50,11 +53,12 @@ class EngineObserver(Protocol):
 
 class ModelEngine:
     def __init__(self, preset: ModelPreset, settings: LoadSettings, *, max_queue: int, max_image_pixels: int,
-                 observer: EngineObserver) -> None:
+                 observer: EngineObserver, preprocessor: Preprocessor | None = None) -> None:
+        """preprocessor: where images are processed (closed with the engine); None = in the calling thread."""
         self.preset = preset
         self._settings = settings
-        self._max_image_pixels = max_image_pixels
         self._observer = observer
+        self.preprocessor = preprocessor or Preprocessor(0, max_pixels=max_image_pixels)
         self.idefics2_scheduler = self._scheduler(
             "idefics2", max_queue, {"extract": settings.extract_batch, "score": settings.score_batch}
         )
@@ -82,7 +86,10 @@ class ModelEngine:
         """Loads every model (blocking: minutes for the real weights)."""
         started = time.monotonic()
         try:
-            self._models = models = load_models(self.preset, self._settings)
+            models = load_models(self.preset, self._settings)
+            # The preprocessing reproduces this processor: refuse a checkpoint whose settings it does not.
+            check_processor(models.extractor.idefics2.processor.image_processor)
+            self._models = models
         except BaseException as exc:
             self.load_error = exc
             raise
@@ -98,6 +105,7 @@ class ModelEngine:
     def close(self) -> None:
         self.idefics2_scheduler.close()
         self.sdxl_scheduler.close()
+        self.preprocessor.close()
 
     # -- facts about the loaded models ----------------------------------------------------------------
 
@@ -153,14 +161,14 @@ class ModelEngine:
 
     # -- model work -----------------------------------------------------------------------------------
 
-    async def extract(self, images: Sequence[Image.Image], comments: Sequence[str], *,
-                      image_sha256: Sequence[str] | None = None, user: str | None = None) -> Preferences:
-        """Runs the VPE over the images and their comments. image_sha256: each image's bytes' sha256 (keys its
-        features in the vision cache; None: not cached). user: whose request it is (for fair turns)."""
+    async def extract(self, images: Sequence[ProcessedImage], comments: Sequence[str], *,
+                      user: str | None = None) -> Preferences:
+        """Runs the VPE over the processed images and their comments (each image's sha256 keys its features in
+        the vision cache). user: whose request it is (for fair turns)."""
         extractions, _, _ = self._loaded_work()
         self._check_room(self.idefics2_scheduler)
         with tracing.span("engine.prepare", images=len(images)):
-            extraction = await asyncio.to_thread(extractions.extractor.prepare, images, comments, image_sha256)
+            extraction = await asyncio.to_thread(extractions.extractor.prepare, images, comments)
         return await self.idefics2_scheduler.run(ExtractionTask(extractions, extraction, user))
 
     async def generate(self, params: GenerationParams, liked_features: Sequence[str],
@@ -175,49 +183,16 @@ class ModelEngine:
     async def generate_candidates(self, params: GenerationParams, liked_features: Sequence[str],
                                   disliked_features: Sequence[str], *,
                                   user: str | None = None) -> AsyncIterator[GenerationEvent]:
-        """Best of N's images: params.candidates generations of one image each, candidate i with the seed image i
-        of a Generate of that many images has (so it is that image), and its events carry i as image_index.
-        As requests of their own they share each UNet call, up to --generate-batch of them at once (one
-        more starts as one ends). The caller has checked the queue's room (check_room): they queue even if
-        it has filled since, so an admitted request is never refused half done."""
+        """Best of N's images: exactly those of a plain Generate of params.candidates images (seeds seed, seed+1,
+        ...), since they are made as one: one task, its images one after the other. Not as one-image requests
+        batched together: a UNet or VAE call's floats depend on how many images share it (pixels then move by
+        1/255), and a plain Generate makes each image in calls of its own, so that its seed alone makes it
+        again. The caller has checked the queue's room (check_room): it queues even if it has filled since."""
         _, _, generations = self._loaded_work()
-        events: asyncio.Queue = asyncio.Queue()
-        indices = iter(range(params.candidates))
-        relays: list[asyncio.Task] = []
-
-        def start_next() -> None:
-            if (index := next(indices, None)) is not None:
-                one = replace(params, num_images=1, candidates=1, seed=image_seed(params, index))
-                task = GenerationTask(generations, one, liked_features, disliked_features, user,
-                                      on_denoising_step=self._observer.generation_step)
-                relays.append(asyncio.create_task(self._relay(index, task, events)))
-
-        try:
-            for _ in range(min(self._settings.generate_batch, params.candidates)):
-                start_next()
-            ended = 0
-            while ended < params.candidates:
-                index, event = await events.get()
-                if isinstance(event, BaseException):
-                    raise event
-                if event is None:  # that candidate's generation has ended
-                    ended += 1
-                    start_next()
-                else:
-                    yield replace(event, image_index=index)
-        finally:
-            for relay in relays:
-                relay.cancel()
-
-    async def _relay(self, index: int, task: GenerationTask, events: asyncio.Queue) -> None:
-        """Hands one candidate's events, then None (or what it failed with), to generate_candidates."""
-        try:
-            async for event in self.sdxl_scheduler.stream(task, reserved=True):
-                events.put_nowait((index, event))
-        except Exception as exc:
-            events.put_nowait((index, exc))
-        else:
-            events.put_nowait((index, None))
+        task = GenerationTask(generations, replace(params, num_images=params.candidates), liked_features,
+                              disliked_features, user, on_denoising_step=self._observer.generation_step)
+        async for event in self.sdxl_scheduler.stream(task, reserved=True):
+            yield event
 
     def check_room(self, *, generate: bool = False, score: bool = False) -> None:
         """QueueFull unless the named models' queues have room: a request that needs both (best of N) is
@@ -239,37 +214,64 @@ class ModelEngine:
         used = [image.sha256 for pair in zip(disliked[:pairs], liked[:pairs]) for image in pair]
         digest = hashlib.sha256(" ".join(used).encode()).hexdigest()
         return ScoringContext(
-            liked=_StoredImages(liked, self._max_image_pixels),
-            disliked=_StoredImages(disliked, self._max_image_pixels),
+            liked=_StoredImages(liked, self.preprocessor),
+            disliked=_StoredImages(disliked, self.preprocessor),
             cache_key=(user_id, digest),
             version=version,
-            liked_sha256=[image.sha256 for image in liked],
-            disliked_sha256=[image.sha256 for image in disliked],
         )
 
-    def decode_stored(self, images: Sequence[StoredImage]) -> list[Image.Image]:
-        """Stored images decoded for the models (StoredImageUnreadable for one that cannot be)."""
-        return list(_StoredImages(images, self._max_image_pixels))
+    def process_uploads(self, uploads: Sequence[bytes]) -> list[ProcessedImage | ImageDecodeError]:
+        """Uploaded images processed for the models (blocking: from a handler's thread); each a ProcessedImage or
+        why its bytes are no acceptable image, for validation to name the field."""
+        return self.preprocessor.process_uploads(uploads)
+
+    async def process_stored(self, images: Sequence[StoredImage]) -> list[ProcessedImage]:
+        """Stored images processed for the models (StoredImageUnreadable for one that cannot be)."""
+        results = await self.preprocessor.process_async([(image.sha256, ("bytes", image.data)) for image in images])
+        return [_readable(image, result) for image, result in zip(images, results)]
 
     def context_pairs(self, context: ScoringContext) -> int:
         """How many pairs of the context a score uses; ContextError (before any model work) when none."""
         return context_pairs(len(context.liked), len(context.disliked), self._settings.metric_max_pairs)
 
-    async def score(self, context: ScoringContext, queries: Sequence[Image.Image], *,
-                    query_sha256: Sequence[str] | None = None, user: str | None = None,
-                    reserved: bool = False) -> AsyncIterator[list[ScoredQuery]]:
-        """Yields the queries' scores a batch at a time. query_sha256: each query's bytes' sha256 (keys its
-        features in the vision cache; None: not cached). user: whose request it is. reserved: the request
+    async def score(self, context: ScoringContext, queries: Sequence[ProcessedImage | Image.Image], *,
+                    user: str | None = None, reserved: bool = False) -> AsyncIterator[list[ScoredQuery]]:
+        """Yields the queries' scores a batch at a time (a processed image's sha256 keys its features in the
+        vision cache; a generation's pictures have none). user: whose request it is. reserved: the request
         was admitted already (check_room), the scoring queues even when the queue is full."""
         _, scorings, _ = self._loaded_work()
         if not reserved:
             self._check_room(self.idefics2_scheduler)
         with tracing.span("engine.prepare", queries=len(queries)):
-            scoring = await asyncio.to_thread(scorings.scorer.prepare, context, queries, query_sha256)
+            queries = await self._processed_pictures(queries)
+            if isinstance(context.liked, _StoredImages) and not scorings.scorer.prefix_cached(context):
+                context = await self._processed_context(context)
+            scoring = await asyncio.to_thread(scorings.scorer.prepare, context, queries)
             tracing.annotate(prefix_cache=_prefix_cache_use(scoring))
         task = ScoringTask(scorings, scoring, user)
         async for batch in self.idefics2_scheduler.stream(task, reserved=reserved):
             yield batch
+
+    async def _processed_pictures(self, images: Sequence[ProcessedImage | Image.Image]) -> list[ProcessedImage]:
+        """Pictures (a generation's images, RGB) processed by the preprocessor; processed ones as they are."""
+        pictures = [(index, image) for index, image in enumerate(images) if isinstance(image, Image.Image)]
+        if not pictures:
+            return list(images)
+        done = await self.preprocessor.process_async(
+            [(None, ("rgb", np.asarray(image.convert("RGB")))) for _, image in pictures])
+        processed = list(images)
+        for (index, _), result in zip(pictures, done):
+            if isinstance(result, ImageDecodeError):
+                raise result
+            processed[index] = result
+        return processed
+
+    async def _processed_context(self, context: ScoringContext) -> ScoringContext:
+        """A stored context with the images the prompt uses processed (off this process): on a prefix-cache miss."""
+        pairs = self.context_pairs(context)
+        liked, disliked = context.liked[:pairs], context.disliked[:pairs]
+        processed = await self.process_stored([*disliked.stored, *liked.stored])
+        return replace(context, liked=processed[pairs:], disliked=processed[:pairs])
 
     def forget_user(self, user_id: str, version: int) -> None:
         """The user's profile changed (now at version) or was deleted: drop what is cached for them.
@@ -300,26 +302,30 @@ class ModelEngine:
         return self._models
 
 
-class _StoredImages(Sequence[Image.Image]):
-    """Stored images, decoded when the metric reads them; a slice stays undecoded."""
+class _StoredImages(Sequence[ProcessedImage]):
+    """Stored images, processed when the metric reads them (the engine does it before a scoring is prepared;
+    this, in the reader's thread, only for a prefix evicted since); a slice stays unprocessed."""
 
-    def __init__(self, images: Sequence[StoredImage], max_pixels: int) -> None:
-        self._images = images
-        self._max_pixels = max_pixels
+    def __init__(self, images: Sequence[StoredImage], preprocessor: Preprocessor) -> None:
+        self.stored = images
+        self._preprocessor = preprocessor
 
     def __len__(self) -> int:
-        return len(self._images)
+        return len(self.stored)
 
     def __getitem__(self, index):
         if isinstance(index, slice):
-            return _StoredImages(self._images[index], self._max_pixels)
-        image = self._images[index]
-        try:
-            return decode_image(image.data, max_pixels=self._max_pixels)
-        except ImageDecodeError as exc:
-            raise StoredImageUnreadable(
-                f"stored image {image.sha256[:16]} (position {image.position}) cannot be decoded: {exc}"
-            ) from exc
+            return _StoredImages(self.stored[index], self._preprocessor)
+        image = self.stored[index]
+        return _readable(image, self._preprocessor.process([(image.sha256, ("bytes", image.data))])[0])
+
+
+def _readable(image: StoredImage, result: ProcessedImage | ImageDecodeError) -> ProcessedImage:
+    if isinstance(result, ImageDecodeError):
+        raise StoredImageUnreadable(
+            f"stored image {image.sha256[:16]} (position {image.position}) cannot be decoded: {result}"
+        ) from result
+    return result
 
 
 def _prefix_cache_use(scoring) -> str:

@@ -19,3 +19,7 @@ class QueueFull(Exception):
 
 class WorkerClosed(Exception):
     """The model's scheduler is shutting down and takes no new requests."""
+
+
+class PreprocessWorkerLost(Exception):
+    """An image preprocessing worker died holding one of the request's images (it has been replaced): retry."""

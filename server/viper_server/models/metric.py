@@ -19,6 +19,7 @@ from transformers import DynamicCache, PreTrainedTokenizerBase, ProcessorMixin
 from transformers.modeling_outputs import ModelOutput
 
 from ..domain import ContextError, ScoringContext
+from ..pixels import ProcessedImage, pixel_batch, processed
 from .idefics2 import Idefics2Base
 from .prefix_cache import CacheStats, KVLayers, PrefixCache, kv_bytes
 from .prompt_ids import encode_as_trained, expand_image_tokens
@@ -95,7 +96,12 @@ def reference_scores(
     context = interleave_pairs(liked, disliked)
     scores = []
     for query in queries:
-        images = processor.image_processor(images=[[*context, query]], return_tensors="pt")
+        prompt_images = [*context, query]
+        if any(isinstance(image, ProcessedImage) for image in prompt_images):  # processed by the engine already
+            pixels = _Pixels.of(prompt_images)
+            images = {"pixel_values": pixels.values, "pixel_attention_mask": pixels.mask}
+        else:  # the transformers processor itself: the reference stays independent of pixels.py
+            images = processor.image_processor(images=[prompt_images], return_tensors="pt")
         output = _forward(idefics2, adapter, input_ids, images, use_cache=False)
         scores.extend(_plus_probability(output.logits[:, -1], plus, minus))
     return scores
@@ -162,18 +168,17 @@ class MetricScorer:
     def score(
         self,
         context: ScoringContext,
-        queries: Sequence[PIL.Image.Image],
+        queries: Sequence[PIL.Image.Image | ProcessedImage],
         *,
         on_batch: Callable[[list[tuple[int, float]]], None] | None = None,
         should_stop: Callable[[], bool] = lambda: False,
-        query_keys: Sequence[str | None] | None = None,
     ) -> list[float]:
         """Scores in [0, 1] (higher = liked more), in query order, computed batch_size queries at a time.
 
         on_batch receives each batch's (query index, score) pairs as soon as it is done; should_stop is
         polled before every batch and raises ScoringCancelled when it returns True.
         """
-        scoring = self.prepare(context, queries, query_keys)
+        scoring = self.prepare(context, queries)
         while scoring.phase != "done":
             if should_stop():
                 raise ScoringCancelled()
@@ -195,26 +200,22 @@ class MetricScorer:
     def cache_stats(self) -> CacheStats:
         return self._cache.stats
 
+    def prefix_cached(self, context: ScoringContext) -> bool:
+        """Whether the context's prefix is cached now (its images then need no processing)."""
+        return self.use_prefix_cache and context.cache_key is not None and context.cache_key in self._cache
+
     # -- steps ----------------------------------------------------------------------------------------
 
-    def prepare(self, context: ScoringContext, queries: Sequence[PIL.Image.Image],
-                query_keys: Sequence[str | None] | None = None) -> Scoring:
+    def prepare(self, context: ScoringContext, queries: Sequence[PIL.Image.Image | ProcessedImage]) -> Scoring:
         """A scoring's pixels (CPU work, no model: any thread may run it). The context's images are decoded
-        and processed only when its prefix is not cached. query_keys: each query's sha256, keying its features
-        in the vision cache (None: not cached). Raises ContextError when there is no pair."""
+        and processed only when its prefix is not cached. A processed image's sha256 (query or context) keys its
+        features in the vision cache. Raises ContextError when there is no pair."""
         pairs = self.pairs_for(context)
-        keys = tuple(query_keys) if query_keys is not None else (None,) * len(queries)
-        if len(keys) != len(queries):
-            raise ValueError(f"got {len(queries)} queries but {len(keys)} keys")
-        liked = list(context.liked_sha256[:pairs]) or [None] * pairs
-        disliked = list(context.disliked_sha256[:pairs]) or [None] * pairs
-        scoring = Scoring(context=context, pairs=pairs, queries=list(queries), use_prefix=self.use_prefix_cache,
-                          query_keys=keys, context_keys=tuple(key for pair in zip(disliked, liked) for key in pair))
+        scoring = Scoring(context=context, pairs=pairs, queries=list(queries), use_prefix=self.use_prefix_cache)
         if not self.use_prefix_cache:
             return scoring
-        processor = self.idefics2.processor.image_processor
-        scoring.query_pixels = [_Pixels.of(processor, [query]) for query in queries]
-        if context.cache_key is None or context.cache_key not in self._cache:
+        scoring.query_pixels = [_Pixels.of([query]) for query in queries]
+        if not self.prefix_cached(context):
             scoring.context_pixels = self._context_pixels(scoring)
         return scoring
 
@@ -292,7 +293,7 @@ class MetricScorer:
         start = len(scoring.context_features)
         pixels = scoring.context_pixels
         features, computed = self.vision.features(model, self.adapter, pixels.values[0, start:],
-                                                  pixels.mask[0, start:], scoring.context_keys[start:],
+                                                  pixels.mask[0, start:], pixels.keys[start:],
                                                   self.prefill_images)
         scoring.context_features.extend(features)
         return computed
@@ -305,7 +306,7 @@ class MetricScorer:
                 continue
             pixels = scoring.query_pixels[index]
             features, count = self.vision.features(model, self.adapter, pixels.values[0], pixels.mask[0],
-                                                   scoring.query_keys[index : index + 1], budget - computed)
+                                                   pixels.keys, budget - computed)
             computed += count
             if not features:
                 break
@@ -353,7 +354,7 @@ class MetricScorer:
     def _context_pixels(self, scoring: Scoring) -> _Pixels:
         pairs = scoring.pairs
         images = interleave_pairs(scoring.context.liked[:pairs], scoring.context.disliked[:pairs])
-        return _Pixels.of(self.idefics2.processor.image_processor, images)
+        return _Pixels.of(images)
 
     def _score_after_prefix(self, model, scorings: Sequence[Scoring], chunks: Sequence[range]) -> list[float]:
         """The scores of the chunks' queries, each after its scoring's prefix, all rows in one forward pass."""
@@ -391,11 +392,8 @@ class Scoring:
 
     context: ScoringContext
     pairs: int
-    queries: list[PIL.Image.Image] = field(repr=False)
+    queries: list[PIL.Image.Image | ProcessedImage] = field(repr=False)
     use_prefix: bool = True
-    # The sha256 of each query and of each context image used (prompt order): keys of their features' cache.
-    query_keys: tuple[str | None, ...] = ()
-    context_keys: tuple[str | None, ...] = ()
     query_pixels: list[_Pixels] = field(default_factory=list, repr=False)
     context_pixels: _Pixels | None = field(default=None, repr=False)
     # The prefix being computed: the context images' features, then its embeddings and the states so far.
@@ -431,15 +429,19 @@ class Scoring:
 
 @dataclass(frozen=True)
 class _Pixels:
-    """One prompt's processed images: pixel values [1, images, 3, H, W] and mask [1, images, H, W]."""
+    """One prompt's processed images: pixel values [1, images, 3, H, W] and mask [1, images, H, W], and each
+    image's sha256 (None: a decoded image's), the key of its features in the vision cache."""
 
     values: torch.Tensor
     mask: torch.Tensor
+    keys: tuple[str | None, ...]
 
     @classmethod
-    def of(cls, image_processor, images: Sequence[PIL.Image.Image]) -> _Pixels:
-        processed = image_processor(images=[list(images)], return_tensors="pt")
-        return cls(processed["pixel_values"], processed["pixel_attention_mask"])
+    def of(cls, images: Sequence[PIL.Image.Image | ProcessedImage]) -> _Pixels:
+        """Decoded images processed here (pixels.py), or processed ones (engine.preprocessing) as they are."""
+        images = [processed(image) for image in images]
+        values, mask = pixel_batch(images)
+        return cls(torch.from_numpy(values), torch.from_numpy(mask), tuple(image.sha256 for image in images))
 
     @staticmethod
     def stack(prompts: Sequence[_Pixels]) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ import torch
 from transformers import BatchFeature, DynamicCache, ProcessorMixin
 
 from ..domain import Preferences
+from ..pixels import ProcessedImage, pixel_batch, processed
 from .decoding import DecodeGroup, DecodingSequence, greedy_tokens
 from .idefics2 import Idefics2Base
 from .prompt_ids import encode_as_trained, expand_image_tokens
@@ -44,18 +45,20 @@ def build_vpe_messages(comments: Sequence[str]) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
-def build_vpe_inputs(processor: ProcessorMixin, images: Sequence[PIL.Image.Image],
+def build_vpe_inputs(processor: ProcessorMixin, images: Sequence[PIL.Image.Image | ProcessedImage],
                      comments: Sequence[str]) -> BatchFeature:
     """Model inputs for one extraction, with the token ids the VPE adapter was trained on.
 
     The chat template renders the reference's text; its ids come from prompt_ids.encode_as_trained,
-    not the transformers 5 processor, which drops a word marker before the final "\nAssistant:".
+    not the transformers 5 processor, which drops a word marker before the final "\nAssistant:". Images are
+    processed by pixels.py (the processor's arithmetic without torch), unless they come processed already.
     """
     prompt = processor.apply_chat_template(build_vpe_messages(comments), add_generation_prompt=True)
     input_ids = torch.tensor([encode_as_trained(processor.tokenizer, expand_image_tokens(prompt, processor),
                                                 add_bos=True)])
-    pixels = processor.image_processor(images=[list(images)], return_tensors="pt")
-    return BatchFeature({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **pixels})
+    values, mask = pixel_batch([processed(image) for image in images])
+    return BatchFeature({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                         "pixel_values": torch.from_numpy(values), "pixel_attention_mask": torch.from_numpy(mask)})
 
 
 def parse_preferences(decoded: str) -> Preferences:
@@ -110,8 +113,8 @@ class Extraction:
     input_ids: torch.Tensor = field(repr=False)  # [1, prompt length], on the CPU
     pixel_values: torch.Tensor = field(repr=False)  # [1, images, 3, H, W]
     pixel_attention_mask: torch.Tensor = field(repr=False)  # [1, images, H, W]
-    # Per image, the sha256 of the bytes it was decoded from (None: not cached): keys its features in the cache.
-    image_keys: tuple[str | None, ...] = ()
+    # Per image, its ProcessedImage's sha256 (None: not cached): keys its features in the vision cache.
+    image_keys: tuple[str | None, ...]
     image_features: list[torch.Tensor] = field(default_factory=list, repr=False)
     images_encoded: int = 0
     inputs_embeds: torch.Tensor | None = field(default=None, repr=False)
@@ -170,20 +173,20 @@ class PreferenceExtractor:
 
     def extract(
         self,
-        images: Sequence[PIL.Image.Image],
+        images: Sequence[PIL.Image.Image | ProcessedImage],
         comments: Sequence[str],
         *,
         should_stop: Callable[[], bool] | None = None,
-        image_keys: Sequence[str | None] | None = None,
     ) -> Preferences:
-        """Runs the VPE on decoded RGB images and their comments (one comment per image, same order).
+        """Runs the VPE on decoded RGB images (or processed ones) and their comments (one comment per image, same
+        order).
 
         Raises ExtractionCancelled as soon as should_stop() returns True (checked before the
         images are processed, before the model runs, and after every generated token).
         """
         cancellation = _Cancellation(should_stop or (lambda: False))
         cancellation.check()
-        extraction = self.prepare(images, comments, image_keys)
+        extraction = self.prepare(images, comments)
         cancellation.check()
         while extraction.phase in ("vision", "prefill"):
             self.prefill_step(extraction)
@@ -199,17 +202,18 @@ class PreferenceExtractor:
 
     # -- steps ----------------------------------------------------------------------------------------
 
-    def prepare(self, images: Sequence[PIL.Image.Image], comments: Sequence[str],
-                image_keys: Sequence[str | None] | None = None) -> Extraction:
-        """The extraction's token ids and pixels (CPU work, no model: any thread may run it). image_keys: each
-        image's sha256, keying its features in the vision cache (None: not cached)."""
-        keys = tuple(image_keys) if image_keys is not None else (None,) * len(images)
-        if len(images) != len(comments) or len(keys) != len(images):
-            raise ValueError(f"got {len(images)} images but {len(comments)} comments and {len(keys)} keys")
+    def prepare(self, images: Sequence[PIL.Image.Image | ProcessedImage], comments: Sequence[str]) -> Extraction:
+        """The extraction's token ids and pixels (CPU work, no model: any thread may run it). Images decoded
+        (processed here) or processed already (engine.preprocessing); a processed image's sha256 keys its
+        features in the vision cache (a decoded one's are not cached)."""
+        if len(images) != len(comments):
+            raise ValueError(f"got {len(images)} images but {len(comments)} comments")
         if not images:
             raise ValueError("at least one commented image is required")
+        images = [processed(image) for image in images]
         inputs = build_vpe_inputs(self.idefics2.processor, images, comments)
-        return Extraction(inputs["input_ids"], inputs["pixel_values"], inputs["pixel_attention_mask"], keys)
+        return Extraction(inputs["input_ids"], inputs["pixel_values"], inputs["pixel_attention_mask"],
+                          tuple(image.sha256 for image in images))
 
     def new_group(self) -> DecodeGroup:
         return DecodeGroup(REPETITION_PENALTY)

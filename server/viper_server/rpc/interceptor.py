@@ -42,7 +42,7 @@ from ..access import PermissionDenied
 from ..application import ImageNotInProfile, NoImagesLeft, TooManyProfileImages
 from ..audit import AuditEvent, AuditSink
 from ..domain import ContextError
-from ..engine.errors import ModelsNotReady, QueueFull, WorkerClosed
+from ..engine.errors import ModelsNotReady, PreprocessWorkerLost, QueueFull, WorkerClosed
 from ..observability import Telemetry
 from .auth import Authenticator, Unauthenticated
 from .context import CallState, bind_call
@@ -103,6 +103,7 @@ _STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (RequestTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ModelsNotReady, grpc.StatusCode.UNAVAILABLE),
     (WorkerClosed, grpc.StatusCode.UNAVAILABLE),
+    (PreprocessWorkerLost, grpc.StatusCode.UNAVAILABLE),
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),

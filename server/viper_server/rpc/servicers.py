@@ -48,11 +48,13 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
 
     async def ExtractProfile(self, request: profile_pb2.ExtractProfileRequest,
                              context: grpc.aio.ServicerContext) -> profile_pb2.Profile:
-        # Image work is CPU work: off the event loop. The headers and the queue's room before any pixel is decoded.
+        # Image work is CPU work: off the event loop (the decoding in the preprocessing workers). The headers and
+        # the queue's room before any pixel is decoded.
         with tracing.span("validate"):
             user_id = await asyncio.to_thread(validation.check_extract_fields, request, self._limits)
             self._service.check_room("extract")
-            uploads = await asyncio.to_thread(validation.decode_extract, request, self._limits, self._service)
+            uploads = await asyncio.to_thread(validation.decode_extract, request, self._limits, self._service,
+                                              self._service)
         return profile_to_proto(await self._service.extract_profile(current_caller(), user_id, uploads))
 
     async def GetProfile(self, request: profile_pb2.GetProfileRequest,
@@ -86,7 +88,8 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
         with tracing.span("validate"):  # as ExtractProfile: headers, the queue's room, then the pixels
             user_id, expected = await asyncio.to_thread(validation.check_add_ratings_fields, request, self._limits)
             self._service.check_room("extract")
-            uploads = await asyncio.to_thread(validation.decode_extract, request, self._limits, self._service)
+            uploads = await asyncio.to_thread(validation.decode_extract, request, self._limits, self._service,
+                                              self._service)
         stored = await self._service.add_ratings(current_caller(), user_id, uploads, expected_version=expected)
         return profile_to_proto(stored)
 
@@ -122,7 +125,7 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
                             context: grpc.aio.ServicerContext) -> profile_pb2.Profile:
         with tracing.span("validate"):
             user_id, archive, replace = await asyncio.to_thread(validation.check_import, request, self._limits,
-                                                                self._service)
+                                                                self._service, self._service)
         return profile_to_proto(await self._service.import_profile(current_caller(), user_id, archive,
                                                                    replace=replace))
 
@@ -162,10 +165,9 @@ class MetricServicer(metric_pb2_grpc.MetricServiceServicer):
             await asyncio.to_thread(validation.check_score_fields, request, self._limits)
             self._service.check_room("score")
             checked = await asyncio.to_thread(validation.decode_score, request, self._limits,
-                                              self._service.metric_max_pairs)
+                                              self._service.metric_max_pairs, self._service)
         inline = InlineContext(checked.liked, checked.disliked) if checked.liked is not None else None
-        scoring = await self._service.score(current_caller(), checked.user_id, checked.queries, inline,
-                                            query_sha256=checked.query_sha256)
+        scoring = await self._service.score(current_caller(), checked.user_id, checked.queries, inline)
         async for result in scoring.results:
             count_items()
             yield score_to_proto(result, scoring.pairs_used)

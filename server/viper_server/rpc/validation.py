@@ -1,12 +1,13 @@
 """Request validation: untrusted request messages -> checked domain values, every bound checked here once.
 
 Everything here raises InvalidRequest with a message naming the offending field; the interceptor maps
-it to INVALID_ARGUMENT. Nothing is stored or sent to a model before validation has passed.
+it to INVALID_ARGUMENT. Nothing is stored or sent to a model before validation has passed. The cheap checks
+(counts, sizes, image headers) run here; the full decode and the image processor run where an ImageProcessing
+says (the server's preprocessing workers), and a bad image comes back to be named here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import re
 import secrets
@@ -23,6 +24,7 @@ from viper_proto.v1 import generation_pb2, metric_pb2, profile_pb2
 from ..config import Limits
 from ..domain import GenerationParams, RatedUpload
 from ..imaging import ImageDecodeError, decode_image, read_header, strip_metadata
+from ..pixels import ProcessedImage, process_bytes
 from .convert import RATING_FROM_PROTO, PageTokens
 
 UPDATABLE_FIELDS = ("liked_features", "disliked_features")
@@ -58,6 +60,41 @@ class Vocabulary(Protocol):
 
     def prompt_token_count(self, text: str) -> int:
         """The text encoders' token count, start and end tokens included."""
+
+
+class ImageProcessing(Protocol):
+    """Where uploaded images are decoded and processed (the application: the engine's preprocessing workers)."""
+
+    def process_uploads(self, uploads: Sequence[bytes]) -> list[ProcessedImage | ImageDecodeError]:
+        """Each image processed, or why its bytes are no acceptable image; blocking."""
+
+
+class _InThisThread:
+    """ImageProcessing in the calling thread (what validation does when given none)."""
+
+    def __init__(self, limits: Limits) -> None:
+        self._limits = limits
+
+    def process_uploads(self, uploads: Sequence[bytes]) -> list[ProcessedImage | ImageDecodeError]:
+        results = []
+        for data in uploads:
+            try:
+                values = process_bytes(data, max_pixels=self._limits.max_image_pixels)
+                results.append(ProcessedImage(values, sha256=hashlib.sha256(data).hexdigest()))
+            except ImageDecodeError as exc:
+                results.append(exc)
+        return results
+
+
+def process_images(uploads: Sequence[bytes], fields: Sequence[str], limits: Limits,
+                   processing: ImageProcessing | None) -> list[ProcessedImage]:
+    """Uploaded images processed (all at once, by `processing`; None = here); the first bad one, in order, is
+    refused naming its field as check_image would."""
+    results = (processing or _InThisThread(limits)).process_uploads(uploads)
+    for field, result in zip(fields, results):
+        if isinstance(result, ImageDecodeError):
+            raise InvalidRequest(f"{field}: {result}")
+    return results
 
 
 def check_user_id(user_id: str, field: str = "user_id") -> str:
@@ -97,11 +134,11 @@ def check_request_pixels(total: int, limits: Limits) -> None:
 # -- ProfileService ---------------------------------------------------------------------------------
 
 
-def check_extract(request: profile_pb2.ExtractProfileRequest, limits: Limits,
-                  vocabulary: Vocabulary) -> tuple[str, list[RatedUpload]]:
+def check_extract(request: profile_pb2.ExtractProfileRequest, limits: Limits, vocabulary: Vocabulary,
+                  processing: ImageProcessing | None = None) -> tuple[str, list[RatedUpload]]:
     """The user id and the rated images in order (check_extract_fields, then decode_extract)."""
     user_id = check_extract_fields(request, limits)
-    return user_id, decode_extract(request, limits, vocabulary)
+    return user_id, decode_extract(request, limits, vocabulary, processing)
 
 
 def check_extract_fields(request: profile_pb2.ExtractProfileRequest, limits: Limits) -> str:
@@ -126,15 +163,14 @@ def check_extract_fields(request: profile_pb2.ExtractProfileRequest, limits: Lim
     return user_id
 
 
-def decode_extract(request: profile_pb2.ExtractProfileRequest, limits: Limits,
-                   vocabulary: Vocabulary) -> list[RatedUpload]:
-    """The rated images decoded one at a time (after check_extract_fields), then the comments' control tokens.
+def decode_extract(request: profile_pb2.ExtractProfileRequest, limits: Limits, vocabulary: Vocabulary,
+                   processing: ImageProcessing | None = None) -> list[RatedUpload]:
+    """The rated images decoded and processed (after check_extract_fields), then the comments' control tokens.
     Their metadata (EXIF with GPS, XMP, text) is stripped: kept are the bytes the models see, nothing more."""
-    uploads = []
-    for index, rated in enumerate(request.images):
-        data = strip_metadata(rated.data)
-        uploads.append(RatedUpload(data=data, image=check_image(data, f"images[{index}].data", limits),
-                                   comment=rated.comment, rating=RATING_FROM_PROTO[rated.rating]))
+    datas = [strip_metadata(rated.data) for rated in request.images]
+    images = process_images(datas, [f"images[{index}].data" for index in range(len(datas))], limits, processing)
+    uploads = [RatedUpload(data=data, image=image, comment=rated.comment, rating=RATING_FROM_PROTO[rated.rating])
+               for data, image, rated in zip(datas, images, request.images)]
     control_tokens = sorted(vocabulary.control_tokens)
     for index, upload in enumerate(uploads):
         for token in control_tokens:
@@ -258,10 +294,10 @@ def check_restore(request: profile_pb2.RestoreProfileVersionRequest) -> tuple[st
     return user_id, request.version, check_expected_version(request.expected_version)
 
 
-def check_import(request: profile_pb2.ImportProfileRequest, limits: Limits,
-                 vocabulary: Vocabulary) -> tuple[str, Archive, bool]:
+def check_import(request: profile_pb2.ImportProfileRequest, limits: Limits, vocabulary: Vocabulary,
+                 processing: ImageProcessing | None = None) -> tuple[str, Archive, bool]:
     """The archive read and every part of it checked as an extraction's would be: sizes, formats, features,
-    comments, and each image decoded."""
+    comments, and each image decoded (and processed: the preprocessing's cache then holds it)."""
     user_id = check_user_id(request.user_id)
     if not request.archive:
         raise InvalidRequest("archive: required")
@@ -285,8 +321,8 @@ def check_import(request: profile_pb2.ImportProfileRequest, limits: Limits,
             _check_no_nul(image.comment, field)
             if any(token in image.comment for token in control_tokens):
                 raise InvalidRequest(f"{field}: contains a control token")
-    for sha, data in archive.images.items():
-        check_image(data, f"archive: images/{sha}", limits)
+    process_images(list(archive.images.values()), [f"archive: images/{sha}" for sha in archive.images], limits,
+                   processing)
     return user_id, archive, request.replace
 
 
@@ -370,18 +406,17 @@ def _check_candidates(candidates: int, num_images: int, limits: Limits) -> int:
 @dataclass(frozen=True)
 class ScoreCheck:
     user_id: str  # "" with an inline context
-    queries: list[Image.Image]
+    queries: list[ProcessedImage]
     # The inline context, when given instead of the stored profile.
-    liked: list[Image.Image] | None
-    disliked: list[Image.Image] | None
-    # The sha256 of each query's bytes: the key of its image features in the models' cache.
-    query_sha256: list[str] = dataclasses.field(default_factory=list)
+    liked: list[ProcessedImage] | None
+    disliked: list[ProcessedImage] | None
 
 
-def check_score(request: metric_pb2.ScoreRequest, limits: Limits, max_context: int | None = None) -> ScoreCheck:
+def check_score(request: metric_pb2.ScoreRequest, limits: Limits, max_context: int | None = None,
+                processing: ImageProcessing | None = None) -> ScoreCheck:
     """check_score_fields, then decode_score."""
     check_score_fields(request, limits)
-    return decode_score(request, limits, max_context)
+    return decode_score(request, limits, max_context, processing)
 
 
 def check_score_fields(request: metric_pb2.ScoreRequest, limits: Limits) -> None:
@@ -399,21 +434,20 @@ def check_score_fields(request: metric_pb2.ScoreRequest, limits: Limits) -> None
     check_request_pixels(pixels, limits)
 
 
-def decode_score(request: metric_pb2.ScoreRequest, limits: Limits, max_context: int | None) -> ScoreCheck:
-    """Every query decoded, one at a time, before any scoring starts; of an inline context only the first
-    max_context liked and disliked images (what the metric uses: its max pairs; None = all)."""
-    queries = _decode_images(request.queries, limits, "queries")
-    shas = [hashlib.sha256(data).hexdigest() for data in request.queries]
+def decode_score(request: metric_pb2.ScoreRequest, limits: Limits, max_context: int | None,
+                 processing: ImageProcessing | None = None) -> ScoreCheck:
+    """Every query processed before any scoring starts; of an inline context only the first max_context liked
+    and disliked images (what the metric uses: its max pairs; None = all). The first bad image is named in the
+    order queries, liked, disliked."""
+    groups = {"queries": request.queries}
     if request.liked or request.disliked:
-        return ScoreCheck(user_id=request.user_id, queries=queries,
-                          liked=_decode_images(request.liked[:max_context], limits, "liked"),
-                          disliked=_decode_images(request.disliked[:max_context], limits, "disliked"),
-                          query_sha256=shas)
-    return ScoreCheck(user_id=request.user_id, queries=queries, liked=None, disliked=None, query_sha256=shas)
-
-
-def _decode_images(images: Sequence[bytes], limits: Limits, field: str) -> list[Image.Image]:
-    return [check_image(data, f"{field}[{index}]", limits) for index, data in enumerate(images)]
+        groups.update(liked=request.liked[:max_context], disliked=request.disliked[:max_context])
+    datas = [data for images in groups.values() for data in images]
+    fields = [f"{field}[{index}]" for field, images in groups.items() for index in range(len(images))]
+    processed = iter(process_images(datas, fields, limits, processing))
+    checked = {field: [next(processed) for _ in images] for field, images in groups.items()}
+    return ScoreCheck(user_id=request.user_id, queries=checked["queries"], liked=checked.get("liked"),
+                      disliked=checked.get("disliked"))
 
 
 def _check_range(field: str, value: float, low: float, high: float) -> None:
