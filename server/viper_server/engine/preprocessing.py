@@ -27,7 +27,6 @@ import signal
 import subprocess
 import sys
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from ..imaging import ImageDecodeError
+from ..lru import ByteLRU
 from ..pixels import SETTINGS_KEY, ProcessedImage, process_bytes, process_rgb
 from .errors import PreprocessWorkerLost, WorkerClosed
 
@@ -72,49 +72,15 @@ def cache_key(sha256: str) -> str:
     return f"{sha256}/{SETTINGS_KEY}"
 
 
-@dataclass(frozen=True)
-class CacheStats:
-    hits: int
-    misses: int
-    bytes: int
-    entries: int
-
-
-class ProcessedCache:
+class ProcessedCache(ByteLRU[str, ProcessedImage]):
     """Processed images by key, least recently used dropped first beyond max_bytes. Safe from any thread."""
 
     def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[str, ProcessedImage] = OrderedDict()
-        self._bytes = self._hits = self._misses = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: str) -> ProcessedImage | None:
-        with self._lock:
-            found = self._entries.get(key)
-            if found is None:
-                self._misses += 1
-                return None
-            self._hits += 1
-            self._entries.move_to_end(key)
-            return found
-
-    def put(self, key: str, image: ProcessedImage) -> None:
-        if image.nbytes > self.max_bytes:
-            return
-        with self._lock:
-            if key in self._entries:
-                return
-            self._entries[key] = image
-            self._bytes += image.nbytes
-            while self._bytes > self.max_bytes:
-                _, dropped = self._entries.popitem(last=False)
-                self._bytes -= dropped.nbytes
+        super().__init__(max_bytes, lambda image: image.nbytes)
 
     @property
-    def stats(self) -> CacheStats:
-        with self._lock:
-            return CacheStats(self._hits, self._misses, self._bytes, len(self._entries))
+    def max_bytes(self) -> int:
+        return self.capacity_bytes
 
 
 @dataclass(frozen=True)
