@@ -631,6 +631,36 @@ def health_server():
     grpc_server.stop(grace=None)
 
 
+class _AnswersOnceThenHangs(health.HealthServicer):
+    """NOT_SERVING once, then every check hangs until released: a server too busy to answer again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.release = threading.Event()
+        self._answered = False
+
+    def Check(self, request, context):
+        if self._answered:
+            self.release.wait(30)
+        self._answered = True
+        return super().Check(request, context)
+
+
+def test_health_wait_reports_the_last_answer_not_its_own_cut_short_check(capsys):
+    servicer = _AnswersOnceThenHangs()
+    grpc_server = grpc.server(ThreadPoolExecutor(max_workers=4))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, grpc_server)
+    target = f"127.0.0.1:{grpc_server.add_insecure_port('127.0.0.1:0')}"
+    grpc_server.start()
+    try:
+        assert cli.main(["--target", target, "health", "--wait", "1"]) == 1
+    finally:
+        servicer.release.set()
+        grpc_server.stop(grace=None)
+    assert capsys.readouterr().err == f"error: {target} was not SERVING after 1 s (last answer: NOT_SERVING)\n"
+
+
 def test_health_of_a_real_server_is_serving(toy_models_dir, tmp_path, capsys):
     with ServerProcess(tmp_path / "profiles.db", toy_models_dir, models="toy") as server:
         assert cli.main(["--target", server.target, "health"]) == 0
@@ -662,10 +692,11 @@ def test_health_wait_polls_until_serving(health_server, capsys):
 
 
 def test_health_wait_gives_up_when_the_time_is_up(health_server, capsys):
-    assert cli.main(["--target", health_server.target, "health", "--wait", "0.5"]) == 1
+    """The last answer is the server's, even when the wait's end cuts the last check short (a busy machine)."""
+    assert cli.main(["--target", health_server.target, "health", "--wait", "2"]) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err == (f"error: {health_server.target} was not SERVING after 0.5 s "
+    assert captured.err == (f"error: {health_server.target} was not SERVING after 2 s "
                             "(last answer: NOT_SERVING)\n")
 
 

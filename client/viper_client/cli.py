@@ -631,6 +631,7 @@ def check_health(args: argparse.Namespace, tls: Tls | None) -> int:
     """Prints the server's health status; 0 when SERVING. With --wait, asks again until SERVING or time is up."""
     deadline = time.monotonic() + args.wait
     call_timeout = args.timeout or DEFAULT_TIMEOUT
+    answer = None  # the last status the server gave: a later check cut short by the wait's end is no answer
     while True:
         # While waiting, a check that hangs (a server accepting but not answering yet) may not outlast --wait.
         timeout = call_timeout
@@ -644,13 +645,14 @@ def check_health(args: argparse.Namespace, tls: Tls | None) -> int:
         if status == "SERVING":
             print(status)
             return 0
+        answer = status or answer
         # Not listening yet, or listening but not answering yet: worth another try while waiting.
         retry = error is None or error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
         if not args.wait or not retry or time.monotonic() + HEALTH_POLL_SECONDS > deadline:
             break
         time.sleep(HEALTH_POLL_SECONDS)
     if args.wait and retry:  # the time is up
-        last = status if error is None else str(error)
+        last = answer if answer is not None else str(error)
         print(f"error: {args.target} was not SERVING after {args.wait:g} s (last answer: {last})", file=sys.stderr)
         hint = None if error is None else connection_hint(error, args.target)
         if hint:
