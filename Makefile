@@ -34,7 +34,8 @@ test: install lint
 # client installed into a fresh virtualenv, the benches); `make test` and CI still run them.
 test-quick: install
 	$(BIN)/python -m pytest $(PYTEST_PARALLEL) --ignore=tests/test_web_browser.py --ignore=tests/test_replicas.py \
-		--ignore=tests/test_client_install.py --ignore=tests/test_benches.py
+		--ignore=tests/test_client_install.py --ignore=tests/test_benches.py \
+		--ignore=tests/test_benches_load.py
 
 lint: install
 	$(BIN)/ruff check .

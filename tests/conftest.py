@@ -139,6 +139,7 @@ def nginx_bin():
 # one worker busy after the others have finished. Any module not named keeps its place after these.
 SLOW_MODULES_FIRST = (
     "test_benches.py",
+    "test_benches_load.py",
     "test_toy_service.py",
     "test_replicas.py",
     "test_lifecycle.py",
