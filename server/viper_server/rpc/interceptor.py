@@ -412,18 +412,19 @@ def _wrap_awaitable(call: _CallInfo, behavior):
 
 
 def _wrap_stream(call: _CallInfo, behavior):
-    """Streams written as async generators."""
+    """Streams written as async generators, sent here with context.write: a write the client does not read then
+    waits in this frame, where the time limit ends it with a status. (Yielded, the write waits in grpc's frame;
+    the limit's cancellation lands there and grpc sends no status: the client waited for one forever.)"""
 
     async def handle(request, context):
         outcome = _Outcome(call, request)
         with outcome.scope():
             try:
                 outcome.check(request)
-                # Past the limit while the client is not reading, the call is cancelled (CANCELLED) instead.
                 async with _time_limit(call, context):
                     async for response in behavior(request, context):
                         outcome.first_response()
-                        yield response
+                        await context.write(response)
             except BaseException as exc:
                 await outcome.fail(exc, context)
             finally:
