@@ -35,7 +35,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from viper_client import AsyncViperClient, DeadlineExceeded, NotFound, Unavailable, ViperClient, cli
+from viper_client import AsyncViperClient, DeadlineExceeded, NotFound, ResourceExhausted, Unavailable, ViperClient, cli
 from viper_client.channel import RING_HASH_SWITCH
 from viper_client.types import GeneratedImage, Progress, RatedImage
 from viper_profiles import SourceImage, open_store
@@ -523,9 +523,16 @@ class Writer(threading.Thread):
         self.acknowledged: list[tuple[int, int]] = []  # (step, version)
         self.tried: list[int] = []
         self.failures: list[Exception] = []
+        self.crash: BaseException | None = None  # anything else ends the loop, and the test fails on it
         self.stop = threading.Event()
 
     def run(self) -> None:
+        try:
+            self._write()
+        except BaseException as error:
+            self.crash = error
+
+    def _write(self) -> None:
         with connect(self.target, timeout=15) as client:
             step = 0
             while not self.stop.is_set():
@@ -536,6 +543,8 @@ class Writer(threading.Thread):
                     self.acknowledged.append((step, profile.version))
                 except Unavailable as error:
                     self.failures.append(error)
+                    time.sleep(0.2)
+                except ResourceExhausted:  # nginx's 100 calls/s per client (deploy/nginx.conf): back off
                     time.sleep(0.2)
 
 
@@ -567,6 +576,7 @@ def test_postgres_restart_is_unavailable_then_recovers_with_nothing_acknowledged
     finally:
         writer.stop.set()
         writer.join(30)
+    assert writer.crash is None, writer.crash
     assert writer.failures, "the writer saw the outage"
     assert len(writer.acknowledged) >= acknowledged_while_down + 5, "writes succeed again without a restart"
     last_step, last_version = writer.acknowledged[-1]
