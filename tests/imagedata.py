@@ -14,6 +14,10 @@ def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
     return buffer.getvalue()
 
 
+def png(image: Image.Image) -> bytes:
+    return encode(image)
+
+
 def png_bytes(size: tuple[int, int] = (16, 16), color=(10, 120, 200)) -> bytes:
     return encode(Image.new("RGB", size, color))
 

@@ -7,7 +7,6 @@ the feature through gRPC."""
 from __future__ import annotations
 
 import asyncio
-import io
 import threading
 import time
 from dataclasses import replace
@@ -23,6 +22,8 @@ from viper_server.engine.loading import LoadSettings
 from viper_server.engine.presets import model_preset
 from viper_server.engine.scheduler import FunctionTask
 from viper_server.toy import evaluate
+
+from imagedata import png
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -41,12 +42,6 @@ class Steps:
 
     def __getattr__(self, name):
         return lambda *args: None
-
-
-def png(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")

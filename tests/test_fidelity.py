@@ -13,11 +13,7 @@ from transformers import Idefics2ImageProcessorPil
 from viper_server.imaging import decode_image
 from viper_server.models.idefics2 import load_idefics2
 
-
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+from imagedata import png
 
 
 def half_transparent(mode: str) -> Image.Image:

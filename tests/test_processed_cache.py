@@ -6,16 +6,20 @@ than the tolerance (the same keys holding another user's images change the answe
 from __future__ import annotations
 
 import asyncio
-import io
+import hashlib
 
 import pytest
 
+from viper_profiles import ImageRef, Rating
 from viper_server.domain import ScoringContext
 from viper_server.engine.engine import ModelEngine
+from viper_server.engine.errors import ContextChanged
 from viper_server.engine.loading import LoadSettings
 from viper_server.engine.preprocessing import Preprocessor, cache_key
 from viper_server.engine.presets import model_preset
 from viper_server.toy import evaluate
+
+from imagedata import png
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -26,12 +30,6 @@ TOLERANCE = 1e-6
 class Quiet:
     def __getattr__(self, name):
         return lambda *args: None
-
-
-def png(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +94,38 @@ def test_a_scoring_from_cached_inputs_is_the_one_from_new_inputs(engine, users):
     other_liked, other_disliked = evaluate.held_out_queries(other, per_side=2)
     moved = scores(poisoned(engine, queries, [png(image) for image in [*other_liked, *other_disliked]]))
     assert max(abs(a - b) for a, b in zip(moved, missed)) > 1000 * TOLERANCE
+
+
+def test_a_stored_context_reads_its_images_bytes_only_on_a_prefix_cache_miss(engine, users):
+    """Score on a stored profile: the images' bytes are read (by sha256) only when the context's prefix is not
+    cached; gone by the time they are read (the profile changed), the call is ContextChanged (ABORTED)."""
+    user, _ = users
+    uploads = [png(rated.image) for rated in user.rated]
+    shas = [hashlib.sha256(data).hexdigest() for data in uploads]
+    refs = [ImageRef(sha, rated.comment, Rating.LIKED if rated.liked else Rating.DISLIKED, position)
+            for position, (sha, rated) in enumerate(zip(shas, user.rated))]
+    stored, reads = dict(zip(shas, uploads)), []
+
+    def image_data(wanted):
+        reads.append(sorted(wanted))
+        return {sha: stored[sha] for sha in wanted if sha in stored}
+
+    def scores(context: ScoringContext) -> list[float]:
+        async def run():
+            return [result.score async for batch in engine.score(context, queries) for result in batch]
+        return asyncio.run(run())
+
+    liked, disliked = evaluate.held_out_queries(user, per_side=1)
+    queries = engine.process_uploads([png(liked[0]), png(disliked[0])])
+    inline = ScoringContext(*(engine.process_uploads([data for data, ref in zip(uploads, refs) if ref.rating is rating])
+                              for rating in (Rating.LIKED, Rating.DISLIKED)))
+    missed = scores(engine.stored_context("stored-user", 1, refs, image_data))
+    assert len(reads) == 1 and set(reads[0]) <= set(shas)  # the pairs the prompt uses, read once
+    assert max(abs(a - b) for a, b in zip(missed, scores(inline))) <= TOLERANCE
+    assert missed[0] - missed[1] > 0.5  # the context is used: the liked colour's query scores far higher
+    hit = scores(engine.stored_context("stored-user", 1, refs, image_data))
+    assert len(reads) == 1 and hit == missed  # the cached prefix: no bytes read
+    engine.forget_user("stored-user", 2)
+    stored.clear()
+    with pytest.raises(ContextChanged):
+        scores(engine.stored_context("stored-user", 2, refs, image_data))

@@ -308,6 +308,11 @@ def test_the_scheduler_settings_are_flags_checked_at_start_up():
     assert (settings.scheduling_policy, settings.extract_batch, settings.generate_batch, settings.score_batch) == (
         "kinds", 16, 2, 8)
     assert (settings.prefill_images, settings.prefill_tokens) == (config.prefill_images, config.prefill_tokens)
+    assert (config.query_step_tokens, load_settings(parse(["--query-step-tokens", "512"])).query_step_tokens) == (
+        4096, 512)
+    with pytest.raises(ValueError, match="query_step_tokens must be at least 1"):
+        parse([], {"VIPER_QUERY_STEP_TOKENS": "0"})
+
     assert parse(["--vision-cache-bytes", "12345"]).vision_cache_bytes == 12345
     assert load_settings(parse([], {"VIPER_VISION_CACHE_BYTES": "0"})).vision_cache_bytes == 0
     with pytest.raises(ValueError, match="vision_cache_bytes"):
@@ -316,3 +321,26 @@ def test_the_scheduler_settings_are_flags_checked_at_start_up():
         parse(["--score-batch", "0"])
     with pytest.raises(SystemExit):  # argparse refuses a policy it does not know
         parse(["--scheduling-policy", "lottery"])
+
+
+def test_the_models_threads_are_the_cores_the_preprocessing_workers_leave_unless_told():
+    import argparse
+
+    from viper_server.config import add_serve_arguments, config_from_args
+    from viper_server.engine.preprocessing import available_cores
+    from viper_server.server import torch_threads
+
+    def parse(argv, environ=None):
+        parser = argparse.ArgumentParser()
+        add_serve_arguments(parser)
+        return config_from_args(parser.parse_args(argv), environ or {})
+
+    cores = available_cores()
+    assert torch_threads(parse(["--preprocess-workers", "1"]), {}) == max(1, cores - 1)
+    assert torch_threads(parse(["--preprocess-workers", str(cores + 4)]), {}) == 1
+    assert torch_threads(parse(["--preprocess-workers", "0"]), {}) == cores
+    assert torch_threads(parse([]), {"OMP_NUM_THREADS": "3"}) == 0  # torch reads it itself
+    assert torch_threads(parse(["--torch-threads", "5"]), {"OMP_NUM_THREADS": "3"}) == 5
+    assert torch_threads(parse([], {"VIPER_TORCH_THREADS": "2"}), {}) == 2
+    with pytest.raises(ValueError, match="torch_threads must be at least 1"):
+        parse(["--torch-threads", "0"])

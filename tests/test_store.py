@@ -378,6 +378,20 @@ def test_get_with_images_reads_one_version(store: ProfileStore):
         store.get_with_images("bob")
 
 
+def test_image_data_reads_the_current_profile_s_images_by_sha256_and_leaves_out_the_others(store: ProfileStore):
+    save(store, "alice", images=[liked(LIKED_PNG), disliked(DISLIKED_PNG)])
+    save(store, "bob", images=[liked(b"bob's own bytes")])
+    shas = [sha256(LIKED_PNG), sha256(DISLIKED_PNG), sha256(b"bob's own bytes"), "0" * 64]
+
+    assert store.image_data("alice", shas) == {sha256(LIKED_PNG): LIKED_PNG, sha256(DISLIKED_PNG): DISLIKED_PNG}
+    save(store, "alice", images=[liked(LIKED_PNG)])  # the profile changed since its row was read
+    assert store.image_data("alice", shas) == {sha256(LIKED_PNG): LIKED_PNG}
+    with pytest.raises(ProfileNotFound):
+        store.image_data("alice", shas, tenant="shop")  # another tenant's alice has no profile
+    with pytest.raises(ProfileNotFound):
+        store.image_data("carol", shas)
+
+
 def test_get_with_images_never_mixes_two_versions(db, store: ProfileStore):
     # Each version's images all carry its number: a read that mixed snapshots would show two numbers.
     def images(version: int) -> list[SourceImage]:
@@ -928,8 +942,9 @@ def test_validate_user_id_accepts(user_id: str):
         lambda store, user_id: store.update_features(user_id, liked_features=["x"]),
         lambda store, user_id: store.delete(user_id),
         lambda store, user_id: store.get_with_images(user_id),
+        lambda store, user_id: store.image_data(user_id, []),
     ],
-    ids=["save_extraction", "get", "update_features", "delete", "get_with_images"],
+    ids=["save_extraction", "get", "update_features", "delete", "get_with_images", "image_data"],
 )
 def test_every_method_validates_user_id(store: ProfileStore, db, call):
     with pytest.raises(InvalidUserId):

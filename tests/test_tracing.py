@@ -157,11 +157,13 @@ def test_a_score_says_whether_the_metric_prefix_came_from_the_cache(traced, span
         rpc = rpc_span(finished, "viper.v1.MetricService/Score")
         below = children(finished, rpc)
         prepare = next(span for span in below if span.name == "engine.prepare")
-        return prepare.attributes["viper.prefix_cache"], names(below)
+        return prepare.attributes["viper.prefix_cache"], names(below), names(children(finished, prepare))
 
     assert prefix_use(first)[0] == "miss"
-    assert {"validate", "store.get_with_images", "queue", "model.prefix", "model.query"} <= prefix_use(first)[1]
+    assert {"validate", "store.get", "queue", "model.prefix", "model.query"} <= prefix_use(first)[1]
+    assert "store.image_data" in prefix_use(first)[2]  # the images' bytes, read to compute the prefix
     assert prefix_use(second)[0] == "hit"
+    assert "store.image_data" not in prefix_use(second)[2]  # a cached prefix: the bytes are not read
 
 
 def test_spans_carry_no_comment_feature_or_image(traced, spans):

@@ -115,6 +115,27 @@ def test_a_hit_scores_the_same_and_the_cached_features_are_the_ones_used(runtime
     assert moved > 1e-2 and abs(poisoned[0] - expected[1]) > 1e-2
 
 
+def test_what_is_cached_at_prepare_is_taken_then_and_an_eviction_since_changes_nothing(runtime):
+    """A query whose features are cached gets no pixels at prepare (its features come from the cache in the
+    step, or are computed from its pixels then if evicted since), and a cached prefix is taken at prepare."""
+    liked, disliked = [load("liked/0.png")], [load("disliked/0.png")]
+    queries = [load("query1.png"), load("query2.png")]
+    context = ScoringContext(liked=liked, disliked=disliked, cache_key=("ann", "digest"))
+    cache = VisionCache(1 << 30)
+    scorer = MetricScorer(runtime, vision_cache=cache)
+    expected = scorer.score(context, queries)
+    scoring = scorer.prepare(context, queries)
+    assert scoring.query_pixels == [None, None] and scoring.prefix is not None and scoring.context_pixels is None
+    scorer.invalidate("ann", 2)  # the prefix and one query's features go after prepare
+    encoder = VisionEncoder(runtime, cache)
+    cache._discard(encoder.key("metric", sha("query1.png")))
+    while scoring.phase != "done":
+        scorer.query_step([scoring])
+    assert scoring.scores == pytest.approx(expected, abs=SCORE_TOLERANCE)
+    assert scoring.query_pixels[0] is not None and scoring.query_pixels[1] is None
+    assert abs(expected[0] - expected[1]) > 1e-2  # the queries' features differ: the test can tell them apart
+
+
 def test_the_key_names_the_adapter_whose_connector_made_the_features(runtime, examples):
     _, images, _ = examples
     cache = VisionCache(1 << 30)

@@ -351,6 +351,18 @@ class ProfileStore:
             lambda tx: (_found(tx.find_profile(user_id), user_id), tx.read_images(user_id)), validate_tenant(tenant)
         )
 
+    def image_data(self, user_id: str, shas: Iterable[str], *, tenant: str = DEFAULT_TENANT) -> dict[str, bytes]:
+        """The bytes of the user's current images named by shas (ProfileNotFound without a profile). A sha256
+        names its bytes exactly, so bytes read after the profile row are those of the images it listed; one the
+        profile no longer has (it changed since) is left out."""
+        validate_user_id(user_id)
+
+        def read(tx: Transaction) -> dict[str, bytes]:
+            mine = {image.sha256 for image in _found(tx.find_profile(user_id), user_id).images}
+            return tx.read_image_data(mine.intersection(shas))
+
+        return self._backend.read(read, validate_tenant(tenant))
+
     def count(self) -> int:
         """Profiles in every tenant."""
         return self._backend.read(lambda tx: tx.count_profiles())

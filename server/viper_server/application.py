@@ -10,6 +10,7 @@ the RPC layer maps them to status codes. Every operation takes the `Caller` firs
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 
@@ -275,8 +276,7 @@ class ViperService:
         params.candidates in descending score order. One store snapshot gives the features and the metric
         context; both models' queues are checked before any work, so it is not refused with its images made."""
         scope = caller.scope(user_id)  # the metric context's cache key and the fair turns: tenant-qualified
-        profile, images = await asyncio.to_thread(self._store.get_with_images, user_id, tenant=caller.tenant)
-        context = self._engine.stored_context(scope, profile.version, images)
+        profile, context = await self._stored_context(caller, user_id)
         self._engine.context_pairs(context)  # ContextError (no liked/disliked pair) before any model work
         self._engine.check_room(generate=True, score=True)
         features = profile.liked_features, profile.disliked_features
@@ -335,11 +335,17 @@ class ViperService:
         if inline is not None:
             context = ScoringContext(liked=inline.liked, disliked=inline.disliked)
         else:
-            # The profile and its images from one snapshot: the images are exactly that version's.
-            profile, images = await asyncio.to_thread(self._store.get_with_images, user_id, tenant=caller.tenant)
-            context = self._engine.stored_context(scope, profile.version, images)
+            _, context = await self._stored_context(caller, user_id)
         pairs = self._engine.context_pairs(context)  # ContextError before any model work
         return Scoring(pairs_used=pairs, results=self._flatten(self._engine.score(context, queries, user=scope)))
+
+    async def _stored_context(self, caller: Caller, user_id: str) -> tuple[StoredProfile, ScoringContext]:
+        """The profile and its metric context from one read of the profile row. The images' bytes are read
+        only on a prefix-cache miss, by sha256, which names exactly the images the row listed."""
+        profile = await asyncio.to_thread(self._store.get, user_id, tenant=caller.tenant)
+        image_data = functools.partial(self._store.image_data, user_id, tenant=caller.tenant)
+        return profile, self._engine.stored_context(caller.scope(user_id), profile.version, profile.images,
+                                                    image_data)
 
     @staticmethod
     async def _flatten(batches: AsyncIterator[list[ScoredQuery]]) -> AsyncIterator[ScoredQuery]:

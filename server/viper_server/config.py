@@ -73,6 +73,9 @@ class ServerConfig:
     # Processes that decode and process images (engine.preprocessing); 0 = in the server's own threads;
     # unset = half the cores, at most 8.
     preprocess_workers: int | None = None
+    # Threads of the models' CPU work (torch intra-op); unset = OMP_NUM_THREADS if set, else the cores the
+    # preprocessing workers leave: more threads than free cores stall every parallel op on a busy core.
+    torch_threads: int | None = None
     # Bytes of processed images kept, by content (the image's sha256 and the processor's settings); 0 = none.
     processed_cache_bytes: int = 256 * MiB
     # Tokens the VPE may generate; unset = the preset's (2000 for viper, 64 for tiny).
@@ -97,6 +100,7 @@ class ServerConfig:
     scheduling_policy: str = "fair"
     prefill_images: int = 1
     prefill_tokens: int = 256
+    query_step_tokens: int = 4096
     # Backpressure: unread events a streaming call may have before its work pauses between steps.
     stream_buffer: int = 8
     # Seconds a call without a client deadline may run (DEADLINE_EXCEEDED beyond; its work is cancelled).
@@ -195,6 +199,8 @@ _SERVE_FLAGS: dict[str, _Flag] = {
     "preprocess_workers": _Flag("VIPER_PREPROCESS_WORKERS", int,
                                 "processes decoding and processing images for the models; 0 = in the server's "
                                 "own threads", shown_default="half the cores, at most 8"),
+    "torch_threads": _Flag("VIPER_TORCH_THREADS", int, "threads of the models' CPU work (torch intra-op)",
+                           shown_default="OMP_NUM_THREADS if set, else the cores the preprocessing workers leave"),
     "processed_cache_bytes": _Flag("VIPER_PROCESSED_CACHE_BYTES", int,
                                    "bytes of processed images kept by content (sha256 and processor settings); "
                                    "0 = none"),
@@ -219,6 +225,8 @@ _SERVE_FLAGS: dict[str, _Flag] = {
                                "kinds (kinds in turn first) or fifo", choices=POLICY_NAMES),
     "prefill_images": _Flag("VIPER_PREFILL_IMAGES", int, "an extraction's images encoded per step"),
     "prefill_tokens": _Flag("VIPER_PREFILL_TOKENS", int, "an extraction's prompt tokens prefilled per step"),
+    "query_step_tokens": _Flag("VIPER_QUERY_STEP_TOKENS", int,
+                               "prompt tokens of the Score queries batched into one step (a query: ~90)"),
     "stream_buffer": _Flag("VIPER_STREAM_BUFFER", int,
                            "unread events a Generate or Score stream may have before its work pauses"),
     "max_call_seconds": _Flag("VIPER_MAX_CALL_SECONDS", float,
@@ -316,8 +324,8 @@ def is_loopback(host: str) -> bool:
 def check_config(config: ServerConfig) -> None:
     """Refuses settings that cannot work or would be unsafe; raises ValueError."""
     for name in ("extract_batch", "generate_batch", "score_batch", "prefill_images", "prefill_tokens",
-                 "max_concurrent_decodes", "max_concurrent_rpcs", "max_extract_bytes", "max_score_bytes",
-                 "max_generate_bytes", "max_profile_call_bytes", "stream_buffer"):
+                 "query_step_tokens", "max_concurrent_decodes", "max_concurrent_rpcs", "max_extract_bytes",
+                 "max_score_bytes", "max_generate_bytes", "max_profile_call_bytes", "stream_buffer"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be at least 1, not {getattr(config, name)}")
     for name in ("models", "idefics2_dtype", "log_level", "log_format", "scheduling_policy"):
@@ -335,6 +343,8 @@ def check_config(config: ServerConfig) -> None:
     for name in ("preprocess_workers", "processed_cache_bytes"):
         if (getattr(config, name) or 0) < 0:
             raise ValueError(f"{name} must not be negative, not {getattr(config, name)}")
+    if config.torch_threads is not None and config.torch_threads < 1:
+        raise ValueError(f"torch_threads must be at least 1, not {config.torch_threads}")
     if config.keep_versions is not None and config.keep_versions < 1:
         raise ValueError(f"keep_versions must be at least 1, not {config.keep_versions}")
     unauthenticated = config.auth_tokens is None and config.auth_config is None

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import signal
+from collections.abc import Mapping
 from pathlib import Path
 
 import grpc
@@ -35,7 +37,7 @@ from .audit import JsonLinesAudit
 from .config import BUILT_MODELS_ROOT, ServerConfig
 from .engine.engine import ModelEngine
 from .engine.loading import LoadSettings
-from .engine.preprocessing import Preprocessor, default_workers
+from .engine.preprocessing import Preprocessor, available_cores, default_workers
 from .engine.presets import model_preset
 from .imaging import limit_concurrent_decodes
 from .observability import Telemetry
@@ -186,6 +188,7 @@ class ViperServer:
 def load_settings(config: ServerConfig) -> LoadSettings:
     return LoadSettings(
         device=config.device,
+        torch_threads=torch_threads(config),
         idefics2_dtype=config.idefics2_dtype,
         vpe_max_new_tokens=config.vpe_max_new_tokens,
         cpu_offload=config.cpu_offload,
@@ -201,8 +204,20 @@ def load_settings(config: ServerConfig) -> LoadSettings:
         scheduling_policy=config.scheduling_policy,
         prefill_images=config.prefill_images,
         prefill_tokens=config.prefill_tokens,
+        query_step_tokens=config.query_step_tokens,
         stream_buffer=config.stream_buffer,
     )
+
+
+def torch_threads(config: ServerConfig, environ: Mapping[str, str] = os.environ) -> int:
+    """The models' CPU threads: the flag's; else 0 (torch's default, which reads it) with OMP_NUM_THREADS set;
+    else the cores the preprocessing workers leave (at least 1)."""
+    if config.torch_threads is not None:
+        return config.torch_threads
+    if environ.get("OMP_NUM_THREADS"):
+        return 0
+    workers = default_workers() if config.preprocess_workers is None else config.preprocess_workers
+    return max(1, available_cores() - workers)
 
 
 def authenticator(config: ServerConfig) -> Authenticator | None:

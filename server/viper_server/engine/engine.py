@@ -16,14 +16,14 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Protocol
 
 import numpy as np
 from PIL import Image
 
-from viper_profiles import Rating, StoredImage
+from viper_profiles import ImageRef, Rating, StoredImage
 
 from .. import tracing
 from ..domain import GenerationEvent, GenerationParams, Preferences, ScoredQuery, ScoringContext
@@ -31,7 +31,7 @@ from ..imaging import ImageDecodeError
 from ..models.metric import context_pairs
 from ..models.prefix_cache import CacheStats
 from ..pixels import ProcessedImage, check_processor
-from .errors import ModelsNotReady, QueueFull, StoredImageUnreadable
+from .errors import ContextChanged, ModelsNotReady, QueueFull, StoredImageUnreadable
 from .loading import LoadedModels, LoadSettings, load_models
 from .preprocessing import Preprocessor
 from .presets import ModelPreset
@@ -39,6 +39,9 @@ from .scheduler import StepScheduler
 from .tasks import Extractions, ExtractionTask, Generations, GenerationTask, Scorings, ScoringTask
 
 log = logging.getLogger(__name__)
+
+# Reads stored images' bytes by sha256 (blocking: the store); those it no longer has are left out.
+ImageData = Callable[[Sequence[str]], Mapping[str, bytes]]
 
 
 class EngineObserver(Protocol):
@@ -202,8 +205,10 @@ class ModelEngine:
         if score:
             self._check_room(self.idefics2_scheduler)
 
-    def stored_context(self, user_id: str, version: int, images: Sequence[StoredImage]) -> ScoringContext:
-        """A user's stored images as a metric context, decoded only if the prefix is not cached.
+    def stored_context(self, user_id: str, version: int, images: Sequence[ImageRef],
+                       image_data: ImageData) -> ScoringContext:
+        """A user's stored images as a metric context: their bytes read (image_data) and decoded only if the
+        prefix is not cached.
 
         user_id: the key that names the user in the caches (the application qualifies it with the tenant).
         The cache key names exactly the images the prompt uses, in order: two contexts share a cached
@@ -214,8 +219,8 @@ class ModelEngine:
         used = [image.sha256 for pair in zip(disliked[:pairs], liked[:pairs]) for image in pair]
         digest = hashlib.sha256(" ".join(used).encode()).hexdigest()
         return ScoringContext(
-            liked=_StoredImages(liked, self.preprocessor),
-            disliked=_StoredImages(disliked, self.preprocessor),
+            liked=_StoredImages(liked, self.preprocessor, image_data),
+            disliked=_StoredImages(disliked, self.preprocessor, image_data),
             cache_key=(user_id, digest),
             version=version,
         )
@@ -267,10 +272,12 @@ class ModelEngine:
         return processed
 
     async def _processed_context(self, context: ScoringContext) -> ScoringContext:
-        """A stored context with the images the prompt uses processed (off this process): on a prefix-cache miss."""
+        """A stored context with the images the prompt uses read and processed (off this process): on a
+        prefix-cache miss."""
         pairs = self.context_pairs(context)
         liked, disliked = context.liked[:pairs], context.disliked[:pairs]
-        processed = await self.process_stored([*disliked.stored, *liked.stored])
+        stored = await asyncio.to_thread(liked.with_data, [*disliked.stored, *liked.stored])
+        processed = await self.process_stored(stored)
         return replace(context, liked=processed[pairs:], disliked=processed[:pairs])
 
     def forget_user(self, user_id: str, version: int) -> None:
@@ -303,21 +310,31 @@ class ModelEngine:
 
 
 class _StoredImages(Sequence[ProcessedImage]):
-    """Stored images, processed when the metric reads them (the engine does it before a scoring is prepared;
-    this, in the reader's thread, only for a prefix evicted since); a slice stays unprocessed."""
+    """Stored images, read and processed when the metric reads them (the engine does it before a scoring is
+    prepared; this, in the reader's thread, only for a prefix evicted since); a slice stays unprocessed."""
 
-    def __init__(self, images: Sequence[StoredImage], preprocessor: Preprocessor) -> None:
+    def __init__(self, images: Sequence[ImageRef], preprocessor: Preprocessor, image_data: ImageData) -> None:
         self.stored = images
         self._preprocessor = preprocessor
+        self._image_data = image_data
 
     def __len__(self) -> int:
         return len(self.stored)
 
     def __getitem__(self, index):
         if isinstance(index, slice):
-            return _StoredImages(self.stored[index], self._preprocessor)
-        image = self.stored[index]
+            return _StoredImages(self.stored[index], self._preprocessor, self._image_data)
+        [image] = self.with_data([self.stored[index]])
         return _readable(image, self._preprocessor.process([(image.sha256, ("bytes", image.data))])[0])
+
+    def with_data(self, images: Sequence[ImageRef]) -> list[StoredImage]:
+        """The images with their bytes (blocking: a store read); ContextChanged when the profile no longer has
+        one of them."""
+        found = self._image_data([image.sha256 for image in images])
+        if any(image.sha256 not in found for image in images):
+            raise ContextChanged("the profile's images changed while they were read; retry")
+        return [StoredImage(image.sha256, image.comment, image.rating, image.position, found[image.sha256])
+                for image in images]
 
 
 def _readable(image: StoredImage, result: ProcessedImage | ImageDecodeError) -> ProcessedImage:

@@ -9,6 +9,10 @@ class StoredImageUnreadable(Exception):
     """A stored image could not be decoded: the store holds something the server cannot read (a server fault)."""
 
 
+class ContextChanged(Exception):
+    """The profile's images changed between the read of its row and the read of their bytes: retry the call."""
+
+
 class QueueFull(Exception):
     """A model's queue is at capacity; the caller should retry later."""
 

@@ -23,6 +23,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 @dataclass(frozen=True)
 class LoadSettings:
     device: str = "auto"  # auto, cpu, cuda, cuda:N
+    torch_threads: int = 0  # the models' CPU threads (torch intra-op); 0 = torch's own default
     idefics2_dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 elsewhere
     vpe_max_new_tokens: int | None = None  # None = the preset's
     cpu_offload: bool = False
@@ -40,6 +41,7 @@ class LoadSettings:
     scheduling_policy: str = "fair"
     prefill_images: int = 1
     prefill_tokens: int = 256
+    query_step_tokens: int = 4096  # Score queries' prompt tokens batched into one step
     # Unread events a streaming call may have before its task pauses between steps.
     stream_buffer: int = 8
 
@@ -68,6 +70,9 @@ def resolve_idefics2_dtype(name: str, device: str) -> torch.dtype:
 
 def load_models(preset: ModelPreset, settings: LoadSettings) -> LoadedModels:
     """Builds the preset's checkpoints if it makes its own, then loads them (blocking: minutes for the real weights)."""
+    if settings.torch_threads:
+        # Before any model work: threads that have run no torch op yet take the new count.
+        torch.set_num_threads(settings.torch_threads)
     if preset.build is not None:
         preset.build()
     device = resolve_device(settings.device)
@@ -97,6 +102,7 @@ def load_models(preset: ModelPreset, settings: LoadSettings) -> LoadedModels:
         cache_bytes=settings.metric_cache_bytes,
         use_prefix_cache=settings.metric_cache,
         expected_token_ids=preset.metric_token_ids,
+        query_step_tokens=settings.query_step_tokens,
         **chunks,
     )
     generator = PersonalizedGenerator(pipelines)

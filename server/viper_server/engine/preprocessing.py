@@ -47,10 +47,14 @@ DEFAULT_CACHE_BYTES = 256 << 20
 _EXIT_SECONDS = 5.0
 
 
+def available_cores() -> int:
+    """The cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_workers() -> int:
     """Half the cores this process may use (1 on 2 cores), at most 8: the other half drives the models."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores // 2))
+    return max(1, min(8, available_cores() // 2))
 
 
 # An image to process: ("bytes", encoded bytes) or ("rgb", an RGB uint8 array [H, W, 3]).

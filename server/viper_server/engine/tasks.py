@@ -5,14 +5,16 @@
   extractions in one forward pass.
 - score (IDEFICS2 + metric adapter): the context's key/value states from the cache (no step of their own), or
   computed in prefill steps as an extraction's, alone; then a step per query batch, the batches of running
-  scorings with equally long contexts in one forward pass, as many as the prompt-token budget holds.
+  scorings with equally long contexts in one forward pass, as many as --query-step-tokens holds.
 - generate (SDXL): an encode step per image (text embeddings, noise; the texts of all images starting together
   through each text encoder at once), a step per denoising step (base, then
   refiner; images of one stage and size in one UNet call), then the VAE decode (images of one size together).
 
-Step keys say what may share a forward pass; the batch bounds are the kinds' slot counts, and for query batches
-also the prefill token budget (--prefill-tokens): no step feeds more than about that many prompt tokens or
-encodes more than --prefill-images images.
+Step keys say what may share a forward pass; the batch bounds are the kinds' slot counts. A prefill step feeds at
+most --prefill-tokens prompt tokens and encodes at most --prefill-images images; a query step batches the queries
+of running scorings while their prompt tokens fit --query-step-tokens (one scoring's batch always runs). The two
+budgets differ because the steps do: a prefill chunk is one long request's work that short ones wait behind, a
+query step is short requests' work that all finish in it.
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ class ScoringTask(Task):
             return Step(("prefix", key if key is not None else self.seq), self.work.prefix, limit=self.work.batch,
                         label="prefix")
         return Step(("query", self.scoring.pairs), self.work.query, limit=self.work.batch, label="query",
-                    cost=scorer.query_cost(self.scoring), budget=scorer.prefill_tokens)
+                    cost=scorer.query_cost(self.scoring), budget=scorer.query_step_tokens)
 
     def abandon(self) -> None:
         self.scoring.release()

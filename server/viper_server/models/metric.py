@@ -122,11 +122,12 @@ class MetricScorer:
         expected_token_ids: tuple[int, int] | None = None,
         prefill_images: int = 4,
         prefill_tokens: int = 512,
+        query_step_tokens: int = 4096,
         vision_cache: VisionCache | None = None,
     ):
-        if min(max_pairs, batch_size, prefill_images, prefill_tokens) < 1:
-            raise ValueError(f"max_pairs, batch_size and the prefill chunks must be positive, got {max_pairs}, "
-                             f"{batch_size}, {prefill_images} and {prefill_tokens}")
+        if min(max_pairs, batch_size, prefill_images, prefill_tokens, query_step_tokens) < 1:
+            raise ValueError(f"max_pairs, batch_size, the prefill chunks and the query step must be positive, got "
+                             f"{max_pairs}, {batch_size}, {prefill_images}, {prefill_tokens} and {query_step_tokens}")
         self.idefics2 = idefics2
         self.adapter = idefics2.require_adapter(adapter)
         self.max_pairs = max_pairs
@@ -134,6 +135,7 @@ class MetricScorer:
         self.use_prefix_cache = use_prefix_cache
         self.prefill_images = prefill_images
         self.prefill_tokens = prefill_tokens
+        self.query_step_tokens = query_step_tokens
         self.vision = VisionEncoder(idefics2, vision_cache)
         self.plus_token_id, self.minus_token_id = resolve_score_token_ids(idefics2.processor.tokenizer)
         if expected_token_ids is not None and (self.plus_token_id, self.minus_token_id) != tuple(expected_token_ids):
@@ -208,14 +210,17 @@ class MetricScorer:
 
     def prepare(self, context: ScoringContext, queries: Sequence[PIL.Image.Image | ProcessedImage]) -> Scoring:
         """A scoring's pixels (CPU work, no model: any thread may run it). The context's images are decoded
-        and processed only when its prefix is not cached. A processed image's sha256 (query or context) keys its
-        features in the vision cache. Raises ContextError when there is no pair."""
+        and processed only when its prefix is not cached (a cached one is taken now, so a later eviction cannot
+        make the scheduler's thread do it); a query's pixels only when its features are not cached. A processed
+        image's sha256 (query or context) keys its features in the vision cache. Raises ContextError when there
+        is no pair."""
         pairs = self.pairs_for(context)
         scoring = Scoring(context=context, pairs=pairs, queries=list(queries), use_prefix=self.use_prefix_cache)
         if not self.use_prefix_cache:
             return scoring
-        scoring.query_pixels = [_Pixels.of([query]) for query in queries]
-        if not self.prefix_cached(context):
+        scoring.query_pixels = [None if self.vision.has(self.adapter, getattr(query, "sha256", None))
+                                else _Pixels.of([query]) for query in queries]
+        if not self.take_cached_prefix(scoring):
             scoring.context_pixels = self._context_pixels(scoring)
         return scoring
 
@@ -305,6 +310,12 @@ class MetricScorer:
             if index in scoring.query_features:
                 continue
             pixels = scoring.query_pixels[index]
+            if pixels is None:  # its features were cached at prepare
+                query = scoring.queries[index]
+                if (cached := self.vision.cached(self.adapter, query.sha256)) is not None:
+                    scoring.query_features[index] = cached
+                    continue
+                pixels = scoring.query_pixels[index] = _Pixels.of([query])  # evicted since
             features, count = self.vision.features(model, self.adapter, pixels.values[0], pixels.mask[0],
                                                    pixels.keys, budget - computed)
             computed += count
@@ -394,7 +405,7 @@ class Scoring:
     pairs: int
     queries: list[PIL.Image.Image | ProcessedImage] = field(repr=False)
     use_prefix: bool = True
-    query_pixels: list[_Pixels] = field(default_factory=list, repr=False)
+    query_pixels: list[_Pixels | None] = field(default_factory=list, repr=False)  # None: features cached
     context_pixels: _Pixels | None = field(default=None, repr=False)
     # The prefix being computed: the context images' features, then its embeddings and the states so far.
     looked_up: bool = False  # whether the prefix cache was asked

@@ -43,6 +43,11 @@ class VisionEncoder:
             return None
         return (sha256, self.idefics2.revision, adapter, str(self.idefics2.dtype).removeprefix("torch."))
 
+    def has(self, adapter: str, sha256: str | None) -> bool:
+        """Whether the image's features are cached now (counts no hit or miss)."""
+        key = self.key(adapter, sha256)
+        return key is not None and key in self.cache
+
     def cached(self, adapter: str, sha256: str | None) -> torch.Tensor | None:
         """The image's cached features (a hit), or None (a miss; also without a key or a cache)."""
         key = self.key(adapter, sha256)

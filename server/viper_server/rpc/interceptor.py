@@ -42,7 +42,7 @@ from ..access import PermissionDenied
 from ..application import ImageNotInProfile, NoImagesLeft, TooManyProfileImages
 from ..audit import AuditEvent, AuditSink
 from ..domain import ContextError
-from ..engine.errors import ModelsNotReady, PreprocessWorkerLost, QueueFull, WorkerClosed
+from ..engine.errors import ContextChanged, ModelsNotReady, PreprocessWorkerLost, QueueFull, WorkerClosed
 from ..observability import Telemetry
 from .auth import Authenticator, Unauthenticated
 from .context import CallState, bind_call
@@ -93,6 +93,7 @@ _STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (ProfileNotFound, grpc.StatusCode.NOT_FOUND),
     (VersionConflict, grpc.StatusCode.ABORTED),
     (ProfileExists, grpc.StatusCode.ABORTED),
+    (ContextChanged, grpc.StatusCode.ABORTED),
     (VersionNotFound, grpc.StatusCode.NOT_FOUND),
     (ImageNotInProfile, grpc.StatusCode.NOT_FOUND),
     (TooManyProfileImages, grpc.StatusCode.INVALID_ARGUMENT),
