@@ -84,9 +84,10 @@ def pool():
 
 
 def test_workers_give_what_this_thread_gives_and_the_same_errors(pool):
-    uploads = [encode(noise((900, 600), "RGBA"), "PNG"), encode(noise((300, 200), "RGB"), "JPEG"), corrupt_png(),
-               encode(noise((640, 480), "RGB"), "WEBP")]
+    uploads = [encode(noise((900, 600), "RGBA"), "PNG"), encode(noise((300, 200), "RGB"), "JPEG"),
+               encode(noise((640, 480), "RGB"), "WEBP"), corrupt_png()]
     results = pool.process_uploads(uploads)
+    assert len(results) == len(uploads)
     for data, result in zip(uploads, results):
         try:
             expected = process_rgb(decode_image(data, max_pixels=MAX_PIXELS))
@@ -94,7 +95,18 @@ def test_workers_give_what_this_thread_gives_and_the_same_errors(pool):
             assert isinstance(result, ImageDecodeError) and str(result) == str(exc)
         else:
             np.testing.assert_array_equal(result.values, expected)
-    assert isinstance(results[2], ImageDecodeError)
+    assert isinstance(results[3], ImageDecodeError)
+
+
+def test_a_bad_image_ends_the_work_on_its_request(pool):
+    """The request is refused for its first bad image: the images after it are not processed (at most the one a
+    worker had begun), so a bad image first costs almost nothing of the rest."""
+    good = [noise_png(96, seed=seed) for seed in range(12)]
+    results = pool.process_uploads([corrupt_png(), *good])
+    assert len(results) == 1 and isinstance(results[0], ImageDecodeError)
+    assert pool.cache.stats.entries <= 1  # processed images are cached: at most one of the twelve was
+    wait_until(lambda: pool.pool_stats.in_flight == 0)
+    assert all(isinstance(result, ProcessedImage) for result in pool.process_uploads(good))
 
 
 def test_a_killed_worker_fails_its_job_and_is_replaced(pool):

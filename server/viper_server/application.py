@@ -105,7 +105,8 @@ class ViperService:
 
     def process_uploads(self, uploads: Sequence[bytes]) -> list[ProcessedImage | ImageDecodeError]:
         """Uploaded images decoded and processed for the models, off this process (blocking: validation calls it
-        from a handler's thread); each a ProcessedImage or why its bytes are no acceptable image."""
+        from a handler's thread); each a ProcessedImage or why its bytes are no acceptable image, up to the first
+        bad one."""
         return self._engine.process_uploads(uploads)
 
     def check_room(self, kind: str) -> None:

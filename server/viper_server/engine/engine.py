@@ -227,7 +227,7 @@ class ModelEngine:
 
     def process_uploads(self, uploads: Sequence[bytes]) -> list[ProcessedImage | ImageDecodeError]:
         """Uploaded images processed for the models (blocking: from a handler's thread); each a ProcessedImage or
-        why its bytes are no acceptable image, for validation to name the field."""
+        why its bytes are no acceptable image, for validation to name the field; none after the first bad one."""
         return self.preprocessor.process_uploads(uploads)
 
     async def process_stored(self, images: Sequence[StoredImage]) -> list[ProcessedImage]:

@@ -127,8 +127,20 @@ class Preprocessor:
     # -- the callers' side --------------------------------------------------------------------------------
 
     def process_uploads(self, uploads: Sequence[bytes]) -> list[ProcessedImage | ImageDecodeError]:
-        """Uploaded images (blocking: from a handler's thread), keyed by the sha256 of their bytes."""
-        return self.process([(hashlib.sha256(data).hexdigest(), ("bytes", data)) for data in uploads])
+        """Uploaded images (blocking: from a handler's thread), keyed by the sha256 of their bytes. The list ends
+        at the first bad one: a request is refused for it, so the images after it are not processed (their
+        jobs are dropped unless a worker has begun them)."""
+        items = [(hashlib.sha256(data).hexdigest(), ("bytes", data)) for data in uploads]
+        started = self._start(items)
+        results: list[ProcessedImage | ImageDecodeError] = []
+        for (key, _), item in zip(items, started):
+            results.append(self._finish(key, item.result()) if isinstance(item, Future) else item)
+            if isinstance(results[-1], ImageDecodeError):
+                for rest in started[len(results):]:
+                    if isinstance(rest, Future):
+                        rest.cancel()
+                break
+        return results
 
     def process(self, items: Sequence[tuple[str | None, Job]]) -> list[ProcessedImage | ImageDecodeError]:
         """(sha256 of the source or None, job) per image -> its result, blocking until all are done."""

@@ -66,7 +66,7 @@ class ImageProcessing(Protocol):
     """Where uploaded images are decoded and processed (the application: the engine's preprocessing workers)."""
 
     def process_uploads(self, uploads: Sequence[bytes]) -> list[ProcessedImage | ImageDecodeError]:
-        """Each image processed, or why its bytes are no acceptable image; blocking."""
+        """Each image processed, or why its bytes are no acceptable image, up to the first bad one; blocking."""
 
 
 class _InThisThread:
@@ -83,6 +83,7 @@ class _InThisThread:
                 results.append(ProcessedImage(values, sha256=hashlib.sha256(data).hexdigest()))
             except ImageDecodeError as exc:
                 results.append(exc)
+                break  # the request is refused for it: the rest need no work
         return results
 
 
