@@ -49,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from sampling import Sampler
 
 from viper_client import GeneratedImage, RatedImage, ViperClient
 from viper_server.models.tiny import ensure_tiny_models
@@ -187,28 +188,20 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
 
 
-class MemoryWatch:
+class MemoryWatch(Sampler):
     """The resident memory of a process and its descendants (preprocessing workers, say): each one's peak
     (VmHWM, read at the end) and the peak of their sum, sampled every half second while the watch runs."""
 
+    every = 0.5
+
     def __init__(self, pid: int) -> None:
+        super().__init__()
         self.pid = pid
         self.sampled_peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
 
-    def __enter__(self) -> MemoryWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.5):
-            total = sum(_status_kib(pid, "VmRSS") for pid in [self.pid, *_descendants(self.pid)])
-            self.sampled_peak = max(self.sampled_peak, total * 1024)
+    def sample(self) -> None:
+        total = sum(_status_kib(pid, "VmRSS") for pid in [self.pid, *_descendants(self.pid)])
+        self.sampled_peak = max(self.sampled_peak, total * 1024)
 
     def figures(self) -> dict[str, float]:
         """Read while the server runs: its own peak, its children's peaks together, the sampled peak of the sum."""

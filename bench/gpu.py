@@ -20,11 +20,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+
+from sampling import Sampler
 
 BENCH = Path(__file__).resolve().parent
 REAL = ["--models", "full-random", "--device", "cuda"]
@@ -56,29 +57,17 @@ SECTIONS = [
 ]
 
 
-class GpuMemory:
+class GpuMemory(Sampler):
     """The peak of the GPU memory in use (nvidia-smi, every second) while a bench runs; None without nvidia-smi."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.peak_mib: float | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
 
-    def __enter__(self) -> GpuMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _sample(self) -> None:
-        while True:
-            used = _nvidia_smi("memory.used")
-            if used:
-                self.peak_mib = max(self.peak_mib or 0.0, sum(float(line) for line in used.splitlines()))
-            if self._stop.wait(1.0):
-                return
+    def sample(self) -> None:
+        used = _nvidia_smi("memory.used")
+        if used:
+            self.peak_mib = max(self.peak_mib or 0.0, sum(float(line) for line in used.splitlines()))
 
 
 def _nvidia_smi(query: str) -> str | None:
