@@ -44,7 +44,8 @@ from .observability import Telemetry
 from .rpc.auth import Authenticator, token_file_services
 from .rpc.auth_config import AuthConfig, load_auth_config
 from .rpc.convert import PageTokens
-from .rpc.interceptor import RequestLimit, RpcInterceptor
+from .rpc.interceptor import RpcInterceptor
+from .rpc.limits import RequestLimit
 from .rpc.servicers import GenerationServicer, MetricServicer, ProfileServicer
 from .rpc.validation import MAX_FEATURES
 

@@ -1,7 +1,8 @@
 """The one server interceptor every RPC passes through.
 
 It authenticates the call from its metadata, before the request message is
-parsed (an unauthenticated call of any size costs no more than a small one),
+parsed (an unauthenticated call of any size costs no more than a small one), and
+checks the request's raw bytes against its method's limits (limits.py) before they are parsed,
 maps domain errors to gRPC status codes, counts and times the RPC, logs one
 line for it and hands an audit record to the AuditSink. Handlers raise plain exceptions
 (InvalidRequest, ProfileNotFound, QueueFull, ...) and read as straight-line
@@ -22,7 +23,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from viper_client.telemetry import request_id as current_request_id
 from viper_profiles import (
@@ -46,9 +46,9 @@ from ..engine.errors import ContextChanged, ModelsNotReady, PreprocessWorkerLost
 from ..observability import Telemetry
 from .auth import Authenticator, Unauthenticated
 from .context import CallState, bind_call
+from .limits import Oversized, RequestLimit, RequestTooLarge, Undecodable, tolerant, unread
 from .servicers import ResponseTooLarge
 from .validation import InvalidRequest
-from .wire import more_fields_than
 
 log = logging.getLogger("viper_server.rpc")
 
@@ -80,10 +80,6 @@ PERMISSION_OF = {
 
 class CallTooLong(Exception):
     """A call without a client deadline ran past the server's limit (--max-call-seconds); its work is cancelled."""
-
-
-class RequestTooLarge(Exception):
-    """A request message is larger than its method's limit (RequestLimit): refused before it is parsed."""
 
 
 _STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
@@ -118,53 +114,6 @@ _HANDLER_FACTORIES = {
     "stream_unary": grpc.stream_unary_rpc_method_handler,
     "stream_stream": grpc.stream_stream_rpc_method_handler,
 }
-
-
-class _Undecodable:
-    """Stands for a request message that did not parse, so the handler wrapper can answer INVALID_ARGUMENT
-    (gRPC itself would answer UNKNOWN)."""
-
-    def __init__(self, error: DecodeError) -> None:
-        self.error = error
-
-
-@dataclass(frozen=True)
-class RequestLimit:
-    """The most bytes a method's request may have, and the flag that says so; and the most top-level fields
-    (0 = not counted), far above what a valid request has, so that validation names any moderate excess."""
-
-    max_bytes: int
-    flag: str
-    max_fields: int = 0
-    fields_hint: str = ""
-
-
-class _Oversized:
-    """Stands for a request message refused unparsed: parsing is what costs (8 million empty images in 16 MB
-    become half a gigabyte of objects)."""
-
-    def __init__(self, size: int, limit: RequestLimit, *, fields: bool = False) -> None:
-        self.error = (InvalidRequest(f"request: more than {limit.max_fields} fields ({limit.fields_hint})") if fields
-                      else RequestTooLarge(f"request: {size} bytes, more than this method accepts ({limit.flag} "
-                                           f"{limit.max_bytes})"))
-
-
-def _tolerant(deserializer: Callable[[bytes], object] | None,
-              limit: RequestLimit | None = None) -> Callable[[bytes], object] | None:
-    if deserializer is None:
-        return None
-
-    def deserialize(data: bytes) -> object:
-        if limit is not None and len(data) > limit.max_bytes:
-            return _Oversized(len(data), limit)
-        if limit is not None and limit.max_fields and more_fields_than(data, limit.max_fields):
-            return _Oversized(len(data), limit, fields=True)
-        try:
-            return deserializer(data)
-        except DecodeError as error:
-            return _Undecodable(error)
-
-    return deserialize
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -216,7 +165,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 deserializer = handler.request_deserializer
                 return factory(
                     wrap(call, behavior),
-                    request_deserializer=(_tolerant(deserializer, self._request_limits.get(details.method))
+                    request_deserializer=(tolerant(deserializer, self._request_limits.get(details.method))
                                           if kind.startswith("unary_") else deserializer),
                     response_serializer=handler.response_serializer,
                 )
@@ -253,12 +202,8 @@ def _refusing(handler: grpc.RpcMethodHandler, call: _CallInfo, refusal: Exceptio
 
     for kind, factory in _HANDLER_FACTORIES.items():
         if getattr(handler, kind) is not None:
-            return factory(refuse, request_deserializer=_unread, response_serializer=handler.response_serializer)
+            return factory(refuse, request_deserializer=unread, response_serializer=handler.response_serializer)
     return handler
-
-
-def _unread(data: bytes) -> None:
-    return None
 
 
 @dataclass(frozen=True)
@@ -305,9 +250,9 @@ class _Outcome:
 
     def check(self, request: object) -> None:
         """What every call must pass before its handler runs (auth passed already): a parsable request."""
-        if isinstance(request, _Undecodable):
+        if isinstance(request, Undecodable):
             raise InvalidRequest(f"request: not a valid {self.call.method} message ({request.error})")
-        if isinstance(request, _Oversized):
+        if isinstance(request, Oversized):
             raise request.error
 
     async def fail(self, exc: BaseException, context: grpc.aio.ServicerContext) -> None:
