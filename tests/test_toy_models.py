@@ -133,6 +133,32 @@ def test_metric_prefers_the_liked_colour_and_follows_the_context(idefics2, users
     assert figures.mean_swap_shift >= 0.3, figures
 
 
+def test_mixed_images_hold_the_liked_colour_in_graded_shares(users):
+    """The graded test's queries span the liked shares generated candidates have (all of it to about half),
+    falling as the area taken from the other image grows (blends can keep a pixel's hue nearest the liked one)."""
+    correlations = []
+    for index, user in enumerate(users[:10]):
+        queries = evaluate.held_out_mixes(user, seed=index)
+        shares = [evaluate.colour_share(query, user.liked_colour) for query in queries]
+        assert shares[0] >= 0.9 and min(shares) <= 0.6, shares
+        correlations.append(evaluate.rank_correlation(shares, -np.arange(len(shares))))
+    assert np.mean(correlations) >= 0.8, correlations
+
+
+def test_metric_grades_how_much_of_the_liked_colour_an_image_holds(idefics2, users):
+    """Held-out images of the liked colour with 0-50% from a hue neighbour (what generated candidates look like):
+    the score follows the liked colour's share (the graded stage; a metric with one target per colour scored
+    them alike: a rank correlation of 0.06 over these users)."""
+    scorer = MetricScorer(idefics2)
+    correlations = []
+    for index, user in enumerate(users[:10]):
+        queries = evaluate.held_out_mixes(user, seed=index)
+        context = ScoringContext(liked=[r.image for r in user.liked], disliked=[r.image for r in user.disliked])
+        shares = [evaluate.colour_share(query, user.liked_colour) for query in queries]
+        correlations.append(evaluate.rank_correlation(scorer.score(context, queries), shares))
+    assert np.mean(correlations) >= 0.35, correlations
+
+
 def test_metric_prefix_cache_equals_the_reference_procedure(idefics2, users):
     user = users[0]
     liked, disliked = [r.image for r in user.liked], [r.image for r in user.disliked]

@@ -1,4 +1,5 @@
-"""`viper-server`: the server's own commands (`serve`, `build-tiny-models`, `train-toy-models`, `dev-token`).
+"""`viper-server`: the server's own commands (`serve`, `build-tiny-models`, `train-toy-models`,
+`train-graded-metric`, `dev-token`).
 
 The client's `viper serve` hands its process over to this command (python -m viper_server).
 """
@@ -29,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     train = commands.add_parser("train-toy-models", help="train the toy-world models into DIR (minutes on a CPU)")
     train.add_argument("dir", type=Path)
     train.add_argument("--seed", type=int, default=0, help="the seed every random draw derives from")
+    graded = commands.add_parser("train-graded-metric", help="run the toy metric's graded stage alone on DIR's "
+                                 "IDEFICS2 base and metric adapter (rewrites DIR/metric-lora and DIR/SHA256SUMS)")
+    graded.add_argument("dir", type=Path)
+    graded.add_argument("--seed", type=int, default=0, help="the seed train-toy-models was given")
     dev = commands.add_parser("dev-token", help="print an end user's JWT signed by the local development key "
                               "(made in --dir on first use, with an auth config naming it: for local use only)")
     dev.add_argument("--user", required=True, help="the user id the token stands for")
@@ -57,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         from .toy import train_toy_models
 
         train_toy_models(args.dir, seed=args.seed)
+        print(args.dir)
+        return 0
+    if args.command == "train-graded-metric":
+        configure_logging("info")
+        from .toy.train import retrain_graded_metric
+
+        retrain_graded_metric(args.dir, seed=args.seed)
         print(args.dir)
         return 0
     try:

@@ -3,7 +3,8 @@
 Real architectures and file formats (IDEFICS2 base + VPE and metric LoRA adapters, SDXL base + refiner in
 diffusers format), toy sizes, trained on CPU in minutes, so everything the service does to the real models
 it does to these, with outputs that mean something: the VPE names the colours a user likes and dislikes,
-the metric scores the liked colour high, ViPer guidance pulls images toward the liked colour.
+the metric scores the liked colour high (the more of an image it covers, the higher), ViPer guidance pulls
+images toward the liked colour.
 
 - world: the images, comments and users (with held-out shades, phrasings and images).
 - train_toy_models(out_dir): trains every checkpoint (layout: engine.presets.BUILT_LAYOUT) with a manifest

@@ -43,6 +43,21 @@ def held_out_queries(user: world.User, per_side: int = 4, *,
     return liked, disliked
 
 
+def held_out_mixes(user: world.User, count: int = 8, *, seed: int = 0) -> list[Image.Image]:
+    """Held-out images of the user's liked colour with 0 to 50% of their pixels (evenly spaced) from an image of
+    one of its hue neighbours: what a generator's candidates for the user look like (world.draw_mixed_image)."""
+    rng = np.random.default_rng([seed, world.COLOURS.index(user.liked_colour), 21])
+    neighbours = world.neighbours(user.liked_colour)
+    return [world.draw_mixed_image(rng, user.liked_colour, neighbours[i % 2], float(area), "eval")
+            for i, area in enumerate(np.linspace(0, 0.5, count))]
+
+
+def rank_correlation(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's: the correlation of the two sequences' ranks (ties ranked by position)."""
+    ranks = [np.argsort(np.argsort(values, kind="stable"), kind="stable") for values in (a, b)]
+    return float(np.corrcoef(*ranks)[0, 1])
+
+
 def names_colours(user: world.User, liked_features: Sequence[str], disliked_features: Sequence[str]) -> bool:
     """The VPE target: the liked colour among the liked features and the disliked one among the disliked."""
     return user.liked_colour in liked_features and user.disliked_colour in disliked_features

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .manifest import write_manifest
-from .train_idefics2 import train_idefics2
+from .manifest import MANIFEST, write_manifest
+from .train_idefics2 import train_graded_metric, train_idefics2
 from .train_sdxl import train_sdxl
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ def train_toy_models(out_dir: Path, *, seed: int = 0, parallel: bool = True) -> 
 
     Fixed seeds; each model trains on one torch thread (on a shared CPU more threads mostly wait for each
     other), the two in parallel processes unless parallel=False: about 21 minutes on two shared cores (IDEFICS2
-    the longer). The same seed gives the same files, bit for bit.
+    the longer), plus about 4 for the graded metric stage. The same seed gives the same files, bit for bit.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -39,6 +39,17 @@ def train_toy_models(out_dir: Path, *, seed: int = 0, parallel: bool = True) -> 
             job(out_dir, seed)
     write_manifest(out_dir)
     log.info("toy models trained into %s in %.0f s", out_dir, time.perf_counter() - started)
+
+
+def retrain_graded_metric(models_dir: Path, *, seed: int = 0) -> None:
+    """Runs the graded metric stage alone (train_idefics2.train_graded_metric) on models_dir's IDEFICS2 base and
+    metric adapter, on one torch thread, and rewrites models_dir's manifest when it has one: what
+    train_toy_models gives for that seed, from its first three stages' files (e.g. the committed weights)."""
+    models_dir = Path(models_dir)
+    with _one_thread():
+        train_graded_metric(models_dir, seed=seed)
+    if (models_dir / MANIFEST).is_file():
+        write_manifest(models_dir)
 
 
 def _train_idefics2(out_dir: Path, seed: int, log_level: int | None = None) -> None:

@@ -115,6 +115,38 @@ def draw_image(rng: np.random.Generator, colour: str, split: Split, size: int = 
     return Image.fromarray(np.clip(image, 0, 255).round().astype(np.uint8), mode="RGB")
 
 
+def draw_mixed_image(rng: np.random.Generator, colour: str, other: str | None, area: float, split: Split,
+                     size: int = IMAGE_SIZE) -> Image.Image:
+    """An image of `colour` (draw_image) with about `area` of its pixels taken from an image of `other` (a
+    neutral field when None): in scattered specks of 1-8 px or in one region, as is or blended with the
+    first image, so that some hues fall between the two colours' bands (what a generator makes). How much of
+    each colour it holds is measured on the result (evaluate.colour_share), not taken from `area`."""
+    first = np.asarray(draw_image(rng, colour, split, size), dtype=np.float32)
+    if other is None:
+        second = np.full_like(first, _NEUTRALS[rng.integers(len(_NEUTRALS))])
+    else:
+        second = np.asarray(draw_image(rng, other, split, size), dtype=np.float32)
+    kind = rng.integers(5)
+    if kind < 4:  # specks: a random field on a grid of 1, 2, 4 or 8 px cells
+        cell = 2**kind
+        field = np.kron(rng.random((size // cell, size // cell)), np.ones((cell, cell)))
+    else:  # a region: a ramp along a random direction, with a wavy edge
+        y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+        angle = rng.uniform(0, 2 * np.pi)
+        along, across = np.cos(angle) * x + np.sin(angle) * y, -np.sin(angle) * x + np.cos(angle) * y
+        field = along + rng.uniform(0, 0.15) * np.sin(2 * np.pi * rng.uniform(1, 4) * across + rng.uniform(0, 6.3))
+    mask = (field < np.quantile(field, area))[..., None] if area > 0 else np.zeros((size, size, 1), dtype=bool)
+    weight = 1.0 if rng.random() < 0.5 else rng.uniform(0.4, 1.0)
+    mixed = np.where(mask, first * (1 - weight) + second * weight, first)
+    return Image.fromarray(np.clip(mixed, 0, 255).round().astype(np.uint8), mode="RGB")
+
+
+def neighbours(colour: str) -> tuple[str, str]:
+    """The two colours next to `colour` on the hue circle (COLOURS is in hue order)."""
+    index = COLOURS.index(colour)
+    return COLOURS[index - 1], COLOURS[(index + 1) % len(COLOURS)]
+
+
 def _shape_mask(rng: np.random.Generator, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     cx, cy, radius = rng.uniform(0.15, 0.85), rng.uniform(0.15, 0.85), rng.uniform(0.08, 0.2)
     kind = rng.integers(4)
