@@ -23,7 +23,8 @@ def train_toy_models(out_dir: Path, *, seed: int = 0, parallel: bool = True) -> 
 
     Fixed seeds; each model trains on one torch thread (on a shared CPU more threads mostly wait for each
     other), the two in parallel processes unless parallel=False: about 21 minutes on two shared cores (IDEFICS2
-    the longer), plus about 4 for the graded metric stage. The same seed gives the same files, bit for bit.
+    the longer), plus about 4 for the graded metric stage. The same seed gives the same files, bit for bit, with
+    the same library versions (README "Training": not the committed ones, made with earlier versions).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
