@@ -69,7 +69,7 @@ class ViperServer:
         check_secret_files(config)
         limit_concurrent_decodes(config.max_concurrent_decodes)
         self.store = open_store(config.db, keep_versions=config.keep_versions)
-        workers = default_workers() if config.preprocess_workers is None else config.preprocess_workers
+        workers = preprocess_workers(config)
         self.engine = ModelEngine(
             model_preset(config.models, config.models_dir, BUILT_MODELS_ROOT),
             load_settings(config),
@@ -217,8 +217,12 @@ def torch_threads(config: ServerConfig, environ: Mapping[str, str] = os.environ)
         return config.torch_threads
     if environ.get("OMP_NUM_THREADS"):
         return 0
-    workers = default_workers() if config.preprocess_workers is None else config.preprocess_workers
-    return max(1, available_cores() - workers)
+    return max(1, available_cores() - preprocess_workers(config))
+
+
+def preprocess_workers(config: ServerConfig) -> int:
+    """The preprocessing worker processes: the flag's, else default_workers()."""
+    return default_workers() if config.preprocess_workers is None else config.preprocess_workers
 
 
 def authenticator(config: ServerConfig) -> Authenticator | None:

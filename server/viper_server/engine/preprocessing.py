@@ -130,7 +130,11 @@ class Preprocessor:
         """Uploaded images (blocking: from a handler's thread), keyed by the sha256 of their bytes. The list ends
         at the first bad one: a request is refused for it, so the images after it are not processed (their
         jobs are dropped unless a worker has begun them)."""
-        items = [(hashlib.sha256(data).hexdigest(), ("bytes", data)) for data in uploads]
+        return self.process([(hashlib.sha256(data).hexdigest(), ("bytes", data)) for data in uploads])
+
+    def process(self, items: Sequence[tuple[str | None, Job]]) -> list[ProcessedImage | ImageDecodeError]:
+        """(sha256 of the source or None, job) per image -> its result, blocking until all are done; the list
+        ends at the first ImageDecodeError, the later items' jobs dropped unless a worker has begun them."""
         started = self._start(items)
         results: list[ProcessedImage | ImageDecodeError] = []
         for (key, _), item in zip(items, started):
@@ -141,12 +145,6 @@ class Preprocessor:
                         rest.cancel()
                 break
         return results
-
-    def process(self, items: Sequence[tuple[str | None, Job]]) -> list[ProcessedImage | ImageDecodeError]:
-        """(sha256 of the source or None, job) per image -> its result, blocking until all are done."""
-        started = self._start(items)
-        return [self._finish(key, item.result()) if isinstance(item, Future) else item
-                for (key, _), item in zip(items, started)]
 
     async def process_async(self, items: Sequence[tuple[str | None, Job]]) -> list[ProcessedImage | ImageDecodeError]:
         """process, awaited: the event loop stays free while the workers (or a thread) work."""
