@@ -44,6 +44,7 @@ import diffusers
 import numpy as np
 import torch
 import transformers
+from flags import add_model_flags, threads_env
 from PIL import Image
 
 from viper_client import RatedImage, ViperClient
@@ -303,11 +304,6 @@ def _picks(client: ViperClient, users: list, strength: float, cases: int, steps:
     return PickFigures(strength=strength, cases=picks)
 
 
-def threads_env(threads: int) -> dict[str, str]:
-    """The server's torch threads: threads, or its own default for 0."""
-    return {"OMP_NUM_THREADS": str(threads)} if threads else {}
-
-
 def _images(events) -> list[GeneratedImage]:
     return [event for event in events if isinstance(event, GeneratedImage)]
 
@@ -341,20 +337,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--images", type=int, default=2, help="images per request")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads, here and in the servers (the cores are shared); 0 = torch's default")
-    parser.add_argument("--models", choices=("tiny", "full-random"), default="tiny",
-                        help="tiny (built here) or full-random (the real architectures, random weights: for a GPU)")
-    parser.add_argument("--device", default="cpu", help="where the models run, here and in the servers")
+    add_model_flags(parser)
     parser.add_argument("--server-tokens", type=int, default=None,
                         help="the gRPC section's server --vpe-max-new-tokens, for the profile it extracts first "
                              "(default: the preset's)")
     parser.add_argument("--users", type=int, default=evaluate.HELD_OUT_USER_COUNT,
                         help="held-out toy users whose picks best of N scores (default: all of them)")
     parser.add_argument("--only", choices=["best-of"], help="run that section alone")
-    parser.add_argument("--models-dir", type=Path,
-                        help="tiny models already built there, or built there once "
-                             "(default: built in a temp folder, removed after)")
     return parser.parse_args()
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from flags import add_model_flags, threads_env
 from PIL import Image
 
 from viper_client import RatedImage, ViperClient
@@ -101,7 +102,7 @@ def measure_grpc(name: str, target: str, queries: list[bytes], repeats: int) -> 
 
 def start_server(args: argparse.Namespace, models_dir: Path, db_path: Path, *flags: str) -> ServerProcess:
     """A started server process with the bench user's profile extracted from the fixture images."""
-    env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
+    env = threads_env(args.threads)
     server = ServerProcess(db_path, models_dir, "--device", args.device, *flags, models=args.models, env=env)
     server.start(timeout=1800)
     comments = json.loads((EXAMPLES / "comments.json").read_text())
@@ -115,17 +116,10 @@ def start_server(args: argparse.Namespace, models_dir: Path, db_path: Path, *fla
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads, here and in the servers; 0 = torch's default")
+    add_model_flags(parser)
     parser.add_argument("--repeats", type=int, default=3, help="end-to-end calls timed per server")
     parser.add_argument("--queries", type=int, default=QUERY_COUNT, choices=range(1, QUERY_COUNT + 1),
                         metavar=f"1..{QUERY_COUNT}", help=f"images scored per call (default {QUERY_COUNT})")
-    parser.add_argument("--models-dir", type=Path,
-                        help="tiny models already built there, or built there once "
-                             "(default: built in a temp folder, removed after)")
-    parser.add_argument("--models", choices=("tiny", "full-random"), default="tiny",
-                        help="tiny (built here) or full-random (the real architectures, random weights: for a GPU)")
-    parser.add_argument("--device", default="cpu", help="where the models run, here and in the servers")
     parser.add_argument("--server-tokens", type=int, default=None,
                         help="the servers' --vpe-max-new-tokens for the bench user's extraction (default: the "
                              "preset's)")
