@@ -4,15 +4,16 @@ the workers leave with the server, on SIGTERM and when the server itself is kill
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
-import time
 import urllib.request
 
 import grpc
 import psutil
 import pytest
+from waiting import wait_for
 
 from viper_proto.v1 import profile_pb2, profile_pb2_grpc
 from viper_server.testing import ServerProcess
@@ -41,12 +42,7 @@ def metric(url: str, name: str) -> float:
     raise AssertionError(f"no {name} in the metrics")
 
 
-def wait_until(condition, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("the condition did not hold in time")
-        time.sleep(0.02)
+wait_until = functools.partial(wait_for, timeout=WAIT)
 
 
 def request(user_id: str, seed: int) -> profile_pb2.ExtractProfileRequest:

@@ -9,12 +9,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import Future
 
 import numpy as np
@@ -22,6 +22,7 @@ import psutil
 import pytest
 from PIL import Image
 from transformers import Idefics2ImageProcessorPil
+from waiting import wait_for
 
 from viper_server.engine.errors import PreprocessWorkerLost
 from viper_server.engine.preprocessing import Preprocessor, ProcessedCache, cache_key
@@ -184,12 +185,7 @@ def test_the_pool_s_cache_keeps_to_its_budget_and_answers_by_content():
     assert preprocessor.cache.get(cache_key(first[0].sha256)) is None  # least recently used: gone
 
 
-def wait_until(condition, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("the condition did not hold in time")
-        time.sleep(0.01)
+wait_until = functools.partial(wait_for, timeout=WAIT)
 
 
 # -- the flags -----------------------------------------------------------------------------------------------
