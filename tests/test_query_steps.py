@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -43,6 +44,14 @@ def images(seed: int, count: int) -> list[bytes]:
     return [png(Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))) for _ in range(count)]
 
 
+async def until(condition, timeout: float = 60.0) -> None:
+    """Returns once condition() holds; AssertionError after timeout seconds (a wait that can fail, not hang)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition did not hold in time"
+        await asyncio.sleep(0.02)
+
+
 def query_steps(tiny_models_dir, **settings) -> tuple[list[list[float]], list[int]]:
     """USERS users' 4-query Scores (prefixes cached), waiting together before the scheduler's next step: their
     scores, and the batch sizes of the query steps that served them."""
@@ -63,11 +72,14 @@ def query_steps(tiny_models_dir, **settings) -> tuple[list[list[float]], list[in
             for context in contexts:  # the prefixes cached: no step of their own below
                 await score(context)
             steps.queries.clear()
-            gate = threading.Event()  # holds the scheduler until every Score waits
-            hold = asyncio.ensure_future(engine.idefics2_scheduler.run(FunctionTask(lambda task: gate.wait(60))))
+            # A step that holds the scheduler until every Score waits. The Scores are sent once it runs: sent
+            # before, they could be admitted beside it, and would then not count as waiting (a CI run hung so).
+            held, gate = threading.Event(), threading.Event()
+            hold = asyncio.ensure_future(engine.idefics2_scheduler.run(
+                FunctionTask(lambda task: held.set() or gate.wait(60))))
+            await until(held.is_set)
             scorings = [asyncio.ensure_future(score(context)) for context in contexts]
-            while engine.idefics2_scheduler.depth < USERS:
-                await asyncio.sleep(0.02)
+            await until(lambda: engine.idefics2_scheduler.depth == USERS)
             gate.set()
             await hold
             return await asyncio.gather(*scorings)
