@@ -44,16 +44,18 @@ class SharedPrefix:
                scale: float) -> torch.Tensor:
         """query [rows, heads, L, d], key / value [rows, kv_heads, L, d] (the suffix's own); returns the
         attention output as transformers' attention functions do, [rows, L, heads, d]."""
-        heads, groups = query.shape[1], query.shape[1] // key.shape[1]
+        heads, kv_heads = query.shape[1], key.shape[1]
+        groups = heads // kv_heads
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
         outputs, start = [], 0
         for prefix, count in zip(self.prefixes, self.rows):
             q = query[start : start + count]
             length = q.shape[2]
-            # All the rows' query tokens as one sequence against the one prefix: no mask, every key visible.
-            prefix_keys, prefix_values = (states.repeat_interleave(groups, dim=1) for states in prefix[layer])
-            shared = q.transpose(0, 1).reshape(1, heads, count * length, -1)
-            out_p, lse_p = _attention_with_lse(shared, prefix_keys, prefix_values, causal=False, scale=scale)
+            # All the rows' query tokens as one sequence against the one prefix (no mask: every key visible),
+            # grouped by the key/value head they read (query head j reads head j // groups), so the prefix's
+            # keys and values are read as they lie, not repeated per query head.
+            shared = q.transpose(0, 1).reshape(1, kv_heads, groups * count * length, -1)
+            out_p, lse_p = _attention_with_lse(shared, *prefix[layer], causal=False, scale=scale)
             out_p = out_p.reshape(heads, count, length, -1).transpose(0, 1)
             lse_p = lse_p.reshape(heads, count, length).transpose(0, 1)
             rows = slice(start, start + count)
