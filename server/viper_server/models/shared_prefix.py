@@ -45,27 +45,25 @@ class SharedPrefix:
         """query [rows, heads, L, d], key / value [rows, kv_heads, L, d] (the suffix's own); returns the
         attention output as transformers' attention functions do, [rows, L, heads, d]."""
         heads, kv_heads = query.shape[1], key.shape[1]
-        groups = heads // kv_heads
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-        outputs, start = [], 0
+        groups, length = heads // kv_heads, query.shape[2]
+        prefix_outputs, prefix_lses, start = [], [], 0
         for prefix, count in zip(self.prefixes, self.rows):
-            q = query[start : start + count]
-            length = q.shape[2]
             # All the rows' query tokens as one sequence against the one prefix (no mask: every key visible),
             # grouped by the key/value head they read (query head j reads head j // groups), so the prefix's
             # keys and values are read as they lie, not repeated per query head.
-            shared = q.transpose(0, 1).reshape(1, kv_heads, groups * count * length, -1)
-            out_p, lse_p = _attention_with_lse(shared, *prefix[layer], causal=False, scale=scale)
-            out_p = out_p.reshape(heads, count, length, -1).transpose(0, 1)
-            lse_p = lse_p.reshape(heads, count, length).transpose(0, 1)
-            rows = slice(start, start + count)
-            out_s, lse_s = _attention_with_lse(q, key[rows], value[rows], causal=True, scale=scale)
-            lse = torch.logaddexp(lse_p, lse_s)
-            outputs.append(out_p * (lse_p - lse).exp().unsqueeze(-1).to(out_p.dtype)
-                           + out_s * (lse_s - lse).exp().unsqueeze(-1).to(out_s.dtype))
+            shared = query[start : start + count].transpose(0, 1).reshape(1, kv_heads, groups * count * length, -1)
+            out, lse = _attention_with_lse(shared, *prefix[layer], causal=False, scale=scale)
+            prefix_outputs.append(out.reshape(heads, count, length, -1).transpose(0, 1))
+            prefix_lses.append(lse.reshape(heads, count, length).transpose(0, 1))
             start += count
-        return torch.cat(outputs).transpose(1, 2).contiguous()
-
+        out_p, lse_p = torch.cat(prefix_outputs), torch.cat(prefix_lses)
+        # Each row's own suffix, causally: one call for all rows (the suffix is not shared).
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        out_s, lse_s = _attention_with_lse(query, key, value, causal=True, scale=scale)
+        lse = torch.logaddexp(lse_p, lse_s)
+        merged = (out_p * (lse_p - lse).exp().unsqueeze(-1).to(out_p.dtype)
+                  + out_s * (lse_s - lse).exp().unsqueeze(-1).to(out_s.dtype))
+        return merged.transpose(1, 2).contiguous()
 
 def _attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, causal: bool,
                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
