@@ -20,11 +20,12 @@ child processes, and the server's cache hits and misses where its Prometheus met
 the serial one, and the cold over the warm extraction's time.
 
     .venv/bin/python bench/concurrency.py [--repeats 3] [--scores 30] [--new-tokens 400] [--warm-new-tokens N]
+        [--warm-repeats 7]
 
 At real scale on a GPU host (random weights, nothing downloaded; `make bench-gpu` runs it with bench/gpu.py):
 
     python bench/concurrency.py --models full-random --device cuda --size 1024 --steps 10 --new-tokens 128 \
-        --warm-new-tokens 128 --repeats 2 --scores 20
+        --warm-new-tokens 128 --repeats 2 --scores 20 --warm-repeats 2
 """
 
 from __future__ import annotations
@@ -493,6 +494,10 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="serial / concurrent pairs per comparison")
     parser.add_argument("--scores", type=int, default=30, help="Score calls of each kind per block in (a)")
+    parser.add_argument("--warm-repeats", type=int, default=7,
+                        help="cold / warm / again rounds in (e) (a round takes about a second on the tiny models; "
+                             "the warm request's other comments give another text, of another length: its time "
+                             "varies more than the others')")
     parser.add_argument("--size", type=int, default=64, help="generated width and height")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps per image (base + refiner)")
     parser.add_argument("--threads", type=int, default=None,
@@ -551,7 +556,7 @@ def main() -> None:
             rows = throughputs(args, server.process.target, query_bytes)
             clock.lap("(b)-(d)")
             if same_server:
-                warm_table, figures["warm_extraction"] = warm_extraction(server.process.target, args.repeats,
+                warm_table, figures["warm_extraction"] = warm_extraction(server.process.target, args.warm_repeats,
                                                                          server.metrics_url)
                 clock.lap("(e)")
         finally:
@@ -561,8 +566,8 @@ def main() -> None:
             warm_server = BenchServer.start(args, models_dir, Path(tmp) / "warm.db", args.warm_new_tokens)
             clock.lap("server start")
             try:
-                warm_table, figures["warm_extraction"] = warm_extraction(warm_server.process.target, args.repeats,
-                                                                         warm_server.metrics_url)
+                warm_table, figures["warm_extraction"] = warm_extraction(warm_server.process.target,
+                                                                         args.warm_repeats, warm_server.metrics_url)
                 clock.lap("(e)")
             finally:
                 figures["memory"]["warm"] = warm_server.stop()

@@ -53,7 +53,7 @@ SECTIONS = [
                            "--server-tokens", "32"], budget_s=130),
     Section("metric", ["--repeats", "2", "--threads", "0", "--server-tokens", "32"], budget_s=150),
     Section("concurrency", ["--size", "1024", "--steps", "10", "--new-tokens", "128", "--warm-new-tokens", "128",
-                            "--repeats", "2", "--scores", "20"], budget_s=190),
+                            "--repeats", "2", "--scores", "20", "--warm-repeats", "2"], budget_s=190),
 ]
 
 

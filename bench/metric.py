@@ -1,7 +1,8 @@
 """Proxy-metric benchmark on the tiny IDEFICS2: the reference procedure vs the prefix-cached, batched path.
 
 One user (the 8 + 8 fixture images as context), 16 queries (`--queries`: fewer). In process: the reference
-procedure, the cached path with the prefix computed in the call (cold) and already cached (warm). End to end: the
+procedure, the cached path with the prefix computed in the call (cold) and already cached (warm), and the query
+steps of 8 users (8 prefixes, each user's first batch of queries) one user a step vs all in one. End to end: the
 same Score request through the client SDK to two real server processes, one with `--metric-cache off` (the
 reference procedure) and one with the cache on, interleaved. The last line printed is `speedup: N.NNx`:
 reference / cached time per query end to end, in the steady state (the user's prefix cached).
@@ -35,6 +36,8 @@ from viper_server.models.full_random import FULL, build_idefics2
 from viper_server.models.idefics2 import Idefics2Base, load_idefics2
 from viper_server.models.metric import MetricScorer, ScoringContext, reference_scores
 from viper_server.models.tiny import ensure_tiny_models
+from viper_server.models.vision import VisionCache
+from viper_server.pixels import ProcessedImage, processed
 from viper_server.testing import ServerProcess
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "viper_examples"
@@ -86,6 +89,39 @@ def measure_cached(scorer: MetricScorer, context: ScoringContext, queries: list[
     warm = scorer.cache_stats.entries > 0
     name = f"prefix cache, batch {scorer.batch_size}, " + ("warm" if warm else "cold (prefix computed in the call)")
     return timed(name, queries, lambda: scorer.score(context, queries))
+
+
+def measure_users(runtime: Idefics2Base, context: ScoringContext, queries: list[Image.Image], batch_size: int,
+                  users: int = 8, repeats: int = 5) -> tuple[float, float]:
+    """Query steps of `users` users (the context's images rotated: a prefix each, cached first), the same first
+    batch of queries each, their features cached as a server's vision cache keeps them: seconds for one user a
+    step, all of them in turn, and for all in one step (medians)."""
+    scorer = MetricScorer(runtime, batch_size=batch_size, vision_cache=VisionCache(1 << 30))
+    contexts = [ScoringContext(liked=context.liked[n:] + context.liked[:n],
+                               disliked=context.disliked[n:] + context.disliked[:n], cache_key=(f"user-{n}", "bench"))
+                for n in range(users)]
+    batch = [ProcessedImage(processed(query).values, sha256=f"query-{n}")
+             for n, query in enumerate(queries[:batch_size])]
+    for user_context in contexts:
+        scorer.score(user_context, batch)  # caches the prefix (and the queries' features, once)
+
+    def scorings() -> list:
+        prepared = [scorer.prepare(user_context, batch) for user_context in contexts]
+        assert all(scorer.take_cached_prefix(scoring) for scoring in prepared)
+        return prepared
+
+    one_a_step, together = [], []
+    for _ in range(repeats):
+        prepared = scorings()
+        start = time.perf_counter()
+        for scoring in prepared:
+            scorer.query_step([scoring])
+        one_a_step.append(time.perf_counter() - start)
+        prepared = scorings()
+        start = time.perf_counter()
+        scorer.query_step(prepared)
+        together.append(time.perf_counter() - start)
+    return statistics.median(one_a_step), statistics.median(together)
 
 
 def measure_grpc(name: str, target: str, queries: list[bytes], repeats: int) -> Measurement:
@@ -150,6 +186,10 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         print(f"max |score difference|, {measurement.name} vs reference: {difference:.1e}")
     print(f"in process: cold-cache speedup {reference.seconds_per_query / cold.seconds_per_query:.2f}x, "
           f"warm {reference.seconds_per_query / warm.seconds_per_query:.2f}x")
+    one_a_step, together = measure_users(runtime, context, queries, args.batch_size)
+    print(f"query steps of 8 users ({scorer.batch_size} queries each, prefixes cached): one user a step "
+          f"{one_a_step * 1e3:.1f} ms in all, the 8 in one step {together * 1e3:.1f} ms: "
+          f"{one_a_step / together:.2f}x")
 
     del runtime, scorer  # the servers hold their own copies (one at a time: on a GPU, memory is what limits)
     if torch.cuda.is_available():

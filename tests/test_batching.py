@@ -244,7 +244,8 @@ DISLIKED = ["dark shadows", "gloomy blue palette", "cluttered composition"]
 def drive_generations(generator: PersonalizedGenerator, generations: list[Generation], starts: list[int],
                       on_decode: Callable[[Generation], None]) -> list[tuple[str, int]]:
     """Runs the generations as the scheduler would: each starts at step starts[i]; the denoising steps of all
-    images in one stage and size share one call, so do the VAE decodes. Returns (phase, images) per call."""
+    images in one stage and size share one call, so do the VAE decodes. Returns (phase, images) per call
+    (for encode: generations)."""
     calls, step = [], 0
     while any(generation.phase != "done" for generation in generations):
         live = [g for g, start in zip(generations, starts) if start <= step and g.phase != "done"]
@@ -256,13 +257,14 @@ def drive_generations(generator: PersonalizedGenerator, generations: list[Genera
             if generation.phase != "encode":
                 groups.setdefault((generation.phase, generation.size), []).append(generation)
         for (phase, _), members in groups.items():
+            images = sum(len(generation.images) for generation in members)
             if phase == "decode":
                 for generation in members:
                     on_decode(generation)
                 generator.decode_step(members)
             else:
                 generator.denoise_step(members)
-            calls.append((phase, len(members)))
+            calls.append((phase, images))
         step += 1
     return calls
 
@@ -277,6 +279,8 @@ def test_generations_denoised_together_equal_each_alone(generator):
     ]
 
     def run(batched: list[int] | None) -> tuple[list[list[torch.Tensor]], list[list[bytes]], list[tuple[str, int]]]:
+        """Alone: each request by itself, its images one after the other. Batched: the second request's two
+        images side by side too."""
         latents: list[list[torch.Tensor]] = [[] for _ in requests]
         pngs: list[list[bytes]] = [[] for _ in requests]
         generations = []
@@ -284,9 +288,12 @@ def test_generations_denoised_together_equal_each_alone(generator):
             def emit(event, number=number):
                 if isinstance(event, FinishedImage):
                     pngs[number].append(event.png)
-            generations.append(generator.start(params, liked, disliked, emit))
+            generations.append(generator.start(params, liked, disliked, emit, together=1 if batched is None else 2))
         index = {id(generation): number for number, generation in enumerate(generations)}
-        record = lambda generation: latents[index[id(generation)]].append(generation.image.latents.clone())  # noqa: E731
+
+        def record(generation: Generation) -> None:
+            latents[index[id(generation)]] += [image.latents.clone() for image in generation.images]
+
         if batched is None:
             calls = []
             for generation in generations:
@@ -297,8 +304,9 @@ def test_generations_denoised_together_equal_each_alone(generator):
 
     alone_latents, alone_pngs, _ = run(None)
     together_latents, together_pngs, calls = run([0, 0, 1, 0])
-    assert ("base", 3) in calls and ("refiner", 2) in calls  # images at different timesteps shared calls
+    assert ("base", 4) in calls and ("refiner", 3) in calls  # images at different timesteps shared calls
     assert ("base", 1) in calls  # the 80 px wide image never joined the 64 px ones
+    assert ("decode", 3) in calls  # the second request's two images decoded together, with the first's
     assert ("encode", 3) in calls  # three requests' prompts and features encoded in one call per encoder
     for ours, theirs in zip(together_latents, alone_latents):
         assert len(ours) == len(theirs) > 0

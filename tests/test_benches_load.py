@@ -11,7 +11,7 @@ from benchrun import run_bench
 def test_the_concurrency_bench_reports_every_figure_and_leaves_nothing_behind(tmp_path, tiny_models_dir):
     stdout = run_bench(tmp_path, tiny_models_dir, "concurrency.py",
                        ["--repeats", "1", "--scores", "2", "--steps", "2", "--new-tokens", "4",
-                        "--warm-new-tokens", "4"], "concurrency: ")
+                        "--warm-new-tokens", "4", "--warm-repeats", "1"], "concurrency: ")
     assert_concurrency_report(stdout)
 
 

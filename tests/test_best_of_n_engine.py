@@ -1,6 +1,7 @@
 """Best of N's scheduling, in process (ViperService over a ModelEngine with the toy models and a SQLite store):
-the candidates of one request are one generation of that many images (one after the other, each byte for byte
-the image of a plain Generate), which shares UNet calls with other users' generations as any Generate does,
+the candidates of one request are one generation of that many images (denoised together, up to the step's
+image bound, each byte for byte the image of a plain Generate), which shares UNet calls with other users'
+generations as any Generate does,
 and their scorings share the metric's query steps with another user's Score. tests/test_best_of_n.py covers
 the feature through gRPC."""
 
@@ -82,16 +83,29 @@ async def plain(engine: ModelEngine, params: GenerationParams, user: str = "user
     return [event async for event in engine.generate(params, ["red"], ["blue"], user=user)]
 
 
-def test_the_candidates_are_the_images_of_a_plain_generate_made_one_after_the_other(service):
+def unet_images(engine: ModelEngine) -> tuple[list[int], object]:
+    """The images in each call of the base UNet from now on (ViPer's four rows an image), and the hook's handle."""
+    calls: list[int] = []
+    unet = engine._models.generator._base.unet
+    handle = unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0] // 4))
+    return calls, handle
+
+
+@pytest.mark.parametrize("count", [4, 6])
+def test_the_candidates_denoise_together_and_are_the_images_of_a_plain_generate(service, count):
+    """With --generate-batch 4: 4 candidates in one UNet call a step; 6 in a group of 4, then one of 2."""
     _, engine, steps = service
-    params = replace(PARAMS, num_images=1, candidates=4)
-    steps.batches.clear()
-    made = asyncio.run(candidates(engine, params))
-    base = [size for model, step, size in steps.batches if (model, step) == ("sdxl", "base")]
-    assert base and base == [1] * len(base), f"base steps' batch sizes: {base}"
-    expected = pngs(asyncio.run(plain(engine, replace(params, num_images=4, candidates=4))))
-    assert pngs(made) == expected and len(set(expected)) == 4
-    assert [event.seed for event in made if isinstance(event, FinishedImage)] == [3, 4, 5, 6]
+    params = replace(PARAMS, num_images=1, candidates=count)
+    calls, handle = unet_images(engine)
+    try:
+        made = asyncio.run(candidates(engine, params))
+    finally:
+        handle.remove()
+    groups = [4] if count == 4 else [4, 2]
+    assert calls == [size for size in groups for _ in range(len(calls) // len(groups))], f"UNet calls: {calls}"
+    expected = pngs(asyncio.run(plain(engine, replace(params, num_images=count, candidates=count))))
+    assert pngs(made) == expected and len(set(expected)) == count
+    assert [event.seed for event in made if isinstance(event, FinishedImage)] == list(range(3, 3 + count))
 
 
 def test_the_candidates_share_unet_calls_with_another_users_generation(service):
@@ -161,4 +175,4 @@ def test_cancelling_stops_the_running_candidates_within_a_step_and_starts_no_oth
     after = [step for model, step, _ in steps.batches[at_cancel:] if model == "sdxl"]
     assert len(after) <= 1, f"steps run after the cancel: {after}"
     encoded = sum(size for model, step, size in steps.batches if (model, step) == ("sdxl", "encode"))
-    assert encoded == 1, "the candidates after the running one never started"
+    assert encoded == 1, "the candidates after the running group never started"

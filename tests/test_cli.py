@@ -9,6 +9,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -61,6 +62,7 @@ class FakeServer(
         # After the first preview of the last image, Generate "fails" (INTERNAL) or "hangs" until cancelled.
         self.generate_then: str | None = None
         self.generate_cancelled = threading.Event()
+        self.side_by_side = False  # True: the images' progress interleaved, as a request's images denoise together
 
     def add(self, user_id: str, features: bool = True) -> profile_pb2.Profile:
         self.profiles[user_id] = profile_pb2.Profile(
@@ -128,6 +130,16 @@ class FakeServer(
     def Generate(self, request, context):
         self.requests.append(request)
         self._stored(request.user_id, 0, context)
+        if self.side_by_side:
+            for step in range(1, request.steps + 1):
+                for index in range(request.num_images):
+                    yield generation_pb2.GenerateEvent(progress=generation_pb2.GenerateProgress(
+                        image_index=index, step=step, total_steps=request.steps))
+            for index in range(request.num_images):
+                yield generation_pb2.GenerateEvent(image=generation_pb2.GeneratedImage(
+                    image_index=index, png=png_bytes((index * 100, 0, 0)), seed=request.seed + index, width=8,
+                    height=8))
+            return
         for index in range(request.num_images):
             for step in range(1, request.steps + 1):
                 yield generation_pb2.GenerateEvent(
@@ -328,8 +340,10 @@ class Terminal(io.StringIO):
         return True
 
 
-def test_generate_progress_bar_counts_the_steps_of_every_image(server, tmp_path, monkeypatch):
+@pytest.mark.parametrize("side_by_side", [False, True])
+def test_generate_progress_bar_counts_the_steps_of_every_image(server, tmp_path, monkeypatch, side_by_side):
     server.add("alice")
+    server.side_by_side = side_by_side
     terminal = Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     assert (
@@ -351,6 +365,8 @@ def test_generate_progress_bar_counts_the_steps_of_every_image(server, tmp_path,
     )
     assert terminal.getvalue().rstrip().rsplit("\r", 1)[-1].lstrip().startswith("100%|")
     assert "6/6" in terminal.getvalue()
+    counts = [int(n) for n in re.findall(r"(\d+)/6 ", terminal.getvalue())]
+    assert counts == sorted(counts), f"the bar went back: {counts}"
 
 
 def test_score_prints_each_image_with_its_score_in_order(server, capsys):

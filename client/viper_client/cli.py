@@ -470,10 +470,11 @@ def generate_images(client: ViperClient, args: argparse.Namespace) -> None:
         try:
             # closing(): an error here cancels the generation on the server.
             with closing(events), tqdm(unit="step", disable=None) as bar:
+                steps_done: dict[int, int] = {}
                 for event in events:
                     if ctrl_c.pressed:
                         break
-                    show_event(event, out, bar, max(args.num_images, args.best_of))
+                    show_event(event, out, bar, max(args.num_images, args.best_of), steps_done)
         except Exception:
             # After Ctrl-C the stream fails as cancelled (or never starts, on a closed channel): that is the
             # Ctrl-C, reported below.
@@ -491,11 +492,14 @@ def generate_images(client: ViperClient, args: argparse.Namespace) -> None:
                          f"the stream ended after {len(out.images)} of {args.num_images} images{kept}")
 
 
-def show_event(event: object, out: OutputFolder, bar: tqdm, images_made: int) -> None:
-    """images_made: every image the server generates (with --best-of, all the candidates)."""
+def show_event(event: object, out: OutputFolder, bar: tqdm, images_made: int, steps_done: dict[int, int]) -> None:
+    """images_made: every image the server generates (with --best-of, all the candidates); steps_done: each
+    image's latest step so far (the server denoises a request's images side by side, their progress
+    interleaved)."""
     if isinstance(event, Progress):
+        steps_done[event.image_index] = event.step
         bar.total = event.total_steps * images_made
-        bar.n = event.image_index * event.total_steps + event.step
+        bar.n = sum(steps_done.values())
         bar.refresh()
     elif isinstance(event, Preview):
         out.write_preview(event.image_index, event.png)

@@ -217,7 +217,8 @@ _SERVE_FLAGS: dict[str, _Flag] = {
                                 "bytes of cached image features (by image sha256, adapter, dtype); 0 = off"),
     "extract_batch": _Flag("VIPER_EXTRACT_BATCH", int, "extractions running at once, decoding in one forward pass"),
     "generate_batch": _Flag("VIPER_GENERATE_BATCH", int,
-                            "generations running at once; images of one size and stage share each UNet call"),
+                            "generations running at once, and images in one UNet call (a request's images "
+                            "side by side, others' of one size and stage with them)"),
     "score_batch": _Flag("VIPER_SCORE_BATCH", int,
                          "Score requests running at once; equally long contexts share each forward pass"),
     "scheduling_policy": _Flag("VIPER_SCHEDULING_POLICY", str,

@@ -187,10 +187,10 @@ class ModelEngine:
                                   disliked_features: Sequence[str], *,
                                   user: str | None = None) -> AsyncIterator[GenerationEvent]:
         """Best of N's images: exactly those of a plain Generate of params.candidates images (seeds seed, seed+1,
-        ...), since they are made as one: one task, its images one after the other. Not as one-image requests
-        batched together: a UNet or VAE call's floats depend on how many images share it (pixels then move by
-        1/255), and a plain Generate makes each image in calls of its own, so that its seed alone makes it
-        again. The caller has checked the queue's room (check_room): it queues even if it has filled since."""
+        ...), since they are made as one: one task, its images denoised together as a plain Generate's are (in
+        groups of up to the step's image bound). Not as one-image requests batched together: a UNet or VAE
+        call's floats depend on how many images share it and in which rows (pixels then move by 1/255). The
+        caller has checked the queue's room (check_room): it queues even if it has filled since."""
         _, _, generations = self._loaded_work()
         task = GenerationTask(generations, replace(params, num_images=params.candidates), liked_features,
                               disliked_features, user, on_denoising_step=self._observer.generation_step)

@@ -6,9 +6,11 @@
 - score (IDEFICS2 + metric adapter): the context's key/value states from the cache (no step of their own), or
   computed in prefill steps as an extraction's, alone; then a step per query batch, the batches of running
   scorings with equally long contexts in one forward pass, as many as --query-step-tokens holds.
-- generate (SDXL): an encode step per image (text embeddings, noise; the texts of all images starting together
-  through each text encoder at once), a step per denoising step (base, then
-  refiner; images of one stage and size in one UNet call), then the VAE decode (images of one size together).
+- generate (SDXL): a request's images a group at a time, up to --generate-batch images in a group, side by side
+  (best of N's candidates denoise together, and are exactly a plain Generate's images). A group takes an encode
+  step (text embeddings, noise; the texts of all images starting together through each text encoder at once),
+  a step per denoising step (base, then refiner; images of one stage and size in one UNet call), then the VAE
+  decode (images of one size together). A generation step holds at most --generate-batch images, whoever's.
 
 Step keys say what may share a forward pass; the batch bounds are the kinds' slot counts. A prefill step feeds at
 most --prefill-tokens prompt tokens and encodes at most --prefill-images images; a query step batches the queries
@@ -138,16 +140,24 @@ class GenerationTask(Task):
         super().__init__("generate", user)
         self.work = work
         self._on_denoising_step = on_denoising_step
-        self.generation: Generation = work.generator.start(params, liked_features, disliked_features, self._emit)
+        self.generation: Generation = work.generator.start(params, liked_features, disliked_features, self._emit,
+                                                           together=work.batch)
 
     def next_step(self) -> Step:
-        phase = self.generation.phase
+        """Every step's cost is the images in it: one step holds at most work.batch images, and a request's
+        group never needs more, so it always fits alone."""
+        generation, work = self.generation, self.work
+        phase = generation.phase
         if phase == "encode":
-            return Step(("encode",), self.work.encode, limit=self.work.batch, label="encode")
-        height, width = self.generation.size
+            return Step(("encode",), work.encode, limit=work.batch, label="encode", cost=generation.next_group,
+                        budget=work.batch)
+        height, width = generation.size
+        images = len(generation.images)
         if phase == "decode":
-            return Step(("vae", height, width), self.work.decode, limit=self.work.batch, label="vae")
-        return Step((phase, height, width), self.work.denoise, limit=self.work.batch, label=phase)
+            return Step(("vae", height, width), work.decode, limit=work.batch, label="vae", cost=images,
+                        budget=work.batch)
+        return Step((phase, height, width), work.denoise, limit=work.batch, label=phase, cost=images,
+                    budget=work.batch)
 
     def finish_if_done(self) -> None:
         if self.generation.phase == "done":

@@ -5,8 +5,10 @@ The loop is the stock SDXL pipelines' (`StableDiffusionXLPipeline` with `denoisi
 `StableDiffusionXLImg2ImgPipeline` with `denoising_start`), written out so that one UNet call can serve
 several images: each image has its own scheduler (its own timesteps and step index), generator, latents,
 guidance scale, preference strength and embeddings; rows of one call are per image, so the batch changes no
-image (tests/test_batching.py). Each base step evaluates ViPer's four predictions per image in one call
-(guidance.py); the images' events (progress, previews, the PNG) go out as they happen.
+image beyond float rounding (tests/test_batching.py). A request's images are made a group at a time (up to
+`together`, the step's image bound), denoised together in lockstep. Each base step evaluates ViPer's four
+predictions per image in one call (guidance.py); the images' events (progress, previews, the PNG) go out as
+they happen.
 """
 
 from __future__ import annotations
@@ -77,29 +79,37 @@ class _Image:
 
 @dataclass(eq=False)
 class Generation:
-    """One Generate request between steps: its images one after the other. Built by PersonalizedGenerator.start;
-    its events go to emit as they happen."""
+    """One Generate request between steps: its images a group at a time, at most `together` in a group, denoised
+    side by side (a group's images share every step, so they stay in one phase). Built by
+    PersonalizedGenerator.start; its events go to emit as they happen."""
 
     params: GenerationParams
     liked_features: Sequence[str]
     disliked_features: Sequence[str]
     emit: Callable[[GenerationEvent], None] = field(repr=False)
+    together: int = 1
     prompt_embeds: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
     refiner_embeds: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
     next_index: int = 0  # the next image to start
-    image: _Image | None = None
+    images: list[_Image] = field(default_factory=list)  # the group being made now
 
     @property
     def phase(self) -> str:
-        """encode (the next image's text and noise), base, refiner (a denoising step a step), decode (the VAE),
+        """encode (the next group's texts and noise), base, refiner (a denoising step a step), decode (the VAE),
         then done."""
-        if self.image is None:
+        if not self.images:
             return "done" if self.next_index >= self.params.num_images else "encode"
-        if not self.image.base.finished:
+        image = self.images[0]
+        if not image.base.finished:
             return "base"
-        if self.image.refiner is not None and not self.image.refiner.finished:
+        if image.refiner is not None and not image.refiner.finished:
             return "refiner"
         return "decode"
+
+    @property
+    def next_group(self) -> int:
+        """How many images the next encode step starts."""
+        return min(self.together, self.params.num_images - self.next_index)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -108,11 +118,11 @@ class Generation:
     @property
     def steps_done(self) -> int:
         """Denoising steps run for all its images so far."""
-        finished = self.next_index - (1 if self.image is not None else 0)
-        return finished * self.params.steps + (self.image.steps_done if self.image is not None else 0)
+        finished = self.next_index - len(self.images)
+        return finished * self.params.steps + sum(image.steps_done for image in self.images)
 
     def release(self) -> None:
-        self.image, self.prompt_embeds, self.refiner_embeds = None, None, None
+        self.images, self.prompt_embeds, self.refiner_embeds = [], None, None
 
 
 class PersonalizedGenerator:
@@ -168,18 +178,22 @@ class PersonalizedGenerator:
     # -- steps ----------------------------------------------------------------------------------------
 
     def start(self, params: GenerationParams, liked_features: Sequence[str], disliked_features: Sequence[str],
-              emit: Callable[[GenerationEvent], None]) -> Generation:
+              emit: Callable[[GenerationEvent], None], *, together: int = 1) -> Generation:
+        """together: how many of its images are denoised side by side (at most; the rest in later groups)."""
         if params.refine and self._refiner is None:
             raise ValueError("refine=True needs a refiner pipeline")
-        return Generation(params, list(liked_features), list(disliked_features), emit)
+        return Generation(params, list(liked_features), list(disliked_features), emit, together=max(1, together))
 
     @torch.inference_mode()
     def encode_step(self, generations: Sequence[Generation]) -> None:
-        """Starts each generation's next image: its features' embeddings, noise, timesteps (and, once per
-        request, the prompt's embeddings). The texts of all of them go through each text encoder in one call:
-        CLIP pads every text to its full length, so a row comes out as it would alone."""
+        """Starts each generation's next group of images: their features' embeddings, noise, timesteps (and,
+        once per request, the prompt's embeddings). The texts of all of them go through each text encoder in one
+        call: CLIP pads every text to its full length, so a row comes out as it would alone."""
         new = [generation for generation in generations if generation.prompt_embeds is None]
-        features = [self._image_features(generation) for generation in generations]
+        starting = [(generation, generation.next_index + offset) for generation in generations
+                    for offset in range(generation.next_group)]
+        features = [self._image_features(generation.params, generation.liked_features,
+                                         generation.disliked_features, index) for generation, index in starting]
         # The new requests' prompt / negative prompt rows, then every image's V+ / V- rows (pooled ones unused).
         rows = _rows(self._encode(self._base, [g.params.prompt for g in new] + [liked for liked, _ in features],
                                   [g.params.negative_prompt for g in new] + [disliked for _, disliked in features]))
@@ -191,24 +205,27 @@ class PersonalizedGenerator:
                                               [g.params.negative_prompt for g in refining]))
             for generation, embeds in zip(refining, refiner_rows):
                 generation.refiner_embeds = embeds
-        for generation, (liked_embeds, disliked_embeds, _, _) in zip(generations, rows[len(new) :]):
-            self._start_image(generation, liked_embeds, disliked_embeds)
+        for (generation, index), (liked_embeds, disliked_embeds, _, _) in zip(starting, rows[len(new) :]):
+            self._start_image(generation, index, liked_embeds, disliked_embeds)
+        for generation in generations:
+            generation.next_index += len(generation.images)
 
     @torch.inference_mode()
     def denoise_step(self, generations: Sequence[Generation]) -> None:
-        """One denoising step of each generation's image, all in one UNet call: all in phase base or all in
+        """One denoising step of each generation's images, all in one UNet call: all in phase base or all in
         phase refiner, all the same size."""
         phases = {generation.phase for generation in generations}
         if len(phases) != 1 or not phases <= {"base", "refiner"} or len({g.size for g in generations}) != 1:
             raise ValueError(f"one denoising step takes images of one stage and size, not {phases}")
         refining = phases == {"refiner"}
         unet = (self._refiner if refining else self._base).unet
-        stages = [generation.image.refiner if refining else generation.image.base for generation in generations]
+        images = [(generation, image) for generation in generations for image in generation.images]
+        stages = [image.refiner if refining else image.base for _, image in images]
         rows = 2 if refining else 4  # CFG pair; ViPer's four evaluations
         samples, timesteps = [], []
-        for generation, stage in zip(generations, stages):
+        for (_, image), stage in zip(images, stages):
             t = stage.timesteps[stage.position]
-            samples.append(stage.scheduler.scale_model_input(generation.image.latents, t).repeat(rows, 1, 1, 1))
+            samples.append(stage.scheduler.scale_model_input(image.latents, t).repeat(rows, 1, 1, 1))
             timesteps.append(t.reshape(1).expand(rows))
         noise = unet(
             torch.cat(samples),
@@ -220,8 +237,8 @@ class PersonalizedGenerator:
             },
             return_dict=False,
         )[0]
-        for generation, stage, image_noise in zip(generations, stages, noise.split(rows)):
-            params, image = generation.params, generation.image
+        for (generation, image), stage, image_noise in zip(images, stages, noise.split(rows)):
+            params = generation.params
             if refining:
                 uncond, text = image_noise.chunk(2)
                 guided = uncond + params.guidance_scale * (text - uncond)
@@ -240,7 +257,8 @@ class PersonalizedGenerator:
     def decode_step(self, generations: Sequence[Generation]) -> None:
         """The VAE decode of each generation's finished latents (all the same size) in one call; emits the PNGs."""
         vae = self._base.vae  # the refiner shares it
-        latents = torch.cat([generation.image.latents for generation in generations])
+        images = [(generation, image) for generation in generations for image in generation.images]
+        latents = torch.cat([image.latents for _, image in images])
         needs_upcasting = vae.dtype == torch.float16 and vae.config.force_upcast
         if needs_upcasting:  # the VAE overflows in float16: the pipelines decode in float32
             vae.to(dtype=torch.float32)
@@ -258,26 +276,29 @@ class PersonalizedGenerator:
         finally:
             if needs_upcasting:
                 vae.to(dtype=torch.float16)
-        for generation, pixels in zip(generations, decoded.split(1)):
-            params, image = generation.params, generation.image
+        for generation in generations:
+            generation.images = []
+        for (generation, image), pixels in zip(images, decoded.split(1)):
+            params = generation.params
             pipeline = self._refiner if params.refine else self._base
             if pipeline.watermark is not None:
                 pixels = pipeline.watermark.apply_watermark(pixels)
             picture = pipeline.image_processor.postprocess(pixels, output_type="pil")[0]
-            generation.image = None
             generation.emit(FinishedImage(image.index, png_bytes(picture), image_seed(params, image.index),
                                           params.width, params.height, picture=picture))
 
     # -- one image's set-up -----------------------------------------------------------------------------
 
     @staticmethod
-    def _image_features(generation: Generation) -> tuple[str, str]:
-        """The next image's liked and disliked features, each in the order its seed draws."""
-        rng = random.Random(image_seed(generation.params, generation.next_index))
-        return shuffled_features(generation.liked_features, rng), shuffled_features(generation.disliked_features, rng)
+    def _image_features(params: GenerationParams, liked: Sequence[str], disliked: Sequence[str],
+                        index: int) -> tuple[str, str]:
+        """Image index's liked and disliked features, each in the order its seed draws."""
+        rng = random.Random(image_seed(params, index))
+        return shuffled_features(liked, rng), shuffled_features(disliked, rng)
 
-    def _start_image(self, generation: Generation, liked_embeds: torch.Tensor, disliked_embeds: torch.Tensor) -> None:
-        params, index = generation.params, generation.next_index
+    def _start_image(self, generation: Generation, index: int, liked_embeds: torch.Tensor,
+                     disliked_embeds: torch.Tensor) -> None:
+        params = generation.params
         seed = image_seed(params, index)
         generator = torch.Generator(self._device).manual_seed(seed)
         base = self._base_stage(params, generation.prompt_embeds, liked_embeds, disliked_embeds)
@@ -286,8 +307,7 @@ class PersonalizedGenerator:
         latents = randn_tensor(shape, generator=generator, device=self._device, dtype=generation.prompt_embeds[0].dtype)
         latents = latents * base.scheduler.init_noise_sigma
         refiner = self._refiner_stage(params, generation.refiner_embeds) if params.refine else None
-        generation.image = _Image(index, generator, latents, base, refiner)
-        generation.next_index += 1
+        generation.images.append(_Image(index, generator, latents, base, refiner))
         generation.emit(Progress(index, 0, params.steps))
 
     def _base_stage(self, params: GenerationParams, prompt_embeds: tuple[torch.Tensor, ...],

@@ -17,6 +17,8 @@ from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 from peft import PeftModel
 from transformers import AutoModelForImageTextToText, AutoProcessor, Idefics2ImageProcessorPil, ProcessorMixin
 
+from . import shared_prefix
+
 # The processor settings of both ViPer uses of IDEFICS2. Passed explicitly when loading, because
 # the real checkpoint's own processor config differs (it splits images and allows 980 px).
 VIPER_PROCESSOR_SETTINGS = dict(size={"longest_edge": 448, "shortest_edge": 378}, do_image_splitting=False)
@@ -109,6 +111,8 @@ def load_idefics2(
             f"could not load IDEFICS2 from {base!r} with adapters {dict(adapters)}: {error}"
         ) from error
 
+    # The text model's attention: SDPA, and over a shared cached prefix where a metric query step names one.
+    base_model.set_attn_implementation({"text_config": shared_prefix.IMPLEMENTATION})
     model.eval()
     # A hub model resolves to its snapshot folder, whose name is the commit: the path names the revision.
     revision = ";".join([base_source, *(f"{name}={source}" for name, source in adapter_sources.items())])

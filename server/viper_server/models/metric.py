@@ -23,6 +23,7 @@ from ..pixels import ProcessedImage, pixel_batch, processed
 from .idefics2 import Idefics2Base
 from .prefix_cache import CacheStats, KVLayers, PrefixCache, kv_bytes
 from .prompt_ids import encode_as_trained, expand_image_tokens
+from .shared_prefix import SharedPrefix
 from .vision import VisionCache, VisionEncoder
 
 # One turn of the reference prompt; an example turn is followed by its answer and "<end_of_utterance>\n".
@@ -368,31 +369,19 @@ class MetricScorer:
         return _Pixels.of(images)
 
     def _score_after_prefix(self, model, scorings: Sequence[Scoring], chunks: Sequence[range]) -> list[float]:
-        """The scores of the chunks' queries, each after its scoring's prefix, all rows in one forward pass."""
+        """The scores of the chunks' queries, each after its scoring's prefix, all rows in one forward pass.
+        The cached prefixes are read where they are (shared_prefix.py): no row gets a copy of its prefix."""
         rows = [len(chunk) for chunk in chunks]
         if not rows:
             return []
-        if len(scorings) == 1:  # a view of the one prefix, expanded over the rows
-            prefix = [(keys.expand(rows[0], -1, -1, -1), values.expand(rows[0], -1, -1, -1))
-                      for keys, values in scorings[0].prefix]
-        else:
-            prefix = [
-                (torch.cat([s.prefix[n][0].expand(r, -1, -1, -1) for s, r in zip(scorings, rows)]),
-                 torch.cat([s.prefix[n][1].expand(r, -1, -1, -1) for s, r in zip(scorings, rows)]))
-                for n in range(len(scorings[0].prefix))
-            ]
-        # A fresh cache around the prefix tensors: the forward pass appends to the cache it gets
-        # (by concatenation, so the stored tensors stay untouched).
-        cache = DynamicCache(ddp_cache_data=prefix)
+        shared = SharedPrefix([scoring.prefix for scoring in scorings], rows)
         input_ids = torch.tensor([self._suffix_ids], device=self.idefics2.device).expand(sum(rows), -1)
+        # The suffix's positions follow the prefix's, as a cache of the prefix would number them.
+        positions = torch.arange(shared.length, shared.length + input_ids.shape[1], device=self.idefics2.device)
         features = [scoring.query_features[index] for scoring, chunk in zip(scorings, chunks) for index in chunk]
-        # The mask must cover prefix + suffix: one over the suffix alone is accepted but scores drift.
-        prefix_length = prefix[0][0].shape[-2]
-        attention_mask = torch.ones(
-            sum(rows), prefix_length + input_ids.shape[1], dtype=torch.long, device=self.idefics2.device
-        )
-        output = model(inputs_embeds=_merge_features(model, input_ids, features), attention_mask=attention_mask,
-                       cache=cache, use_cache=True, logits_to_keep=1)
+        output = model(inputs_embeds=_merge_features(model, input_ids, features),
+                       position_ids=positions.expand(sum(rows), -1), use_cache=False, logits_to_keep=1,
+                       shared_prefix=shared)
         return _plus_probability(output.logits[:, -1], self.plus_token_id, self.minus_token_id)
 
 

@@ -80,6 +80,7 @@ export class GeneratePanel {
     // Best of N: progress covers every candidate, then the best `count` arrive, best first, with their scores.
     const candidates = request.candidates > count ? request.candidates : 0;
     const candidateSteps = new Array(candidates).fill(0);
+    const imageSteps = new Array(count).fill(0); // a request's images denoise side by side: progress interleaves
     run.dataset.label = `strength ${request.preferenceStrength.toFixed(2)}` +
       (candidates ? ` · best of ${candidates}` : "");
     const title = document.createElement("h3");
@@ -110,8 +111,10 @@ export class GeneratePanel {
           t.bar.value = data.step || 0;
           t.caption.textContent = `step ${data.step || 0} of ${data.totalSteps}`;
           if (t.root.dataset.state !== "running") t.root.dataset.state = "running";
-          this.status.textContent = `Image ${(data.imageIndex || 0) + 1} of ${count}: step ${data.step || 0} of ` +
-            `${data.totalSteps}`;
+          imageSteps[data.imageIndex || 0] = data.step || 0;
+          const done = imageSteps.reduce((sum, steps) => sum + steps, 0);
+          this.status.textContent = count > 1 ? `${count} images: step ${done} of ${count * data.totalSteps}` :
+            `Step ${data.step || 0} of ${data.totalSteps}`;
         } else if (event.preview) {
           t.img.src = pngUrl(data.png);
           t.img.dataset.kind = "preview";
@@ -165,7 +168,7 @@ export class GeneratePanel {
       t.caption.textContent = `${candidateSteps.length} candidates: step ${done} of ${t.bar.max}`;
       if (t.root.dataset.state !== "running") t.root.dataset.state = "running";
     }
-    this.status.textContent = `Candidate ${index + 1} of ${candidateSteps.length}: step ${data.step || 0} of ${total}`;
+    this.status.textContent = `${candidateSteps.length} candidates: step ${done} of ${total * candidateSteps.length}`;
   }
 }
 
