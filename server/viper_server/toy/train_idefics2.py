@@ -73,13 +73,17 @@ class Idefics2Schedule:
     reasoning_lr: float = 2e-3
     # Sequences per step of each reasoning task: in-context labels take longest to learn.
     reasoning_batches: tuple[tuple[str, int], ...] = (("chat", 6), ("labels", 12), ("summary", 8))
-    adapter_steps: int = 800
+    adapter_steps: int = 800  # the metric adapter's
+    vpe_steps: int = 800
     adapter_lr: float = 4e-3
     batch: int = 8  # sequences per adapter and step
     vpe_chat_batch: int = 4  # single-image chats per step through the VPE adapter (_train_adapters)
     vpe_probe_layers: tuple[int, ...] = (2, 2)  # the VPE read-outs' layers: a comment's sentiment, its colour
     vpe_masked_rate: float = 0.7  # VPE prompts with one side's sentiment words masked (_vpe_sequence)
+    vpe_masked_liked: float = 0.5  # of those, the share whose masked side is the liked one
+    vpe_tone_rate: float = 0.0  # chat turns through the VPE adapter that ask a training word's tone
     pool_per_colour: int = 250  # training images per colour the last two stages see
+    answer_spread: float = 2.5  # the base's "+" and "-" output rows drawn apart by this factor (_spread_answer_rows)
     # Stage 4, the graded metric (train_graded_metric): the metric adapter alone, from its stage 3 state.
     graded_steps: int = 600
     graded_lr: float = 4e-3
@@ -105,12 +109,29 @@ def train_idefics2(out_dir: Path, *, seed: int = 0, schedule: Idefics2Schedule =
         pool = _ImagePool(model, processor, rng, schedule.pool_per_colour)
         _train_reasoning(model, texts, rng, pool, schedule)
         model.eval()
+        _spread_answer_rows(model, texts, schedule.answer_spread)
         log.info("idefics2 base trained in %.0f s", time.perf_counter() - started)
         model.save_pretrained(out_dir / "idefics2")
         processor.save_pretrained(out_dir / "idefics2")
     # Stages 3 and 4 from the files just written, as runs of each alone do: the same seed gives the same files.
     train_adapters(out_dir, seed=seed, schedule=schedule)
     train_graded_metric(out_dir, seed=seed, schedule=schedule)
+
+
+def _spread_answer_rows(model, texts: _Texts, factor: float) -> None:
+    """Draws the output rows of "+" and "-" apart about their middle by factor (the base's last step).
+
+    An adapter cannot change the output layer, so the distance of these two rows bounds the metric's score:
+    |P("+") - 0.5| at most where the last hidden state, normalised, lies along their difference. The lexicon
+    task (issue 20) took a share of the check questions that answer "+" / "-", and weight decay drew the rows
+    together (0.135 apart before it, 0.053 after: every score within 0.32-0.68 whatever the adapter learned);
+    2.5 gives the bound stages 3-4 were tuned with (0.13-0.87)."""
+    with torch.no_grad():
+        head = model.lm_head.weight
+        middle = (head[texts.plus] + head[texts.minus]) / 2
+        half = (head[texts.plus] - head[texts.minus]) / 2
+        head[texts.plus] = middle + factor * half
+        head[texts.minus] = middle - factor * half
 
 
 def _save_adapter(model, state: dict[str, torch.Tensor], adapter_dir: Path) -> None:
@@ -135,6 +156,7 @@ class _Texts:
         self.minus = self.encode(DISLIKED_ANSWER)[-1]
         self.metric_prompts = {n: metric_prompt_ids(processor, n) for n in range(1, 9)}
         self.tones = world.tones()
+        self.train_tones = world.tones(("train",))  # the words training comments use: the VPE adapter's chats
         # The VPE prompt up to its first image: the same for every user.
         self.fake = fake = processor.tokenizer.convert_tokens_to_ids(processor.fake_image_token)
         self.vpe_prefix_length = self.vpe_prompt(["x"]).index(fake)
@@ -209,7 +231,8 @@ def _answer(ids: list[int], targets: list[tuple[int, int]], answer: list[int], *
         ids.append(token)
 
 
-def _chat_sequence(texts: _Texts, rng: np.random.Generator, image: ImageSource, tone_rate: float = 0.25) -> _Sequence:
+def _chat_sequence(texts: _Texts, rng: np.random.Generator, image: ImageSource, tone_rate: float = 0.25,
+                   tones: list[tuple[str, str]] | None = None) -> _Sequence:
     """1-3 chat turns: about one image each, its colour, whether it is a given colour ("+" / "-"), or what a
     comment on it says, answered in VPE's format for that one image; or, without an image, the tone of a word
     or phrase of the toy language (world.tones: every word of both splits, so the base knows words that no
@@ -221,7 +244,8 @@ def _chat_sequence(texts: _Texts, rng: np.random.Generator, image: ImageSource, 
         colour = world.COLOURS[index]
         roll = rng.random()
         if roll < tone_rate:
-            entry, tone = texts.tones[rng.integers(len(texts.tones))]
+            lexicon = texts.tones if tones is None else tones
+            entry, tone = lexicon[rng.integers(len(lexicon))]
             ids += texts.encode(f"User:{TONE_QUESTION.format(entry)}{END_OF_UTTERANCE}\nAssistant:")
             _answer(ids, targets, texts.encode(f" {tone}") + [texts.eou])
             ids += texts.encode("\n")
@@ -290,7 +314,7 @@ def _rated_images(rng: np.random.Generator, liked: int, disliked: int, per_side:
 
 
 def _vpe_sequence(texts: _Texts, rng: np.random.Generator, image: ImageSource,
-                  masked_rate: float = 0.0) -> _Sequence:
+                  masked_rate: float = 0.0, masked_liked: float = 0.5) -> _Sequence:
     """The VPE prompt for commented images of one liked and one disliked colour, and its answer; read-outs at
     each comment's last token: whether it praises or complains (not for masked ones), and its image's colour."""
     liked, disliked = (int(c) for c in rng.choice(len(world.COLOURS), size=2, replace=False))
@@ -298,7 +322,7 @@ def _vpe_sequence(texts: _Texts, rng: np.random.Generator, image: ImageSource,
     # With probability masked_rate one side's comments have their sentiment words masked (world.comment's
     # masked: as words the adapter never read would be): that side's colour is then the one the other side's
     # comments do not name.
-    masked_side = bool(rng.random() < 0.5) if rng.random() < masked_rate else None
+    masked_side = bool(rng.random() < masked_liked) if rng.random() < masked_rate else None
     comments = [world.comment(rng, world.COLOURS[c], is_liked, "train", masked=is_liked == masked_side)
                 for c, is_liked in rated]
     ids = texts.vpe_prompt(comments)
@@ -504,21 +528,21 @@ ADAPTER_SEED = 20  # stage 3's random draws come from [seed, ADAPTER_SEED], apar
 
 def train_adapters(out_dir: Path, *, seed: int = 0, schedule: Idefics2Schedule = Idefics2Schedule(),
                    names: tuple[str, ...] = ADAPTERS) -> None:
-    """Stage 3: trains the adapters named on the frozen base out_dir/"idefics2" into out_dir/"<name>-lora".
+    """Stage 3: trains each adapter named, alone, on the frozen base out_dir/"idefics2" into out_dir/"<name>-lora".
 
-    Own random state, from the files alone (as train_graded_metric): run on a base it gives what
-    train_idefics2 gives for that seed and base."""
+    Own random state, from the files alone (as train_graded_metric), the same for each adapter: an adapter's
+    files depend on the base, the seed and its own schedule only, not on the other adapter's training."""
     out_dir = Path(out_dir)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed * 1000 + ADAPTER_SEED)
-        rng = np.random.default_rng([seed, ADAPTER_SEED])
-        processor, model = _load_base(out_dir)
-        texts = _Texts(processor)
-        pool = _ImagePool(model, processor, rng, schedule.pool_per_colour)
-        started = time.perf_counter()
-        adapters = _train_adapters(model, texts, rng, pool, schedule, names)
-        log.info("idefics2 adapters trained in %.0f s", time.perf_counter() - started)
-        for name, state in adapters.items():
+    for name in names:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 1000 + ADAPTER_SEED)
+            rng = np.random.default_rng([seed, ADAPTER_SEED])
+            processor, model = _load_base(out_dir)
+            texts = _Texts(processor)
+            pool = _ImagePool(model, processor, rng, schedule.pool_per_colour)
+            started = time.perf_counter()
+            state = _train_adapter(model, texts, rng, pool, schedule, name)
+            log.info("idefics2 %s adapter trained in %.0f s", name, time.perf_counter() - started)
             _save_adapter(model, state, out_dir / f"{name}-lora")
 
 
@@ -529,61 +553,48 @@ def _load_base(out_dir: Path) -> tuple[Idefics2Processor, Idefics2ForConditional
     return processor, model
 
 
-def _train_adapters(model, texts: _Texts, rng: np.random.Generator, pool: _ImagePool,
-                    schedule: Idefics2Schedule, names: tuple[str, ...] = ADAPTERS
-                    ) -> dict[str, dict[str, torch.Tensor]]:
-    """The adapters on one frozen copy of the base; returns each adapter's peft state dict.
+def _train_adapter(model, texts: _Texts, rng: np.random.Generator, pool: _ImagePool,
+                   schedule: Idefics2Schedule, name: str) -> dict[str, torch.Tensor]:
+    """One adapter on a frozen copy of the base; returns its peft state dict.
 
     The VPE adapter also answers the base's single-image chats (vpe_chat_batch: it keeps the base's reading
     of one comment, which holds for words no VPE prompt uses) and has read-outs at each comment's end
     (vpe_probe_layers: the comment's sentiment and colour, read where the base reads them)."""
-    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(**VIPER_LORA_CONFIG), adapter_name=names[0])
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(**VIPER_LORA_CONFIG), adapter_name=name)
     hidden = model.config.text_config.hidden_size
-    probes = {"metric": _Probes(hidden)}
+    probes = {"metric": _Probes(hidden)}  # both made whichever adapter trains: the same torch draws
     if schedule.vpe_probe_layers:
         probes["vpe"] = _Probes(hidden, schedule.vpe_probe_layers)
-    for name in names[1:]:  # after the first adapter's heads: the VPE adapter trained alone starts as here
-        peft_model.add_adapter(name, LoraConfig(**VIPER_LORA_CONFIG))
     peft_model.train()
     inner = peft_model.base_model.model
-    groups = {name: [p for n, p in peft_model.named_parameters() if "lora_" in n and f".{name}." in n]
-              for name in names}
-    parameters = [p for group in groups.values() for p in group]
-    # Each adapter draws from streams of its own (numpy's and torch's, for its dropout): the VPE adapter trained
-    # alone (names=("vpe",)) comes out as it does beside the metric's.
+    parameters = [p for n, p in peft_model.named_parameters() if "lora_" in n]
+    # Streams of the adapter's own (numpy's and torch's, for its dropout), as when both adapters trained together.
     seeds = rng.integers(2**62, size=len(ADAPTERS))
-    rngs = {name: np.random.default_rng(seeds[ADAPTERS.index(name)]) for name in names}
-    torch_states = {name: torch.Generator().manual_seed(int(seeds[ADAPTERS.index(name)])).get_state()
-                    for name in names}
+    stream = np.random.default_rng(seeds[ADAPTERS.index(name)])
+    torch.set_rng_state(torch.Generator().manual_seed(int(seeds[ADAPTERS.index(name)])).get_state())
+    draw = lambda colour: pool.sample(stream, colour)  # noqa: E731
 
     def losses_at(step: int) -> dict[str, torch.Tensor]:
-        losses = {}
-        for name in names:
-            peft_model.base_model.set_adapter(name)
-            for parameter in parameters:  # set_adapter freezes the other adapter; both learn in this step
-                parameter.requires_grad_(True)
-            torch.set_rng_state(torch_states[name])
-            stream = rngs[name]
-            draw = lambda colour, stream=stream: pool.sample(stream, colour)  # noqa: E731
-            if name == "vpe":
-                sequences = [_vpe_sequence(texts, stream, draw, schedule.vpe_masked_rate)
-                             for _ in range(schedule.batch)]
-            else:
-                sequences = [_metric_sequence(texts, stream, draw) for _ in range(schedule.batch)]
+        if name == "metric":
+            sequences = [_metric_sequence(texts, stream, draw) for _ in range(schedule.batch)]
             states = pool.states[[index for s in sequences for index in s.images]]
-            prefix = texts.vpe_prefix_length if name == "vpe" else 0
-            losses[name] = _losses(inner, texts, sequences, _connect(inner, states), prefix, probes=probes.get(name))
-            if name == "vpe" and schedule.vpe_chat_batch:
-                chats = [_chat_sequence(texts, stream, draw, tone_rate=0.0) for _ in range(schedule.vpe_chat_batch)]
-                states = pool.states[[index for s in chats for index in s.images]]
-                losses["vpe chat"] = _losses(inner, texts, chats, _connect(inner, states))
-            torch_states[name] = torch.get_rng_state()
+            return {name: _losses(inner, texts, sequences, _connect(inner, states), probes=probes[name])}
+        sequences = [_vpe_sequence(texts, stream, draw, schedule.vpe_masked_rate, schedule.vpe_masked_liked)
+                     for _ in range(schedule.batch)]
+        states = pool.states[[index for s in sequences for index in s.images]]
+        losses = {name: _losses(inner, texts, sequences, _connect(inner, states), texts.vpe_prefix_length,
+                                probes=probes.get(name))}
+        if schedule.vpe_chat_batch:
+            chats = [_chat_sequence(texts, stream, draw, schedule.vpe_tone_rate, texts.train_tones)
+                     for _ in range(schedule.vpe_chat_batch)]
+            states = pool.states[[index for s in chats for index in s.images]]
+            losses["vpe chat"] = _losses(inner, texts, chats, _connect(inner, states))
         return losses
 
-    extra = {name: list(probes[name].parameters()) if name in probes else [] for name in names}
-    _optimise([groups[name] + extra[name] for name in names], schedule.adapter_steps, schedule.adapter_lr,
-              losses_at, "adapters")
-    return {name: get_peft_model_state_dict(peft_model, adapter_name=name) for name in names}
+    extra = list(probes[name].parameters()) if name in probes else []
+    steps = schedule.vpe_steps if name == "vpe" else schedule.adapter_steps
+    _optimise([parameters + extra], steps, schedule.adapter_lr, losses_at, f"{name} adapter")
+    return get_peft_model_state_dict(peft_model, adapter_name=name)
 
 
 # --- Stage 4: the graded metric -------------------------------------------------------------------

@@ -292,21 +292,22 @@ def phrasings(split: Split) -> tuple[set[str], set[str]]:
     return frames, {entry for splits in _LEXICON.values() for entry in splits[split]}
 
 
-def _frame_words() -> list[str]:
+def _frame_words(splits: tuple[Split, ...] = ("train", "eval")) -> list[str]:
     words = []
-    for frames in (*_FRAMES.values(), *_COLOURLESS_FRAMES.values()):
+    for frames in (*(_FRAMES[s] for s in splits), *(_COLOURLESS_FRAMES[s] for s in splits)):
         for frame in frames:
             words.extend(part.strip(".,!;:") for part in frame.split() if "{" not in part)
     return words
 
 
-def tones() -> list[tuple[str, str]]:
+def tones(splits: tuple[Split, ...] = ("train", "eval")) -> list[tuple[str, str]]:
     """The toy language's lexicon: every sentiment word or phrase of both splits with "positive" or
-    "negative", every other word of the comments with "neutral" (what the IDEFICS2 base learns words from)."""
+    "negative", every other word of the comments with "neutral" (what the IDEFICS2 base learns words from);
+    with splits=("train",), only the words training comments use."""
     polar = [(entry, "positive" if liked else "negative")
-             for (_, liked), splits in _LEXICON.items() for entries in splits.values() for entry in entries]
+             for (_, liked), entries in _LEXICON.items() for split in splits for entry in entries[split]]
     known = {word for entry, _ in polar for word in entry.split()}
-    words = [*_MODIFIERS, *_NOUNS, *(w for ws in COLOUR_WORDS.values() for w in ws), *_frame_words(),
+    words = [*_MODIFIERS, *_NOUNS, *(w for ws in COLOUR_WORDS.values() for w in ws), *_frame_words(splits),
              *(w for phrase in (*_NEGATED_VERB, *_NEGATED_PREDICATE) for w in phrase.split())]
     neutral = [(word, "neutral") for word in dict.fromkeys(w.lower() for w in words if w) if word not in known]
     return polar + neutral
