@@ -17,7 +17,7 @@ from viper_server.domain import FinishedImage, GenerationParams, ScoringContext
 from viper_server.engine.presets import BUILT_LAYOUT
 from viper_server.models.generation import PersonalizedGenerator
 from viper_server.models.idefics2 import load_idefics2
-from viper_server.models.metric import MetricScorer, reference_scores
+from viper_server.models.metric import MetricScorer, reference_scores, resolve_score_token_ids
 from viper_server.models.sdxl import SdxlPipelines, load_sdxl
 from viper_server.models.vpe import PreferenceExtractor
 from viper_server.testing.reference_guidance import reference_generate
@@ -199,6 +199,17 @@ def test_metric_grades_how_much_of_the_liked_colour_an_image_holds(idefics2, use
         shares = [evaluate.colour_share(query, user.liked_colour) for query in queries]
         correlations.append(evaluate.rank_correlation(scorer.score(context, queries), shares))
     assert np.mean(correlations) >= 0.35, correlations
+
+
+def test_the_base_lets_the_metric_score_beyond_its_graded_targets(idefics2):
+    """An adapter cannot change the output layer: the distance of the rows of "+" and "-" bounds every score,
+    |P("+") - 0.5| at most where the normalised last state lies along their difference. Issue 20's base first
+    held every score within 0.32-0.68 so (train_idefics2.spread_answer_rows); the graded targets reach 0.2-0.8."""
+    plus, minus = resolve_score_token_ids(idefics2.processor.tokenizer)
+    inner = idefics2.model.get_base_model()
+    head, norm = inner.lm_head.weight.detach(), inner.model.text_model.norm.weight.detach()
+    bound = float(((head[plus] - head[minus]) * norm).norm()) * head.shape[1] ** 0.5
+    assert 1 / (1 + np.exp(-bound)) >= 0.85, bound
 
 
 def test_metric_prefix_cache_equals_the_reference_procedure(idefics2, users):
