@@ -73,12 +73,14 @@ class Idefics2Schedule:
     reasoning_lr: float = 2e-3
     # Sequences per step of each reasoning task: in-context labels take longest to learn.
     reasoning_batches: tuple[tuple[str, int], ...] = (("chat", 6), ("labels", 12), ("summary", 8))
-    adapter_steps: int = 800
+    adapter_steps: int = 800  # the metric adapter's
+    vpe_steps: int = 1200  # the VPE adapter's (README "The VPE adapter and phrasings it never read")
     adapter_lr: float = 4e-3
     batch: int = 8  # sequences per adapter and step
     vpe_chat_batch: int = 4  # single-image chats per step through the VPE adapter (_train_adapters)
     vpe_probe_layers: tuple[int, ...] = (2, 2)  # the VPE read-outs' layers: a comment's sentiment, its colour
     vpe_masked_rate: float = 0.7  # VPE prompts with one side's sentiment words masked (_vpe_sequence)
+    vpe_negation_rate: float = 0.6  # VPE complaints negating a praise word ("not lovely"), per slot (base: 0.3)
     pool_per_colour: int = 250  # training images per colour the last two stages see
     # Stage 4, the graded metric (train_graded_metric): the metric adapter alone, from its stage 3 state.
     graded_steps: int = 600
@@ -290,17 +292,19 @@ def _rated_images(rng: np.random.Generator, liked: int, disliked: int, per_side:
 
 
 def _vpe_sequence(texts: _Texts, rng: np.random.Generator, image: ImageSource,
-                  masked_rate: float = 0.0) -> _Sequence:
+                  schedule: Idefics2Schedule = Idefics2Schedule()) -> _Sequence:
     """The VPE prompt for commented images of one liked and one disliked colour, and its answer; read-outs at
     each comment's last token: whether it praises or complains (not for masked ones), and its image's colour."""
     liked, disliked = (int(c) for c in rng.choice(len(world.COLOURS), size=2, replace=False))
     rated = _rated_images(rng, liked, disliked, int(rng.choice([2, 4, 6, 8, 8, 8])))
-    # With probability masked_rate one side's comments have their sentiment words masked (world.comment's
+    # With probability vpe_masked_rate one side's comments have their sentiment words masked (world.comment's
     # masked: as words the adapter never read would be): that side's colour is then the one the other side's
     # comments do not name.
-    masked_side = bool(rng.random() < 0.5) if rng.random() < masked_rate else None
-    comments = [world.comment(rng, world.COLOURS[c], is_liked, "train", masked=is_liked == masked_side)
-                for c, is_liked in rated]
+    masked_side = bool(rng.random() < 0.5) if rng.random() < schedule.vpe_masked_rate else None
+    # Complaints negate a praise word more often than in the base's comments (vpe_negation_rate): "not" and
+    # a praise the adapter never read ("not sublime") is read as a complaint then.
+    comments = [world.comment(rng, world.COLOURS[c], is_liked, "train", masked=is_liked == masked_side,
+                              negation_rate=schedule.vpe_negation_rate) for c, is_liked in rated]
     ids = texts.vpe_prompt(comments)
     ends = _comment_ends(texts, ids)
     probes = [(1, end, colour) for end, (colour, _) in zip(ends, rated)]
@@ -439,17 +443,21 @@ def _lr_schedule(step: int, total: int, peak: float, warmup: int = 50) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def _optimise(groups: list[list[torch.nn.Parameter]], steps: int, peak_lr: float,
+def _optimise(groups: list[list[torch.nn.Parameter]], steps: int | list[int], peak_lr: float,
               losses_at: Callable[[int], dict[str, torch.Tensor]], label: str) -> None:
     """AdamW with warm-up and cosine decay on the sum of the named losses losses_at(step) returns.
 
-    Each group's gradient is clipped on its own: one adapter's large gradients do not slow the other's."""
+    Each group's gradient is clipped on its own: one adapter's large gradients do not slow the other's. steps:
+    one count for every group, or one per group, each on its own schedule (past its count losses_at gives the
+    group no loss: without gradients its weights stay, as AdamW skips them)."""
     optimiser = torch.optim.AdamW([{"params": group} for group in groups], lr=peak_lr, weight_decay=0.01,
                                   betas=(0.9, 0.98))
+    counts = [steps] * len(groups) if isinstance(steps, int) else steps
+    steps = max(counts)
     running: dict[str, float] = {}
     for step in range(steps):
-        for group in optimiser.param_groups:
-            group["lr"] = _lr_schedule(step, steps, peak_lr)
+        for group, count in zip(optimiser.param_groups, counts):
+            group["lr"] = _lr_schedule(step, count, peak_lr)
         losses = losses_at(step)
         optimiser.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
@@ -556,9 +564,11 @@ def _train_adapters(model, texts: _Texts, rng: np.random.Generator, pool: _Image
     torch_states = {name: torch.Generator().manual_seed(int(seeds[ADAPTERS.index(name)])).get_state()
                     for name in names}
 
+    steps = {name: schedule.vpe_steps if name == "vpe" else schedule.adapter_steps for name in names}
+
     def losses_at(step: int) -> dict[str, torch.Tensor]:
         losses = {}
-        for name in names:
+        for name in (name for name in names if step < steps[name]):
             peft_model.base_model.set_adapter(name)
             for parameter in parameters:  # set_adapter freezes the other adapter; both learn in this step
                 parameter.requires_grad_(True)
@@ -566,8 +576,7 @@ def _train_adapters(model, texts: _Texts, rng: np.random.Generator, pool: _Image
             stream = rngs[name]
             draw = lambda colour, stream=stream: pool.sample(stream, colour)  # noqa: E731
             if name == "vpe":
-                sequences = [_vpe_sequence(texts, stream, draw, schedule.vpe_masked_rate)
-                             for _ in range(schedule.batch)]
+                sequences = [_vpe_sequence(texts, stream, draw, schedule) for _ in range(schedule.batch)]
             else:
                 sequences = [_metric_sequence(texts, stream, draw) for _ in range(schedule.batch)]
             states = pool.states[[index for s in sequences for index in s.images]]
@@ -581,8 +590,8 @@ def _train_adapters(model, texts: _Texts, rng: np.random.Generator, pool: _Image
         return losses
 
     extra = {name: list(probes[name].parameters()) if name in probes else [] for name in names}
-    _optimise([groups[name] + extra[name] for name in names], schedule.adapter_steps, schedule.adapter_lr,
-              losses_at, "adapters")
+    _optimise([groups[name] + extra[name] for name in names], [steps[name] for name in names],
+              schedule.adapter_lr, losses_at, "adapters")
     return {name: get_peft_model_state_dict(peft_model, adapter_name=name) for name in names}
 
 
