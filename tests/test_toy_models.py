@@ -121,17 +121,10 @@ def test_vpe_never_answers_empty_on_phrasings_no_training_comment_has(phrasing_a
         assert preferences.liked and preferences.disliked, f"user {index}: {preferences.raw_text!r}"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20's target is not met yet: 54 of 60 users (README, Toy models)")
 def test_vpe_reads_phrasings_no_training_comment_has(phrasing_answers):
-    """Issue 20's target: both colours right for at least 95% of the users."""
+    """Issue 20's target: both colours right for at least 95% of the users (75% before the masked training)."""
     right = sum(evaluate.names_colours(user, p.liked, p.disliked) for user, p in phrasing_answers)
     assert right >= 0.95 * len(phrasing_answers), f"{right} of {len(phrasing_answers)} users"
-
-
-def test_vpe_reads_most_phrasings_no_training_comment_has(phrasing_answers):
-    """What holds today (issue 20's 95% does not yet): at least 90%, against 75% before the masked training."""
-    right = sum(evaluate.names_colours(user, p.liked, p.disliked) for user, p in phrasing_answers)
-    assert right >= 0.9 * len(phrasing_answers), f"{right} of {len(phrasing_answers)} users"
 
 
 def test_held_out_phrasings_share_no_frame_or_sentiment_word_with_training():

@@ -74,7 +74,7 @@ class Idefics2Schedule:
     # Sequences per step of each reasoning task: in-context labels take longest to learn.
     reasoning_batches: tuple[tuple[str, int], ...] = (("chat", 6), ("labels", 12), ("summary", 8))
     adapter_steps: int = 800  # the metric adapter's
-    vpe_steps: int = 800
+    vpe_steps: int = 1200  # the VPE adapter's (README "The VPE adapter and phrasings it never read")
     adapter_lr: float = 4e-3
     batch: int = 8  # sequences per adapter and step
     vpe_chat_batch: int = 4  # single-image chats per step through the VPE adapter (_train_adapters)
@@ -82,6 +82,7 @@ class Idefics2Schedule:
     vpe_masked_rate: float = 0.7  # VPE prompts with one side's sentiment words masked (_vpe_sequence)
     vpe_masked_liked: float = 0.5  # of those, the share whose masked side is the liked one
     vpe_tone_rate: float = 0.0  # chat turns through the VPE adapter that ask a training word's tone
+    vpe_negation_rate: float = 0.6  # VPE complaints negating a praise word ("not lovely"), per slot (base: 0.3)
     pool_per_colour: int = 250  # training images per colour the last two stages see
     answer_spread: float = 2.5  # the base's "+" and "-" output rows drawn apart by this factor (_spread_answer_rows)
     # Stage 4, the graded metric (train_graded_metric): the metric adapter alone, from its stage 3 state.
@@ -321,7 +322,7 @@ def _rated_images(rng: np.random.Generator, liked: int, disliked: int, per_side:
 
 
 def _vpe_sequence(texts: _Texts, rng: np.random.Generator, image: ImageSource,
-                  masked_rate: float = 0.0, masked_liked: float = 0.5) -> _Sequence:
+                  masked_rate: float = 0.0, masked_liked: float = 0.5, negation_rate: float = 0.3) -> _Sequence:
     """The VPE prompt for commented images of one liked and one disliked colour, and its answer; read-outs at
     each comment's last token: whether it praises or complains (not for masked ones), and its image's colour."""
     liked, disliked = (int(c) for c in rng.choice(len(world.COLOURS), size=2, replace=False))
@@ -330,8 +331,10 @@ def _vpe_sequence(texts: _Texts, rng: np.random.Generator, image: ImageSource,
     # masked: as words the adapter never read would be): that side's colour is then the one the other side's
     # comments do not name.
     masked_side = bool(rng.random() < masked_liked) if rng.random() < masked_rate else None
-    comments = [world.comment(rng, world.COLOURS[c], is_liked, "train", masked=is_liked == masked_side)
-                for c, is_liked in rated]
+    # Complaints may negate a praise word more often than the base's comments do (negation_rate): "not" and a
+    # praise the adapter never read ("not sublime") is read as a complaint then.
+    comments = [world.comment(rng, world.COLOURS[c], is_liked, "train", masked=is_liked == masked_side,
+                              negation_rate=negation_rate) for c, is_liked in rated]
     ids = texts.vpe_prompt(comments)
     ends = _comment_ends(texts, ids)
     probes = [(1, end, colour) for end, (colour, _) in zip(ends, rated)]
@@ -586,8 +589,8 @@ def _train_adapter(model, texts: _Texts, rng: np.random.Generator, pool: _ImageP
             sequences = [_metric_sequence(texts, stream, draw) for _ in range(schedule.batch)]
             states = pool.states[[index for s in sequences for index in s.images]]
             return {name: _losses(inner, texts, sequences, _connect(inner, states), probes=probes[name])}
-        sequences = [_vpe_sequence(texts, stream, draw, schedule.vpe_masked_rate, schedule.vpe_masked_liked)
-                     for _ in range(schedule.batch)]
+        sequences = [_vpe_sequence(texts, stream, draw, schedule.vpe_masked_rate, schedule.vpe_masked_liked,
+                                   schedule.vpe_negation_rate) for _ in range(schedule.batch)]
         states = pool.states[[index for s in sequences for index in s.images]]
         losses = {name: _losses(inner, texts, sequences, _connect(inner, states), texts.vpe_prefix_length,
                                 probes=probes.get(name))}

@@ -263,20 +263,21 @@ _COLOURLESS_FRAMES: dict[Split, tuple[str, ...]] = {
 
 
 def comment(rng: np.random.Generator, colour: str, liked: bool, split: Split, *, colourless_rate: float = 0.15,
-            masked: bool = False) -> str:
+            masked: bool = False, negation_rate: float = _NEGATION_RATE) -> str:
     """A comment on an image of `colour` phrased as `split`'s comments are: praise when liked, a complaint
     (sometimes a negated praise) when not. With masked, a modifier stands in each sentiment slot ("I soft these
     deep crimson tones", "The scarlet is pale"): a comment that says nothing of how it feels, as one in words
-    the reader does not know would (the VPE adapter's training, train_idefics2._vpe_sequence)."""
+    the reader does not know would (the VPE adapter's training, train_idefics2._vpe_sequence). negation_rate:
+    the chance that a complaint's verb (and, drawn apart, its predicate) is a negated praise."""
     colourless = rng.random() < colourless_rate
     frames = (_COLOURLESS_FRAMES if colourless else _FRAMES)[split]
     frame = frames[rng.integers(len(frames))]
     choose = lambda options: options[rng.integers(len(options))]  # noqa: E731
     words = lambda slot, positive=liked: _LEXICON[slot, positive][split]  # noqa: E731
     verb, predicate = choose(words("verb")), choose(words("adjective"))
-    if not liked and rng.random() < _NEGATION_RATE:  # "don't enjoy" (a one-word verb), "not lovely"
+    if not liked and rng.random() < negation_rate:  # "don't enjoy" (a one-word verb), "not lovely"
         verb = f"{choose(_NEGATED_VERB)} {choose([w for w in words('verb', True) if ' ' not in w])}"
-    if not liked and rng.random() < _NEGATION_RATE:
+    if not liked and rng.random() < negation_rate:
         predicate = f"{choose(_NEGATED_PREDICATE)} {choose(words('adjective', True))}"
     slots = dict(v=verb, a=choose(words("adjective")), p=predicate, f=choose(words("feeling")),
                  m=choose(_MODIFIERS), c=choose(COLOUR_WORDS[colour]), n=choose(_NOUNS))
