@@ -287,7 +287,7 @@ def test_the_whole_life_on_postgresql(toy_models_dir, postgres_url):
             ViperClient(server.target) as client:
         client.add_ratings("pg-life", FIRST)
         client.add_ratings("pg-life", SECOND, expected_version=1)
-        removed = client.remove_ratings("pg-life", [sha(SECOND[0])], expected_version=2)
+        removed = client.remove_ratings("pg-life", [sha(SECOND[0]), sha(SECOND[1])], expected_version=2)
         restored = client.restore_profile_version("pg-life", 2)
         assert [v.version for v in client.list_profile_versions("pg-life")] == [4, 3, 2]  # --keep-versions 3
         assert [image.sha256 for image in restored.images] == [sha(image) for image in FIRST + SECOND]

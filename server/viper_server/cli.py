@@ -1,5 +1,5 @@
 """`viper-server`: the server's own commands (`serve`, `build-tiny-models`, `train-toy-models`,
-`train-graded-metric`, `dev-token`).
+`train-toy-adapters`, `train-graded-metric`, `dev-token`).
 
 The client's `viper serve` hands its process over to this command (python -m viper_server).
 """
@@ -30,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     train = commands.add_parser("train-toy-models", help="train the toy-world models into DIR (minutes on a CPU)")
     train.add_argument("dir", type=Path)
     train.add_argument("--seed", type=int, default=0, help="the seed every random draw derives from")
+    adapters = commands.add_parser("train-toy-adapters", help="train the toy VPE and metric adapters (then the "
+                                   "graded metric stage) on DIR's IDEFICS2 base (rewrites both and DIR/SHA256SUMS)")
+    adapters.add_argument("dir", type=Path)
+    adapters.add_argument("--seed", type=int, default=0, help="the seed train-toy-models was given")
     graded = commands.add_parser("train-graded-metric", help="run the toy metric's graded stage alone on DIR's "
                                  "IDEFICS2 base and metric adapter (rewrites DIR/metric-lora and DIR/SHA256SUMS)")
     graded.add_argument("dir", type=Path)
@@ -62,6 +66,13 @@ def main(argv: list[str] | None = None) -> int:
         from .toy import train_toy_models
 
         train_toy_models(args.dir, seed=args.seed)
+        print(args.dir)
+        return 0
+    if args.command == "train-toy-adapters":
+        configure_logging("info")
+        from .toy.train import retrain_adapters
+
+        retrain_adapters(args.dir, seed=args.seed)
         print(args.dir)
         return 0
     if args.command == "train-graded-metric":

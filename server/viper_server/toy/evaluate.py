@@ -16,6 +16,9 @@ from PIL import Image
 from . import world
 
 HELD_OUT_USER_COUNT = 20
+# Issue 20's check of the VPE on phrasings no training comment has: more users, from a seed of their own.
+PHRASING_USER_COUNT = 60
+PHRASING_SEED = 2000
 # A subject the SDXL captions never had, and the two opposite profiles of the generation check.
 GENERATION_PROMPT = "a castle by the sea"
 LIKES_RED = (["red"], ["blue"])
@@ -25,6 +28,12 @@ LIKES_BLUE = (["blue"], ["red"])
 def held_out_users(count: int = HELD_OUT_USER_COUNT) -> list[world.User]:
     """Users with held-out images and comments; liked and disliked colours cover the colour pairs evenly."""
     return world.eval_users(count)
+
+
+def phrasing_users(count: int = PHRASING_USER_COUNT) -> list[world.User]:
+    """Held-out users apart from held_out_users': comment frames and sentiment words (negations included) that
+    no training comment has, images that training never saw."""
+    return world.eval_users(count, seed=PHRASING_SEED)
 
 
 def rated_in_mixed_order(user: world.User, seed: int = 0) -> list[world.RatedImage]:

@@ -19,6 +19,9 @@ END_OF_UTTERANCE = "<end_of_utterance>"
 CAPTION_QUESTION = "Which colour is this?"
 CHECK_QUESTION = "Is this {}?"
 LABEL_QUESTION = "Label?"
+# The lexicon task (world.tones): a word or phrase alone, and its tone.
+TONE_QUESTION = "Tone of {}?"
+TONES = ("positive", "negative", "neutral")
 SUMMARY_WORDS = ("likes", "dislikes")
 # The two in-context labels of the base's few-shot task.
 LABELS = ("yes", "no")
@@ -27,6 +30,8 @@ _PROMPT_TEXT = [
     CAPTION_QUESTION,
     CHECK_QUESTION.format(""),
     LABEL_QUESTION,
+    TONE_QUESTION.format(""),
+    *TONES,
     *LABELS,
     *SUMMARY_WORDS,
     "Liked Art Features: Disliked Art Features:",

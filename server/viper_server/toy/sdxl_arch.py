@@ -26,10 +26,22 @@ SUBJECTS = (
 HELD_OUT_SUBJECTS = ("a castle by the sea", "a lighthouse on a cliff")
 
 _EXTRA_WORDS = "painting photo art style colors color light mood texture".split()
+# Beside the colour words, the comment words of the toy world the tokenizers were built with (issue 14): the
+# comments have more words now, but the SDXL checkpoints keep their tokenizers (the captions use none of them).
+_COMMENT_WORDS = (
+    "deep soft bright pale rich warm cool vivid muted dark light tones hues shades colours palette love "
+    "adore enjoy like cherish treasure beautiful gorgeous lovely stunning delightful wonderful charming "
+    "pleasing make me happy feel so calming smile and inviting lift my mood alive hate dislike detest "
+    "loathe resent despise ugly dull harsh unpleasant boring garish dreary awful leave flat uneasy cold "
+    "lifeless put off bore heavy sad I these The What Such it here is how the Those are A piece they "
+    "really in this one So much Honestly work All that to every bit of image those way uses Looking at "
+    "them"
+).split()
 
 
 def clip_words() -> list[str]:
-    words = [*world.vocabulary(), *_EXTRA_WORDS]
+    colour_words = (w for words in world.COLOUR_WORDS.values() for w in words)
+    words = [*world.COLOURS, *colour_words, *_COMMENT_WORDS, *_EXTRA_WORDS]
     for subject in (*SUBJECTS, *HELD_OUT_SUBJECTS):
         words.extend(subject.split())
     return list(dict.fromkeys(word.lower() for word in words))

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .manifest import MANIFEST, write_manifest
-from .train_idefics2 import train_graded_metric, train_idefics2
+from .train_idefics2 import train_adapters, train_graded_metric, train_idefics2
 from .train_sdxl import train_sdxl
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,21 @@ def retrain_graded_metric(models_dir: Path, *, seed: int = 0) -> None:
     train_toy_models gives for that seed, from its first three stages' files (e.g. the committed weights)."""
     models_dir = Path(models_dir)
     with _one_thread():
+        train_graded_metric(models_dir, seed=seed)
+    if (models_dir / MANIFEST).is_file():
+        write_manifest(models_dir)
+
+
+def retrain_adapters(models_dir: Path, *, seed: int = 0) -> None:
+    """Runs the adapter stage and then the graded metric stage (train_idefics2.train_adapters,
+    train_graded_metric) on models_dir's IDEFICS2 base as it is, on one torch thread, and rewrites both adapters
+    and models_dir's manifest when it has one (each stage has its own random state and reads only the files
+    before it). train_toy_models trains the VPE adapter before it draws the base's "+" / "-" rows apart
+    (train_idefics2.spread_answer_rows); on a base whose rows are already apart, as the committed one, the
+    metric adapter comes out as there, the VPE adapter not."""
+    models_dir = Path(models_dir)
+    with _one_thread():
+        train_adapters(models_dir, seed=seed)
         train_graded_metric(models_dir, seed=seed)
     if (models_dir / MANIFEST).is_file():
         write_manifest(models_dir)

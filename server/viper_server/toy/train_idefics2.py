@@ -2,7 +2,9 @@
 
 1. Perception (every weight): single-image chats with fresh images: an image's colour, whether it is a named
    colour ("+" / "-"), and what a comment on it says, in VPE's format for that one image (so the base can
-   write every word of the ViPer answers).
+   write every word of the ViPer answers); and the tone of a word or phrase of the toy language alone
+   (world.tones, held-out sentiment words included: the base's "English", which no training comment uses
+   beyond the training phrasings).
 2. Reasoning (the vision encoder frozen, so its outputs for a pool of images are computed once): multi-image
    chats: in-context labels in the metric prompt's shape (each colour gets a random label, later images of a
    colour get its label; read-outs of the intermediate layers, _Probes, make this learnable on a toy
@@ -51,6 +53,7 @@ from .idefics2_arch import (
     LABEL_QUESTION,
     LABELS,
     SUMMARY_WORDS,
+    TONE_QUESTION,
     build_config,
     build_processor,
     generation_config,
@@ -70,10 +73,18 @@ class Idefics2Schedule:
     reasoning_lr: float = 2e-3
     # Sequences per step of each reasoning task: in-context labels take longest to learn.
     reasoning_batches: tuple[tuple[str, int], ...] = (("chat", 6), ("labels", 12), ("summary", 8))
-    adapter_steps: int = 800
+    adapter_steps: int = 800  # the metric adapter's
+    vpe_steps: int = 1200  # the VPE adapter's (README "The VPE adapter and phrasings it never read")
     adapter_lr: float = 4e-3
     batch: int = 8  # sequences per adapter and step
+    vpe_chat_batch: int = 4  # single-image chats per step through the VPE adapter (_train_adapters)
+    vpe_probe_layers: tuple[int, ...] = (2, 2)  # the VPE read-outs' layers: a comment's sentiment, its colour
+    vpe_masked_rate: float = 0.7  # VPE prompts with one side's sentiment words masked (_vpe_sequence)
+    vpe_masked_liked: float = 0.5  # of those, the share whose masked side is the liked one
+    vpe_tone_rate: float = 0.0  # chat turns through the VPE adapter that ask a training word's tone
+    vpe_negation_rate: float = 0.6  # VPE complaints negating a praise word ("not lovely"), per slot (base: 0.3)
     pool_per_colour: int = 250  # training images per colour the last two stages see
+    answer_spread: float = 2.5  # the base's "+" and "-" output rows drawn apart by this factor (_spread_answer_rows)
     # Stage 4, the graded metric (train_graded_metric): the metric adapter alone, from its stage 3 state.
     graded_steps: int = 600
     graded_lr: float = 4e-3
@@ -102,14 +113,33 @@ def train_idefics2(out_dir: Path, *, seed: int = 0, schedule: Idefics2Schedule =
         log.info("idefics2 base trained in %.0f s", time.perf_counter() - started)
         model.save_pretrained(out_dir / "idefics2")
         processor.save_pretrained(out_dir / "idefics2")
-
-        started = time.perf_counter()
-        adapters = _train_adapters(model, texts, rng, pool, schedule)
-        log.info("idefics2 adapters trained in %.0f s", time.perf_counter() - started)
-        for name, state in adapters.items():
-            _save_adapter(model, state, out_dir / f"{name}-lora")
-    # From the files just written, as a run of the stage alone does: the same seed gives the same files.
+    # Stages 3 and 4 from the files just written, as runs of each alone do: the same seed gives the same files.
+    # The VPE adapter learns on the base as stages 1-2 leave it, the metric adapter after its "+" / "-" rows
+    # are drawn apart (which changes no VPE answer: the VPE never writes them).
+    train_adapters(out_dir, seed=seed, schedule=schedule, names=("vpe",))
+    spread_answer_rows(out_dir, schedule.answer_spread)
+    train_adapters(out_dir, seed=seed, schedule=schedule, names=("metric",))
     train_graded_metric(out_dir, seed=seed, schedule=schedule)
+
+
+def spread_answer_rows(out_dir: Path, factor: float) -> None:
+    """Draws the output rows of "+" and "-" of the base out_dir/"idefics2" apart about their middle by factor,
+    and rewrites its weights (before the metric adapter trains; every other tensor stays bit for bit).
+
+    An adapter cannot change the output layer, so the distance of these two rows bounds the metric's score:
+    |P("+") - 0.5| at most where the last hidden state, normalised, lies along their difference. The lexicon
+    task (issue 20) took a share of the check questions that answer "+" / "-", and weight decay drew the rows
+    together (0.135 apart before it, 0.053 after: every score within 0.32-0.68 whatever the adapter learned);
+    2.5 gives the bound stages 3-4 were tuned with (0.13-0.87)."""
+    processor, model = _load_base(Path(out_dir))
+    texts = _Texts(processor)
+    with torch.no_grad():
+        head = model.lm_head.weight
+        middle = (head[texts.plus] + head[texts.minus]) / 2
+        half = (head[texts.plus] - head[texts.minus]) / 2
+        head[texts.plus] = middle + factor * half
+        head[texts.minus] = middle - factor * half
+    model.save_pretrained(Path(out_dir) / "idefics2")
 
 
 def _save_adapter(model, state: dict[str, torch.Tensor], adapter_dir: Path) -> None:
@@ -133,8 +163,10 @@ class _Texts:
         self.plus = self.encode(LIKED_ANSWER)[-1]
         self.minus = self.encode(DISLIKED_ANSWER)[-1]
         self.metric_prompts = {n: metric_prompt_ids(processor, n) for n in range(1, 9)}
+        self.tones = world.tones()
+        self.train_tones = world.tones(("train",))  # the words training comments use: the VPE adapter's chats
         # The VPE prompt up to its first image: the same for every user.
-        fake = processor.tokenizer.convert_tokens_to_ids(processor.fake_image_token)
+        self.fake = fake = processor.tokenizer.convert_tokens_to_ids(processor.fake_image_token)
         self.vpe_prefix_length = self.vpe_prompt(["x"]).index(fake)
 
     def encode(self, text: str) -> list[int]:
@@ -173,12 +205,15 @@ class _Probes(torch.nn.Module):
 
     LAYERS = (1, 1, 2, 2)
 
-    def __init__(self, hidden_size: int):
+    def __init__(self, hidden_size: int, layers: tuple[int, ...] = LAYERS):
         super().__init__()
-        self.heads = torch.nn.ModuleList(torch.nn.Linear(hidden_size, len(world.COLOURS)) for _ in self.LAYERS)
+        self.layers = layers
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(hidden_size, len(world.COLOURS)) for _ in layers)
 
-    def loss(self, hidden_states: tuple[torch.Tensor, ...], sequences: list[_Sequence]) -> torch.Tensor:
-        """A probe's colour is an index, or (stage 4) a distribution over COLOURS: an image's colour shares."""
+    def loss(self, hidden_states: tuple[torch.Tensor, ...], sequences: list[_Sequence],
+             offset: int = 0) -> torch.Tensor:
+        """A probe's colour is an index, or (stage 4) a distribution over COLOURS: an image's colour shares.
+        hidden_states start at position offset (a cached prefix before them)."""
         rows = [(b, probe, position, colour) for b, s in enumerate(sequences) for probe, position, colour in s.probes]
         total = hidden_states[0].new_zeros(())
         for probe, head in enumerate(self.heads):
@@ -187,7 +222,7 @@ class _Probes(torch.nn.Module):
                         if p == probe and isinstance(colour, tuple) == soft]
                 if mine:
                     batch, positions, colours = (torch.tensor(column) for column in zip(*mine))
-                    states = hidden_states[self.LAYERS[probe]][batch, positions]
+                    states = hidden_states[self.layers[probe]][batch, positions - offset]
                     total = total + F.cross_entropy(head(states), colours, reduction="sum") / len(sequences)
         return total
 
@@ -204,19 +239,29 @@ def _answer(ids: list[int], targets: list[tuple[int, int]], answer: list[int], *
         ids.append(token)
 
 
-def _chat_sequence(texts: _Texts, rng: np.random.Generator, image: ImageSource) -> _Sequence:
-    """1-3 chat turns about one image each: its colour, whether it is a given colour ("+" / "-"), or what a
-    comment on it says, answered in VPE's format for that one image."""
+def _chat_sequence(texts: _Texts, rng: np.random.Generator, image: ImageSource, tone_rate: float = 0.25,
+                   tones: list[tuple[str, str]] | None = None) -> _Sequence:
+    """1-3 chat turns: about one image each, its colour, whether it is a given colour ("+" / "-"), or what a
+    comment on it says, answered in VPE's format for that one image; or, without an image, the tone of a word
+    or phrase of the toy language (world.tones: every word of both splits, so the base knows words that no
+    training comment uses)."""
     ids = [texts.tokenizer.bos_token_id]
     images, targets = [], []
     for _ in range(rng.integers(1, 4)):
         index = int(rng.integers(len(world.COLOURS)))
         colour = world.COLOURS[index]
-        images.append(image(index))
         roll = rng.random()
-        if roll < 0.25:
+        if roll < tone_rate:
+            lexicon = texts.tones if tones is None else tones
+            entry, tone = lexicon[rng.integers(len(lexicon))]
+            ids += texts.encode(f"User:{TONE_QUESTION.format(entry)}{END_OF_UTTERANCE}\nAssistant:")
+            _answer(ids, targets, texts.encode(f" {tone}") + [texts.eou])
+            ids += texts.encode("\n")
+            continue
+        images.append(image(index))
+        if roll < 0.45:
             question, answer = CAPTION_QUESTION, texts.encode(f" {colour}")
-        elif roll < 0.5:
+        elif roll < 0.65:
             asked = colour if rng.random() < 0.5 else world.COLOURS[rng.integers(len(world.COLOURS))]
             words = world.COLOUR_WORDS[asked]
             question = CHECK_QUESTION.format(words[0] if rng.random() < 0.5 else words[rng.integers(len(words))])
@@ -276,15 +321,34 @@ def _rated_images(rng: np.random.Generator, liked: int, disliked: int, per_side:
     return [rated[i] for i in rng.permutation(len(rated))]
 
 
-def _vpe_sequence(texts: _Texts, rng: np.random.Generator, image: ImageSource) -> _Sequence:
-    """The VPE prompt for commented images of one liked and one disliked colour, and its answer."""
+def _vpe_sequence(texts: _Texts, rng: np.random.Generator, image: ImageSource,
+                  masked_rate: float = 0.0, masked_liked: float = 0.5, negation_rate: float = 0.3) -> _Sequence:
+    """The VPE prompt for commented images of one liked and one disliked colour, and its answer; read-outs at
+    each comment's last token: whether it praises or complains (not for masked ones), and its image's colour."""
     liked, disliked = (int(c) for c in rng.choice(len(world.COLOURS), size=2, replace=False))
     rated = _rated_images(rng, liked, disliked, int(rng.choice([2, 4, 6, 8, 8, 8])))
-    comments = [world.comment(rng, world.COLOURS[c], is_liked, "train") for c, is_liked in rated]
+    # With probability masked_rate one side's comments have their sentiment words masked (world.comment's
+    # masked: as words the adapter never read would be): that side's colour is then the one the other side's
+    # comments do not name.
+    masked_side = bool(rng.random() < masked_liked) if rng.random() < masked_rate else None
+    # Complaints may negate a praise word more often than the base's comments do (negation_rate): "not" and a
+    # praise the adapter never read ("not sublime") is read as a complaint then.
+    comments = [world.comment(rng, world.COLOURS[c], is_liked, "train", masked=is_liked == masked_side,
+                              negation_rate=negation_rate) for c, is_liked in rated]
     ids = texts.vpe_prompt(comments)
+    ends = _comment_ends(texts, ids)
+    probes = [(1, end, colour) for end, (colour, _) in zip(ends, rated)]
+    probes += [(0, end, int(not is_liked)) for end, (_, is_liked) in zip(ends, rated) if is_liked != masked_side]
     targets: list[tuple[int, int]] = []
     _answer(ids, targets, texts.vpe_answer(world.COLOURS[liked], world.COLOURS[disliked]))
-    return _Sequence(ids, [image(c) for c, _ in rated], targets)
+    return _Sequence(ids, [image(c) for c, _ in rated], targets, probes=probes)
+
+
+def _comment_ends(texts: _Texts, ids: list[int]) -> list[int]:
+    """The position of each comment's last token in a VPE prompt: before the next image, or the end of the turn."""
+    starts = [i for i in range(len(ids) - 1) if ids[i] == texts.fake and ids[i + 1] == texts.image_token]
+    turn_end = len(ids) - 1 - ids[::-1].index(texts.eou)
+    return [start - 1 for start in starts[1:]] + [turn_end - 1]
 
 
 def _metric_sequence(texts: _Texts, rng: np.random.Generator, image: ImageSource) -> _Sequence:
@@ -355,7 +419,8 @@ class _ImagePool:
 
 
 def _losses(model, texts: _Texts, sequences: list[_Sequence], image_states: torch.Tensor,
-            prefix_length: int = 0, probes: _Probes | None = None) -> torch.Tensor:
+            prefix_length: int = 0, probes: _Probes | None = None,
+) -> torch.Tensor:
     """Mean loss over the batch: cross-entropy on answer tokens, or on ("+", "-") for metric sequences.
 
     image_states: [images in batch order, IMAGE_SEQ_LEN, hidden], the connector's output. With
@@ -382,13 +447,11 @@ def _losses(model, texts: _Texts, sequences: list[_Sequence], image_states: torc
     image_mask = (ids == texts.image_token).unsqueeze(-1)
     embeds = embeds.masked_scatter(image_mask, image_states.reshape(-1, image_states.shape[-1]).to(embeds.dtype))
     probed = probes is not None and any(s.probes for s in sequences)
-    if probed and prefix_length:
-        raise ValueError("probes read whole sequences: no prefix")
     output = inner.text_model(inputs_embeds=embeds, attention_mask=mask, cache=cache,
                               use_cache=cache is not None, output_hidden_states=probed)
     hidden = F.pad(output.last_hidden_state, (0, 0, prefix_length, 0))  # positions as in the whole sequence
 
-    losses = [probes.loss(output.hidden_states, sequences)] if probed else []
+    losses = [probes.loss(output.hidden_states, sequences, prefix_length)] if probed else []
     token_rows = [(b, p, t) for b, s in enumerate(sequences) for p, t in s.targets]
     if token_rows:
         rows, positions, tokens = (torch.tensor(column) for column in zip(*token_rows))
@@ -470,36 +533,78 @@ def _train_reasoning(model, texts: _Texts, rng: np.random.Generator, pool: _Imag
     _optimise([parameters], schedule.reasoning_steps, schedule.reasoning_lr, losses_at, "reasoning")
 
 
-def _train_adapters(model, texts: _Texts, rng: np.random.Generator, pool: _ImagePool,
-                    schedule: Idefics2Schedule) -> dict[str, dict[str, torch.Tensor]]:
-    """Both adapters on one frozen copy of the base; returns each adapter's peft state dict."""
-    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(**VIPER_LORA_CONFIG), adapter_name=ADAPTERS[0])
-    for name in ADAPTERS[1:]:
-        peft_model.add_adapter(name, LoraConfig(**VIPER_LORA_CONFIG))
+ADAPTER_SEED = 20  # stage 3's random draws come from [seed, ADAPTER_SEED], apart from stages 1-2' (issue 20)
+
+
+def train_adapters(out_dir: Path, *, seed: int = 0, schedule: Idefics2Schedule = Idefics2Schedule(),
+                   names: tuple[str, ...] = ADAPTERS) -> None:
+    """Stage 3: trains each adapter named, alone, on the frozen base out_dir/"idefics2" into out_dir/"<name>-lora".
+
+    Own random state, from the files alone (as train_graded_metric), the same for each adapter: an adapter's
+    files depend on the base, the seed and its own schedule only, not on the other adapter's training."""
+    out_dir = Path(out_dir)
+    for name in names:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 1000 + ADAPTER_SEED)
+            rng = np.random.default_rng([seed, ADAPTER_SEED])
+            processor, model = _load_base(out_dir)
+            texts = _Texts(processor)
+            pool = _ImagePool(model, processor, rng, schedule.pool_per_colour)
+            started = time.perf_counter()
+            state = _train_adapter(model, texts, rng, pool, schedule, name)
+            log.info("idefics2 %s adapter trained in %.0f s", name, time.perf_counter() - started)
+            _save_adapter(model, state, out_dir / f"{name}-lora")
+
+
+def _load_base(out_dir: Path) -> tuple[Idefics2Processor, Idefics2ForConditionalGeneration]:
+    processor = Idefics2Processor.from_pretrained(out_dir / "idefics2")
+    model = Idefics2ForConditionalGeneration.from_pretrained(out_dir / "idefics2").eval()
+    model.name_or_path = model.config._name_or_path = ""  # as built from a config: no base path in the files
+    return processor, model
+
+
+def _train_adapter(model, texts: _Texts, rng: np.random.Generator, pool: _ImagePool,
+                   schedule: Idefics2Schedule, name: str) -> dict[str, torch.Tensor]:
+    """One adapter on a frozen copy of the base; returns its peft state dict.
+
+    The VPE adapter also answers the base's single-image chats (vpe_chat_batch: it keeps the base's reading
+    of one comment, which holds for words no VPE prompt uses) and has read-outs at each comment's end
+    (vpe_probe_layers: the comment's sentiment and colour, read where the base reads them)."""
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(**VIPER_LORA_CONFIG), adapter_name=name)
+    hidden = model.config.text_config.hidden_size
+    probes = {"metric": _Probes(hidden)}  # both made whichever adapter trains: the same torch draws
+    if schedule.vpe_probe_layers:
+        probes["vpe"] = _Probes(hidden, schedule.vpe_probe_layers)
     peft_model.train()
     inner = peft_model.base_model.model
-    groups = {name: [p for n, p in peft_model.named_parameters() if "lora_" in n and f".{name}." in n]
-              for name in ADAPTERS}
-    parameters = [p for group in groups.values() for p in group]
-    makers = {"vpe": _vpe_sequence, "metric": _metric_sequence}
-    probes = _Probes(model.config.text_config.hidden_size)
+    parameters = [p for n, p in peft_model.named_parameters() if "lora_" in n]
+    # Streams of the adapter's own (numpy's and torch's, for its dropout), as when both adapters trained together.
+    seeds = rng.integers(2**62, size=len(ADAPTERS))
+    stream = np.random.default_rng(seeds[ADAPTERS.index(name)])
+    torch.set_rng_state(torch.Generator().manual_seed(int(seeds[ADAPTERS.index(name)])).get_state())
+    draw = lambda colour: pool.sample(stream, colour)  # noqa: E731
 
     def losses_at(step: int) -> dict[str, torch.Tensor]:
-        losses = {}
-        for name, make in makers.items():
-            peft_model.base_model.set_adapter(name)
-            for parameter in parameters:  # set_adapter freezes the other adapter; both learn in this step
-                parameter.requires_grad_(True)
-            sequences = [make(texts, rng, lambda colour: pool.sample(rng, colour)) for _ in range(schedule.batch)]
+        if name == "metric":
+            sequences = [_metric_sequence(texts, stream, draw) for _ in range(schedule.batch)]
             states = pool.states[[index for s in sequences for index in s.images]]
-            prefix = texts.vpe_prefix_length if name == "vpe" else 0
-            losses[name] = _losses(inner, texts, sequences, _connect(inner, states), prefix,
-                                   probes=probes if name == "metric" else None)
+            return {name: _losses(inner, texts, sequences, _connect(inner, states), probes=probes[name])}
+        sequences = [_vpe_sequence(texts, stream, draw, schedule.vpe_masked_rate, schedule.vpe_masked_liked,
+                                   schedule.vpe_negation_rate) for _ in range(schedule.batch)]
+        states = pool.states[[index for s in sequences for index in s.images]]
+        losses = {name: _losses(inner, texts, sequences, _connect(inner, states), texts.vpe_prefix_length,
+                                probes=probes.get(name))}
+        if schedule.vpe_chat_batch:
+            chats = [_chat_sequence(texts, stream, draw, schedule.vpe_tone_rate, texts.train_tones)
+                     for _ in range(schedule.vpe_chat_batch)]
+            states = pool.states[[index for s in chats for index in s.images]]
+            losses["vpe chat"] = _losses(inner, texts, chats, _connect(inner, states))
         return losses
 
-    _optimise([groups["vpe"], groups["metric"] + list(probes.parameters())], schedule.adapter_steps,
-              schedule.adapter_lr, losses_at, "adapters")
-    return {name: get_peft_model_state_dict(peft_model, adapter_name=name) for name in ADAPTERS}
+    extra = list(probes[name].parameters()) if name in probes else []
+    steps = schedule.vpe_steps if name == "vpe" else schedule.adapter_steps
+    _optimise([parameters + extra], steps, schedule.adapter_lr, losses_at, f"{name} adapter")
+    return get_peft_model_state_dict(peft_model, adapter_name=name)
 
 
 # --- Stage 4: the graded metric -------------------------------------------------------------------
@@ -521,9 +626,7 @@ def train_graded_metric(out_dir: Path, *, seed: int = 0, schedule: Idefics2Sched
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed * 1000 + GRADED_SEED)
         rng = np.random.default_rng([seed, GRADED_SEED])
-        processor = Idefics2Processor.from_pretrained(out_dir / "idefics2")
-        model = Idefics2ForConditionalGeneration.from_pretrained(out_dir / "idefics2").eval()
-        model.name_or_path = model.config._name_or_path = ""  # as built from a config: no base path in the files
+        processor, model = _load_base(out_dir)
         texts = _Texts(processor)
         pool = _ImagePool(model, processor, rng, schedule.graded_pool_per_colour)
         peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(**VIPER_LORA_CONFIG))
@@ -605,10 +708,13 @@ def _graded_query(rng: np.random.Generator, liked: str, disliked: str, mixed_rat
     return world.draw_mixed_image(rng, main, second, area, "train")
 
 
-# P("+") moves by this much per unit of (liked share - disliked share). Not 0.5: stage 3 left the metric's
-# scores at most ~0.86 (and at least ~0.14) however sure it is, so targets past that would only push every
-# mostly-liked image to the same ceiling again, where the ranking among them is lost.
-GRADED_SCALE = 0.3
+# P("+") moves by this much per unit of (liked share - disliked share). Not 0.5: stage 3 leaves the metric's
+# scores at most ~0.87 (and at least ~0.13) however sure it is (spread_answer_rows), so targets far past that
+# push every mostly-liked image to the same ceiling, where the ranking among them is lost. 0.3 was chosen on
+# the former base; on issue 20's, 0.4 ranks generated candidates better (best of N's picks at strength 0.85:
+# 93 of 100 against 86; grade rank correlation 0.72 against 0.54), though its targets for images almost all
+# of the liked colour pass that bound.
+GRADED_SCALE = 0.4
 
 
 def _graded_target(image: Image.Image, liked: str, disliked: str) -> float:

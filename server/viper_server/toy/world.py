@@ -3,8 +3,8 @@ and dislike another.
 
 Everything is drawn from a seeded numpy Generator, so the same seed gives the same world. Each part has a
 training and a held-out variant (`split="train"` / `"eval"`): held-out images use shades and random draws
-training never sees, held-out comments use sentence frames training never sees (with the same vocabulary:
-a toy model cannot know what a word it never read means).
+training never sees, held-out comments sentence frames and sentiment words no training comment has (see
+Comments below).
 """
 
 from __future__ import annotations
@@ -166,81 +166,159 @@ def _small(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> np.ndarray
 
 
 # --- Comments -------------------------------------------------------------------------------------
+#
+# A comment is a sentence frame with slots: {c} a colour word, {m} a modifier, {n} a noun, and the sentiment
+# slots {v} a verb phrase ("I {v} the red"), {a} an adjective, {p} a predicate ("the red is {p}": an adjective,
+# or "not" and a positive one) and {f} a feeling ("make me feel {f}"). A liked image gets positive sentiment,
+# a disliked one negative, negations included ("don't enjoy", "not lovely", "can't stand").
+#
+# Training and held-out comments share no frame and no sentiment word or phrase: held-out users' comments
+# are phrased in ways no training comment is. The toy IDEFICS2 base still knows what every word of the toy
+# language means, from a lexicon task (`tones()`: a word or phrase alone -> positive / negative / neutral), as
+# the real VPE's base knows English from pretraining; the VPE itself only ever reads training phrasings.
 
 _MODIFIERS = ("deep", "soft", "bright", "pale", "rich", "warm", "cool", "vivid", "muted", "dark", "light")
 _NOUNS = ("tones", "hues", "shades", "colours", "palette")
-_POSITIVE = dict(
-    verb=("love", "adore", "enjoy", "like", "cherish", "treasure"),
-    adjective=("beautiful", "gorgeous", "lovely", "stunning", "delightful", "wonderful", "charming", "pleasing"),
-    effect=("make me happy", "feel so calming", "make me smile", "feel warm and inviting", "lift my mood",
-            "feel alive"),
-)
-_NEGATIVE = dict(
-    verb=("hate", "dislike", "detest", "loathe", "resent", "despise"),
-    adjective=("ugly", "dull", "harsh", "unpleasant", "boring", "garish", "dreary", "awful"),
-    effect=("leave me flat", "make me uneasy", "feel cold and lifeless", "put me off", "bore me",
-            "feel heavy and sad"),
-)
+# Words that negate a positive verb ("I don't enjoy") or predicate ("not lovely"): grammar, in both splits.
+_NEGATED_VERB = ("don't", "do not")
+_NEGATED_PREDICATE = ("not", "not at all")
+_NEGATION_RATE = 0.3
 
-# Frames: {v} verb, {a} adjective, {e} effect (plural subject), {m} modifier, {c} colour word, {n} noun.
+# (slot, liked) -> per split: the entries of that slot with that sentiment.
+_LEXICON: dict[tuple[str, bool], dict[Split, tuple[str, ...]]] = {
+    ("verb", True): {
+        "train": ("love", "adore", "enjoy", "like", "cherish", "treasure", "appreciate", "admire",
+                  "am drawn to", "am a fan of", "can't get enough of"),
+        "eval": ("savour", "relish", "prize", "fancy", "am fond of", "am keen on"),
+    },
+    ("verb", False): {
+        "train": ("hate", "dislike", "detest", "loathe", "resent", "despise", "abhor", "can't stand",
+                  "am not a fan of", "could do without"),
+        "eval": ("scorn", "disdain", "dread", "deplore", "can't bear", "am not keen on", "am tired of"),
+    },
+    ("adjective", True): {
+        "train": ("beautiful", "gorgeous", "lovely", "stunning", "delightful", "wonderful", "charming",
+                  "pleasing", "elegant", "radiant", "splendid", "superb"),
+        "eval": ("marvellous", "exquisite", "glorious", "sublime", "enchanting", "dazzling", "fabulous",
+                 "magnificent"),
+    },
+    ("adjective", False): {
+        "train": ("ugly", "dull", "harsh", "unpleasant", "boring", "garish", "dreary", "awful", "drab",
+                  "hideous", "tacky", "gaudy"),
+        "eval": ("dismal", "bleak", "grim", "horrid", "dreadful", "ghastly", "murky", "tiresome"),
+    },
+    ("feeling", True): {
+        "train": ("happy", "calm", "joyful", "cheerful", "relaxed", "hopeful", "content"),
+        "eval": ("serene", "elated", "peaceful", "uplifted", "carefree"),
+    },
+    ("feeling", False): {
+        "train": ("sad", "uneasy", "tense", "gloomy", "bored", "anxious", "irritated"),
+        "eval": ("weary", "queasy", "restless", "glum", "grumpy"),
+    },
+}
+
 _FRAMES: dict[Split, tuple[str, ...]] = {
     "train": (
         "I {v} these {m} {c} {n}.",
-        "The {m} {c} {n} {e}.",
+        "The {m} {c} {n} make me feel {f}.",
         "What {a} {c} {n}!",
         "Such {a} {m} {c}, I {v} it.",
-        "The {c} here is {a}.",
-        "I {v} how the {c} {n} {e}.",
-        "Those {m} {c} {n} are {a}.",
-        "{c} {n} like these {e}.",
+        "The {c} here is {p}.",
+        "I {v} how the {c} {n} look.",
+        "Those {m} {c} {n} are {p}.",
+        "{c} {n} such as these leave me {f}.",
         "A {a} piece, I {v} the {c}.",
-        "The {c} {n} are {a} and they {e}.",
+        "The {c} {n} are {p} and they make me feel {f}.",
         "I really {v} the {m} {c} in this one.",
         "So much {c}, {a}.",
+        "My verdict on the {c}: {a}.",
+        "The {c} feels {p} to me.",
+        "Every {c} shape here is {p}.",
+        "I {v} the {c}; it is {p}.",
+        "{a}! The {c} {n} leave me {f}.",
+        "This {m} {c} makes me feel {f}.",
     ),
     "eval": (
-        "Honestly the {c} {n} {e}, {a} work.",
-        "All that {m} {c} is {a} to me.",
-        "I {v} every bit of the {c} {n}.",
-        "{a} image, those {c} {n} {e}.",
-        "The way it uses {m} {c} is {a}.",
+        "All that {c} makes the picture feel {p} to me.",
+        "What I {v} is the {c} everywhere.",
+        "Honestly the {c} {n} leave me {f}, {a} work.",
         "Looking at the {c} {n}, I {v} them.",
+        "The way it uses {m} {c} is {p}.",
+        "For me, the {c} is simply {p}.",
+        "I have to say I {v} the {c} in this picture.",
+        "Whoever chose this {c} made something {a}.",
+        "{c} all over, and I {v} it.",
+        "It's the {c} that I {v} most.",
+        "One look at the {m} {c} and I feel {f}.",
+        "Between the {c} {n} and the light, it feels {p}.",
     ),
 }
 # Comments that name no colour: the colour has to be read from the image.
 _COLOURLESS_FRAMES: dict[Split, tuple[str, ...]] = {
-    "train": ("I {v} these {n}.", "What {a} {n}!", "The {n} here {e}.", "Such {a} {n}, I {v} them."),
-    "eval": ("Honestly these {n} {e}.", "I {v} every bit of the {n}, {a}."),
+    "train": ("I {v} these {n}.", "What {a} {n}!", "The {n} here make me feel {f}.", "Such {a} {n}, I {v} them.",
+              "This one is {p}.", "I {v} this image."),
+    "eval": ("Honestly these {n} leave me {f}.", "I {v} every bit of it, {a}.", "Overall it feels {p} to me.",
+             "Whoever made this, I {v} it."),
 }
 
 
-def comment(rng: np.random.Generator, colour: str, liked: bool, split: Split, *, colourless_rate: float = 0.15) -> str:
-    """A comment on an image of `colour`: praise when liked, a complaint when not."""
-    words = _POSITIVE if liked else _NEGATIVE
+def comment(rng: np.random.Generator, colour: str, liked: bool, split: Split, *, colourless_rate: float = 0.15,
+            masked: bool = False, negation_rate: float = _NEGATION_RATE) -> str:
+    """A comment on an image of `colour` phrased as `split`'s comments are: praise when liked, a complaint
+    (sometimes a negated praise) when not. With masked, a modifier stands in each sentiment slot ("I soft these
+    deep crimson tones", "The scarlet is pale"): a comment that says nothing of how it feels, as one in words
+    the reader does not know would (the VPE adapter's training, train_idefics2._vpe_sequence). negation_rate:
+    the chance that a complaint's verb (and, drawn apart, its predicate) is a negated praise."""
     colourless = rng.random() < colourless_rate
     frames = (_COLOURLESS_FRAMES if colourless else _FRAMES)[split]
     frame = frames[rng.integers(len(frames))]
     choose = lambda options: options[rng.integers(len(options))]  # noqa: E731
-    text = frame.format(
-        v=choose(words["verb"]),
-        a=choose(words["adjective"]),
-        e=choose(words["effect"]),
-        m=choose(_MODIFIERS),
-        c=choose(COLOUR_WORDS[colour]),
-        n=choose(_NOUNS),
-    )
+    words = lambda slot, positive=liked: _LEXICON[slot, positive][split]  # noqa: E731
+    verb, predicate = choose(words("verb")), choose(words("adjective"))
+    if not liked and rng.random() < negation_rate:  # "don't enjoy" (a one-word verb), "not lovely"
+        verb = f"{choose(_NEGATED_VERB)} {choose([w for w in words('verb', True) if ' ' not in w])}"
+    if not liked and rng.random() < negation_rate:
+        predicate = f"{choose(_NEGATED_PREDICATE)} {choose(words('adjective', True))}"
+    slots = dict(v=verb, a=choose(words("adjective")), p=predicate, f=choose(words("feeling")),
+                 m=choose(_MODIFIERS), c=choose(COLOUR_WORDS[colour]), n=choose(_NOUNS))
+    if masked:  # no sentiment left, negations neither
+        slots.update({slot: choose(_MODIFIERS) for slot in "vapf"})
+    text = frame.format(**slots)
     return text[0].upper() + text[1:]
+
+
+def phrasings(split: Split) -> tuple[set[str], set[str]]:
+    """(sentence frames, sentiment words and phrases) of one split's comments; the two splits share none."""
+    frames = {*_FRAMES[split], *_COLOURLESS_FRAMES[split]}
+    return frames, {entry for splits in _LEXICON.values() for entry in splits[split]}
+
+
+def _frame_words(splits: tuple[Split, ...] = ("train", "eval")) -> list[str]:
+    words = []
+    for frames in (*(_FRAMES[s] for s in splits), *(_COLOURLESS_FRAMES[s] for s in splits)):
+        for frame in frames:
+            words.extend(part.strip(".,!;:") for part in frame.split() if "{" not in part)
+    return words
+
+
+def tones(splits: tuple[Split, ...] = ("train", "eval")) -> list[tuple[str, str]]:
+    """The toy language's lexicon: every sentiment word or phrase of both splits with "positive" or
+    "negative", every other word of the comments with "neutral" (what the IDEFICS2 base learns words from);
+    with splits=("train",), only the words training comments use."""
+    polar = [(entry, "positive" if liked else "negative")
+             for (_, liked), entries in _LEXICON.items() for split in splits for entry in entries[split]]
+    known = {word for entry, _ in polar for word in entry.split()}
+    words = [*_MODIFIERS, *_NOUNS, *(w for ws in COLOUR_WORDS.values() for w in ws), *_frame_words(splits),
+             *(w for phrase in (*_NEGATED_VERB, *_NEGATED_PREDICATE) for w in phrase.split())]
+    neutral = [(word, "neutral") for word in dict.fromkeys(w.lower() for w in words if w) if word not in known]
+    return polar + neutral
 
 
 def vocabulary() -> list[str]:
     """Every word comments and answers can use (for building tokenizers)."""
     words = [*COLOURS, *(w for ws in COLOUR_WORDS.values() for w in ws), *_MODIFIERS, *_NOUNS]
-    for lexicon in (_POSITIVE, _NEGATIVE):
-        for phrases in lexicon.values():
-            words.extend(word for phrase in phrases for word in phrase.split())
-    for frames in (*_FRAMES.values(), *_COLOURLESS_FRAMES.values()):
-        for frame in frames:
-            words.extend(part.strip(".,!") for part in frame.split() if "{" not in part)
+    words += [word for entry, _ in tones() for word in entry.split()]
+    words += _frame_words()
     return list(dict.fromkeys(word for word in words if word))
 
 
