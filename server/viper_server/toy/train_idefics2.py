@@ -30,6 +30,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -544,16 +545,23 @@ def train_adapters(out_dir: Path, *, seed: int = 0, schedule: Idefics2Schedule =
     files depend on the base, the seed and its own schedule only, not on the other adapter's training."""
     out_dir = Path(out_dir)
     for name in names:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed * 1000 + ADAPTER_SEED)
-            rng = np.random.default_rng([seed, ADAPTER_SEED])
-            processor, model = _load_base(out_dir)
-            texts = _Texts(processor)
-            pool = _ImagePool(model, processor, rng, schedule.pool_per_colour)
+        with _stage_on_base(out_dir, seed, ADAPTER_SEED, schedule.pool_per_colour) as (rng, _, model, texts, pool):
             started = time.perf_counter()
             state = _train_adapter(model, texts, rng, pool, schedule, name)
             log.info("idefics2 %s adapter trained in %.0f s", name, time.perf_counter() - started)
             _save_adapter(model, state, out_dir / f"{name}-lora")
+
+
+@contextmanager
+def _stage_on_base(out_dir: Path, seed: int, stage_seed: int, pool_per_colour: int):
+    """A stage's own random state (forked, from the seed and the stage alone) and the frozen base with its
+    texts and image pool, drawn in that order: a stage's files depend on the base, the seed and its schedule."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1000 + stage_seed)
+        rng = np.random.default_rng([seed, stage_seed])
+        processor, model = _load_base(out_dir)
+        texts = _Texts(processor)
+        yield rng, processor, model, texts, _ImagePool(model, processor, rng, pool_per_colour)
 
 
 def _load_base(out_dir: Path) -> tuple[Idefics2Processor, Idefics2ForConditionalGeneration]:
@@ -623,12 +631,8 @@ def train_graded_metric(out_dir: Path, *, seed: int = 0, schedule: Idefics2Sched
     alone: run on the committed weights it gives what train_idefics2 gives for that seed.
     """
     out_dir = Path(out_dir)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed * 1000 + GRADED_SEED)
-        rng = np.random.default_rng([seed, GRADED_SEED])
-        processor, model = _load_base(out_dir)
-        texts = _Texts(processor)
-        pool = _ImagePool(model, processor, rng, schedule.graded_pool_per_colour)
+    with _stage_on_base(out_dir, seed, GRADED_SEED, schedule.graded_pool_per_colour) as (rng, processor, model,
+                                                                                          texts, pool):
         peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(**VIPER_LORA_CONFIG))
         state = load_file(out_dir / "metric-lora" / "adapter_model.safetensors")
         if unexpected := set_peft_model_state_dict(peft_model, state).unexpected_keys:
