@@ -374,7 +374,8 @@ class MetricScorer:
         rows = [len(chunk) for chunk in chunks]
         if not rows:
             return []
-        shared = SharedPrefix([scoring.prefix for scoring in scorings], rows)
+        shared = SharedPrefix([scoring.prefix for scoring in scorings], rows,
+                              last_token_layer=model.config.text_config.num_hidden_layers - 1)
         input_ids = torch.tensor([self._suffix_ids], device=self.idefics2.device).expand(sum(rows), -1)
         # The suffix's positions follow the prefix's, as a cache of the prefix would number them.
         positions = torch.arange(shared.length, shared.length + input_ids.shape[1], device=self.idefics2.device)

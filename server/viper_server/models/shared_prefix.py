@@ -31,10 +31,15 @@ IMPLEMENTATION = "viper_shared_prefix"
 @dataclass(frozen=True)
 class SharedPrefix:
     """The prefixes of a batch's rows: prefixes[g] (per layer: keys, values [1, kv_heads, length, head_dim]) is
-    followed by rows[g] consecutive rows of the batch."""
+    followed by rows[g] consecutive rows of the batch.
+
+    last_token_layer: the model's last layer when only each row's last token is read after it (the metric's
+    logits_to_keep=1). There the other tokens' outputs reach nothing (their keys and values, made before the
+    attention, still do), so only the last token attends: a third of the attention on a 3-layer model."""
 
     prefixes: Sequence[KVLayers]
     rows: Sequence[int]
+    last_token_layer: int | None = None
 
     @property
     def length(self) -> int:
@@ -44,6 +49,15 @@ class SharedPrefix:
                scale: float) -> torch.Tensor:
         """query [rows, heads, L, d], key / value [rows, kv_heads, L, d] (the suffix's own); returns the
         attention output as transformers' attention functions do, [rows, L, heads, d]."""
+        if layer == self.last_token_layer:
+            out = torch.zeros_like(query)  # what no later layer or logit reads
+            out[:, :, -1:] = self._attend(layer, query[:, :, -1:], key, value, scale, causal=False)
+            return out.transpose(1, 2).contiguous()
+        return self._attend(layer, query, key, value, scale, causal=True).transpose(1, 2).contiguous()
+
+    def _attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, *,
+                causal: bool) -> torch.Tensor:
+        """[rows, heads, L, d]; causal=False for the suffix's last token alone, which sees every suffix key."""
         heads, kv_heads = query.shape[1], key.shape[1]
         groups, length = heads // kv_heads, query.shape[2]
         prefix_outputs, prefix_lses, start = [], [], 0
@@ -59,11 +73,10 @@ class SharedPrefix:
         out_p, lse_p = torch.cat(prefix_outputs), torch.cat(prefix_lses)
         # Each row's own suffix, causally: one call for all rows (the suffix is not shared).
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-        out_s, lse_s = _attention_with_lse(query, key, value, causal=True, scale=scale)
+        out_s, lse_s = _attention_with_lse(query, key, value, causal=causal, scale=scale)
         lse = torch.logaddexp(lse_p, lse_s)
-        merged = (out_p * (lse_p - lse).exp().unsqueeze(-1).to(out_p.dtype)
-                  + out_s * (lse_s - lse).exp().unsqueeze(-1).to(out_s.dtype))
-        return merged.transpose(1, 2).contiguous()
+        return (out_p * (lse_p - lse).exp().unsqueeze(-1).to(out_p.dtype)
+                + out_s * (lse_s - lse).exp().unsqueeze(-1).to(out_s.dtype))
 
 def _attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, causal: bool,
                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
