@@ -16,6 +16,7 @@ from viper_server.models.shared_prefix import (
 
 HEADS, KV_HEADS, DIM, SUFFIX = 4, 2, 16, 7
 TOLERANCE = 1e-5
+SCALE = DIM**-0.5
 
 
 def reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, prefix: tuple[torch.Tensor, torch.Tensor],
@@ -30,57 +31,50 @@ def reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, prefi
     return out.transpose(1, 2)
 
 
-@pytest.mark.parametrize("lse", [fused_attention_with_lse, full_attention_with_lse])
-def test_rows_of_two_prefixes_attend_as_with_their_prefix_concatenated(lse, monkeypatch):
-    monkeypatch.setattr("viper_server.models.shared_prefix._attention_with_lse", lse)
-    generator = torch.Generator().manual_seed(0)
-    scale = DIM**-0.5
+def two_users(seed: int):
+    """Two users' prefixes of equal length (as a step's rows have), 3 rows after the first, 2 after the second:
+    (prefixes, rows, query, key, value, expected), expected the reference attention of every row."""
+    generator = torch.Generator().manual_seed(seed)
 
     def states(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=generator) * 2
 
-    # Two users' prefixes of equal length (as a step's rows have), 3 rows after the first, 2 after the second.
     prefixes = [tuple((states(1, KV_HEADS, 40, DIM), states(1, KV_HEADS, 40, DIM))) for _ in range(2)]
-    rows = [3, 2]
     query = states(5, HEADS, SUFFIX, DIM)
     key, value = states(5, KV_HEADS, SUFFIX, DIM), states(5, KV_HEADS, SUFFIX, DIM)
+    expected = torch.cat([reference(query[:3], key[:3], value[:3], prefixes[0], SCALE),
+                          reference(query[3:], key[3:], value[3:], prefixes[1], SCALE)])
+    return prefixes, [3, 2], query, key, value, expected
+
+
+@pytest.mark.parametrize("lse", [fused_attention_with_lse, full_attention_with_lse])
+def test_rows_of_two_prefixes_attend_as_with_their_prefix_concatenated(lse, monkeypatch):
+    monkeypatch.setattr("viper_server.models.shared_prefix._attention_with_lse", lse)
+    prefixes, rows, query, key, value, expected = two_users(0)
     layers = [tuple([prefix]) for prefix in prefixes]  # one layer
 
-    shared = SharedPrefix(layers, rows).attend(0, query, key, value, scale)
+    shared = SharedPrefix(layers, rows).attend(0, query, key, value, SCALE)
 
-    expected = torch.cat([reference(query[:3], key[:3], value[:3], prefixes[0], scale),
-                          reference(query[3:], key[3:], value[3:], prefixes[1], scale)])
     assert shared.shape == (5, SUFFIX, HEADS, DIM)
     torch.testing.assert_close(shared, expected, atol=TOLERANCE, rtol=0)
     # What is compared moves with the prefix by far more than the tolerance: the other user's prefix.
-    swapped = SharedPrefix(layers[::-1], rows).attend(0, query, key, value, scale)
+    swapped = SharedPrefix(layers[::-1], rows).attend(0, query, key, value, SCALE)
     assert (swapped - expected).abs().max().item() > 1000 * TOLERANCE
 
 
 @pytest.mark.parametrize("lse", [fused_attention_with_lse, full_attention_with_lse])
 def test_at_the_last_token_layer_only_each_rows_last_token_attends(lse, monkeypatch):
     monkeypatch.setattr("viper_server.models.shared_prefix._attention_with_lse", lse)
-    generator = torch.Generator().manual_seed(1)
-    scale = DIM**-0.5
-
-    def states(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator) * 2
-
-    prefixes = [tuple((states(1, KV_HEADS, 40, DIM), states(1, KV_HEADS, 40, DIM))) for _ in range(2)]
-    rows = [3, 2]
-    query = states(5, HEADS, SUFFIX, DIM)
-    key, value = states(5, KV_HEADS, SUFFIX, DIM), states(5, KV_HEADS, SUFFIX, DIM)
+    prefixes, rows, query, key, value, expected = two_users(1)
     layers = [(prefix, prefix) for prefix in prefixes]  # two layers, the second the last token's
 
-    every_token = SharedPrefix(layers, rows, last_token_layer=1).attend(0, query, key, value, scale)
-    last_token = SharedPrefix(layers, rows, last_token_layer=1).attend(1, query, key, value, scale)
+    every_token = SharedPrefix(layers, rows, last_token_layer=1).attend(0, query, key, value, SCALE)
+    last_token = SharedPrefix(layers, rows, last_token_layer=1).attend(1, query, key, value, SCALE)
 
-    expected = torch.cat([reference(query[:3], key[:3], value[:3], prefixes[0], scale),
-                          reference(query[3:], key[3:], value[3:], prefixes[1], scale)])
     torch.testing.assert_close(every_token, expected, atol=TOLERANCE, rtol=0)
     torch.testing.assert_close(last_token[:, -1], expected[:, -1], atol=TOLERANCE, rtol=0)
     assert not last_token[:, :-1].any()  # the tokens nothing reads are not computed
     # The last token sees every key of its suffix: without its own suffix keys after the first it would differ.
     first_key_only = SharedPrefix(layers, rows, last_token_layer=1).attend(1, query, key[:, :, :1], value[:, :, :1],
-                                                                          scale)
+                                                                          SCALE)
     assert (first_key_only[:, -1] - expected[:, -1]).abs().max().item() > 1000 * TOLERANCE
