@@ -35,7 +35,7 @@ class SharedPrefix:
 
     last_token_layer: the model's last layer when only each row's last token is read after it (the metric's
     logits_to_keep=1). There the other tokens' outputs reach nothing (their keys and values, made before the
-    attention, still do), so only the last token attends: a third of the attention on a 3-layer model."""
+    attention, still do), so only the last token attends: most of 1/N of the attention spared on an N-layer model."""
 
     prefixes: Sequence[KVLayers]
     rows: Sequence[int]
