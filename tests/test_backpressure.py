@@ -14,6 +14,7 @@ import pytest
 from viper_client import RatedImage, ViperClient
 from viper_proto.v1 import generation_pb2, generation_pb2_grpc
 from viper_server.domain import Preview, Progress
+from viper_server.engine.errors import WorkerClosed
 from viper_server.engine.scheduler import EventChannel, Step, StepScheduler, Task
 from viper_server.engine.tasks import GenerationTask
 from viper_server.testing import ServerProcess
@@ -77,6 +78,26 @@ def test_a_paused_task_is_dropped_at_once_when_its_reader_leaves():
             return task
         finally:
             scheduler.close()
+
+    task = asyncio.run(scenario())
+    assert task.done_steps <= BUFFER + 2
+
+
+def test_closing_ends_a_paused_task_whose_stream_was_left_open():
+    # A handler cancelled while it waited on a write leaves its stream neither read nor closed (until the generator
+    # is collected): the paused task must not hold the scheduler's close, and its reader, if any, hears why.
+    async def scenario() -> Counting:
+        scheduler = StepScheduler("test", max_queue=4, event_buffer=BUFFER)
+        task = Counting(steps=10_000)
+        events = scheduler.stream(task)
+        await anext(events)
+        await asyncio.sleep(0.1)  # paused now
+        await asyncio.to_thread(scheduler.close, 5)
+        assert not scheduler.running, "close waited for a task nobody reads"
+        with pytest.raises(WorkerClosed, match="test scheduler stopped"):
+            async for _ in events:
+                pass
+        return task
 
     task = asyncio.run(scenario())
     assert task.done_steps <= BUFFER + 2

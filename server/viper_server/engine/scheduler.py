@@ -291,7 +291,10 @@ class StepScheduler:
             self._cond.notify()
 
     def close(self, timeout: float | None = None) -> None:
-        """Takes no new tasks, drops the waiting ones, lets the running ones finish."""
+        """Takes no new tasks and ends the ones it has, each failing with WorkerClosed: the waiting ones at once,
+        the running ones before their next step (the step in progress finishes). The server closes its engine once
+        gRPC has stopped, when no caller is left: a stream whose handler was cancelled while it waited on a write
+        leaves its task paused until the stream's generator is collected, which would hold this join forever."""
         with self._cond:
             if self._closed:
                 return
@@ -329,12 +332,18 @@ class StepScheduler:
                     self._end(task)
 
     def _serve_once(self) -> bool:
-        """Admits, drops the cancelled, runs one step; False once closed with nothing left to run."""
+        """Admits, drops the cancelled, runs one step; False once closed (its running tasks ended)."""
         with self._cond:
             while not self._closed and not self._waiting and not self._has_work():
                 self._cond.wait()
-            if self._closed and not self._running:
-                return False
+            closed = self._closed
+        if closed:
+            for task in list(self._running):
+                if not task.done:
+                    self._abandon(task, WorkerClosed(f"{self.name} scheduler stopped"))
+                self._end(task)
+            return False
+        with self._cond:
             dropped = [task for task in self._waiting if task.should_stop()]
             self._waiting = [task for task in self._waiting if not task.should_stop()]
             admitted = self._admit()
@@ -386,13 +395,17 @@ class StepScheduler:
     def _drop_cancelled(self) -> None:
         for task in list(self._running):
             if task.should_stop() and not task.done:
-                try:
-                    task.abandon()
-                except Exception:  # freeing must not take the scheduler down
-                    log.exception("%s: abandoning a cancelled %s failed", self.name, task.kind)
-                task.fail(asyncio.CancelledError())
+                self._abandon(task, asyncio.CancelledError())
             if task.done:
                 self._end(task)
+
+    def _abandon(self, task: Task, exc: BaseException) -> None:
+        """Frees what a running task holds and fails it with exc."""
+        try:
+            task.abandon()
+        except Exception:  # freeing must not take the scheduler down
+            log.exception("%s: abandoning a %s failed", self.name, task.kind)
+        task.fail(exc)
 
     def _step(self) -> bool:
         """Runs one step of the first runnable task in policy order, with the compatible others; False when no
